@@ -1,0 +1,126 @@
+"""The transform contract shared by flow layers, coordinate transforms and stochastic layers.
+
+Direction convention (as distrax/TFP): the *forward* direction is the sampling direction,
+latent -> data (for molecules: internal coordinates -> Cartesian). Both fused calls return
+``(output, log_abs_det)`` with ``log_abs_det`` of shape ``(batch,)``, the input's dtype and device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+__all__ = [
+    "Bounded",
+    "Circular",
+    "Compose",
+    "Domain",
+    "InputOutsideDomainError",
+    "Inverse",
+    "Transform",
+    "Unbounded",
+]
+
+
+class InputOutsideDomainError(ValueError):
+    """An input lies outside the domain a transform is defined on."""
+
+
+@dataclass(frozen=True)
+class Domain:
+    """Base of per-dimension domain descriptors."""
+
+
+@dataclass(frozen=True)
+class Unbounded(Domain):
+    """The real line."""
+
+
+@dataclass(frozen=True)
+class Bounded(Domain):
+    """The closed interval [low, high]."""
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high:
+            raise ValueError(f"Bounded domain needs low < high, got [{self.low}, {self.high}]")
+
+
+@dataclass(frozen=True)
+class Circular(Domain):
+    """The circle, represented as [-pi, pi)."""
+
+
+class Transform(nn.Module):
+    """A bijection with tractable log-Jacobian.
+
+    Subclasses implement `forward_and_log_det` (latent -> data) and `inverse_and_log_det`
+    (data -> latent). Both take ``x`` of shape ``(batch, ...)`` and an optional ``context``.
+    """
+
+    def forward_and_log_det(
+        self, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Map latent ``z`` to data; return ``(x, log|det dx/dz|)``, log-det shape ``(batch,)``."""
+        raise NotImplementedError
+
+    def inverse_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Map data ``x`` to latent; return ``(z, log|det dz/dx|)``, log-det shape ``(batch,)``."""
+        raise NotImplementedError
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> Tensor:  # noqa: D102
+        return self.forward_and_log_det(z, context)[0]
+
+    def inverse(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Data -> latent without the log-det."""
+        return self.inverse_and_log_det(x, context)[0]
+
+
+class Inverse(Transform):
+    """The inverse of a transform (swaps the two directions)."""
+
+    def __init__(self, transform: Transform) -> None:
+        super().__init__()
+        self.transform = transform
+
+    def forward_and_log_det(
+        self, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self.transform.inverse_and_log_det(z, context)
+
+    def inverse_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self.transform.forward_and_log_det(x, context)
+
+
+class Compose(Transform):
+    """Transforms applied in order ``transforms[0]`` first in the forward (sampling) direction."""
+
+    def __init__(self, transforms: Iterable[Transform]) -> None:
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+
+    def forward_and_log_det(
+        self, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        total = z.new_zeros(z.shape[0])
+        for t in self.transforms:
+            z, ld = t.forward_and_log_det(z, context)
+            total = total + ld
+        return z, total
+
+    def inverse_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        total = x.new_zeros(x.shape[0])
+        for t in reversed(self.transforms):
+            x, ld = t.inverse_and_log_det(x, context)
+            total = total + ld
+        return x, total
