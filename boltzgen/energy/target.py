@@ -1,0 +1,64 @@
+"""Boltzmann targets: log p(x) = -U(x)/kT, regularised for the huge energies of bad samples."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from boltzgen.energy.base import Energy
+
+__all__ = ["BoltzmannTarget", "regularize_energy"]
+
+
+def regularize_energy(u: Tensor, energy_cut: float = 1.0e8, energy_max: float = 1.0e20) -> Tensor:
+    """Tame huge reduced energies while leaving physical ones untouched.
+
+    ``u`` is returned unchanged below ``energy_cut``, grows logarithmically above it
+    (``cut + log(1 + u - cut)``) and is clamped at ``energy_max`` first; NaN and +-inf map to
+    the regularised ``energy_max`` (as in FAB, Midgley et al. 2023). Shapes are preserved.
+    """
+    if not energy_cut < energy_max:
+        raise ValueError(f"energy_cut ({energy_cut}) must be below energy_max ({energy_max})")
+    u = torch.nan_to_num(u, nan=energy_max, posinf=energy_max, neginf=energy_max)
+    u = torch.clamp(u, max=energy_max)
+    excess = torch.clamp(u - energy_cut, min=0.0)
+    return torch.where(u < energy_cut, u, energy_cut + torch.log1p(excess))
+
+
+class BoltzmannTarget(nn.Module):
+    """The unnormalised Boltzmann density of an energy at temperature ``kT``.
+
+    ``log_prob(x) = -regularize_energy(U(x) / kT)`` for positions ``(B, n_atoms, 3)`` nm.
+
+    Args:
+        energy: An `Energy` (``OpenMMEnergy`` or ``TorchEnergy``), kJ/mol.
+        kT: Thermal energy in kJ/mol (``MolecularSystem.kT``).
+        energy_cut: Reduced energy above which growth becomes logarithmic.
+        energy_max: Reduced energy clamp (also used for NaN).
+    """
+
+    def __init__(
+        self,
+        energy: Energy,
+        kT: float,  # noqa: N803 - the physical symbol
+        energy_cut: float = 1.0e8,
+        energy_max: float = 1.0e20,
+    ) -> None:
+        super().__init__()
+        if not kT > 0:
+            raise ValueError(f"kT must be positive (kJ/mol), got {kT}")
+        self.energy = energy
+        self.kT = float(kT)
+        self.energy_cut = float(energy_cut)
+        self.energy_max = float(energy_max)
+
+    def reduced_energy(self, x: Tensor) -> Tensor:
+        """Unregularised reduced energy ``U(x)/kT``, shape ``(B,)``."""
+        return self.energy(x) / self.kT
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Unnormalised log density ``(B,)`` (nats) of positions ``(B, n_atoms, 3)`` nm."""
+        return -regularize_energy(self.reduced_energy(x), self.energy_cut, self.energy_max)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.log_prob(x)

@@ -1,0 +1,525 @@
+"""A torch-native, batched, differentiable re-implementation of an `openmm.System`'s energy.
+
+`TorchEnergy.from_openmm(system)` compiles the supported forces into `torch.nn.Module` terms:
+
+============================  ==========================================================
+OpenMM force                  torch term
+============================  ==========================================================
+HarmonicBondForce             ``0.5 k (r - r0)^2``
+HarmonicAngleForce            ``0.5 k (theta - theta0)^2``
+PeriodicTorsionForce          ``k (1 + cos(n phi - phi0))``
+NonbondedForce (NoCutoff)     Coulomb + Lennard-Jones (Lorentz-Berthelot), exceptions/1-4
+GBSAOBCForce                  OBC generalised Born + ACE surface area (OBC2 in prmtop files)
+CustomGBForce (OBC form)      the OBC1/OBC2 forces OpenMM's app layer builds as CustomGBForce
+CMMotionRemover               ignored (no energy)
+============================  ==========================================================
+
+Anything else raises `UnsupportedForceError` naming the force. Positions are ``(B, n_atoms, 3)``
+in nm; energies ``(B,)`` in kJ/mol. Parameters are buffers, so ``.to(device, dtype)`` moves them.
+Pairwise terms are dense over all ``N (N - 1) / 2`` pairs: right for small molecules in implicit
+solvent (the use case), quadratic in memory for large ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from boltzgen.energy.base import Energy
+from boltzgen.errors import UnsupportedForceError
+
+__all__ = [
+    "GBSAOBCTerm",
+    "HarmonicAngleTerm",
+    "HarmonicBondTerm",
+    "NonbondedTerm",
+    "PeriodicTorsionTerm",
+    "TorchEnergy",
+]
+
+#: Coulomb constant 1/(4 pi eps0) in kJ nm / (mol e^2), as OpenMM's ONE_4PI_EPS0.
+ONE_4PI_EPS0 = 138.93545764438198
+_IGNORED_FORCES = ("CMMotionRemover",)
+
+
+def _f64(values: Any) -> Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.float64))
+
+
+def _i64(values: Any, shape: tuple[int, ...]) -> Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.int64).reshape(shape))
+
+
+def _val(q: Any) -> float:
+    """A float from an OpenMM Quantity (already in OpenMM's MD unit system) or a float."""
+    return float(q._value) if hasattr(q, "_value") else float(q)
+
+
+class HarmonicBondTerm(nn.Module):
+    """``sum 0.5 k (r - r0)^2`` over bonds; k in kJ/mol/nm^2, r0 in nm."""
+
+    def __init__(self, pairs: Tensor, r0: Tensor, k: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("pairs", pairs.reshape(-1, 2))
+        self.register_buffer("r0", r0)
+        self.register_buffer("k", k)
+
+    @classmethod
+    def from_openmm(cls, force: Any) -> HarmonicBondTerm:
+        """Compile an `openmm.HarmonicBondForce`."""
+        rows = [force.getBondParameters(i) for i in range(force.getNumBonds())]
+        return cls(
+            _i64([r[:2] for r in rows], (-1, 2)),
+            _f64([_val(r[2]) for r in rows]),
+            _f64([_val(r[3]) for r in rows]),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        d = x[:, self.pairs[:, 1]] - x[:, self.pairs[:, 0]]
+        r = torch.linalg.vector_norm(d, dim=-1)
+        return (0.5 * self.k * (r - self.r0) ** 2).sum(-1)
+
+
+class HarmonicAngleTerm(nn.Module):
+    """``sum 0.5 k (theta - theta0)^2`` over angles; k in kJ/mol/rad^2, theta0 in rad."""
+
+    def __init__(self, triples: Tensor, theta0: Tensor, k: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("triples", triples.reshape(-1, 3))
+        self.register_buffer("theta0", theta0)
+        self.register_buffer("k", k)
+
+    @classmethod
+    def from_openmm(cls, force: Any) -> HarmonicAngleTerm:
+        """Compile an `openmm.HarmonicAngleForce`."""
+        rows = [force.getAngleParameters(i) for i in range(force.getNumAngles())]
+        return cls(
+            _i64([r[:3] for r in rows], (-1, 3)),
+            _f64([_val(r[3]) for r in rows]),
+            _f64([_val(r[4]) for r in rows]),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        t = self.triples
+        a = x[:, t[:, 0]] - x[:, t[:, 1]]
+        b = x[:, t[:, 2]] - x[:, t[:, 1]]
+        cross = torch.linalg.vector_norm(torch.linalg.cross(a, b, dim=-1), dim=-1)
+        theta = torch.atan2(cross, (a * b).sum(-1))
+        return (0.5 * self.k * (theta - self.theta0) ** 2).sum(-1)
+
+
+def _dihedral(x: Tensor, quads: Tensor) -> Tensor:
+    """Dihedral angles in (-pi, pi] of atom quadruples, IUPAC sign convention (as OpenMM)."""
+    p0, p1, p2, p3 = (x[:, quads[:, i]] for i in range(4))
+    b0, b1, b2 = p1 - p0, p2 - p1, p3 - p2
+    n1 = torch.linalg.cross(b0, b1, dim=-1)
+    n2 = torch.linalg.cross(b1, b2, dim=-1)
+    y = torch.linalg.vector_norm(b1, dim=-1) * (b0 * n2).sum(-1)
+    return torch.atan2(y, (n1 * n2).sum(-1))
+
+
+class PeriodicTorsionTerm(nn.Module):
+    """``sum k (1 + cos(n phi - phi0))`` over torsions; k in kJ/mol, phi0 in rad."""
+
+    def __init__(self, quads: Tensor, periodicity: Tensor, phase: Tensor, k: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("quads", quads.reshape(-1, 4))
+        self.register_buffer("periodicity", periodicity)
+        self.register_buffer("phase", phase)
+        self.register_buffer("k", k)
+
+    @classmethod
+    def from_openmm(cls, force: Any) -> PeriodicTorsionTerm:
+        """Compile an `openmm.PeriodicTorsionForce`."""
+        rows = [force.getTorsionParameters(i) for i in range(force.getNumTorsions())]
+        return cls(
+            _i64([r[:4] for r in rows], (-1, 4)),
+            _f64([r[4] for r in rows]),
+            _f64([_val(r[5]) for r in rows]),
+            _f64([_val(r[6]) for r in rows]),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        phi = _dihedral(x, self.quads)
+        return (self.k * (1 + torch.cos(self.periodicity * phi - self.phase))).sum(-1)
+
+
+def _pair_distances(x: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x[:, j] - x[:, i], dim=-1)
+
+
+class NonbondedTerm(nn.Module):
+    """Coulomb + Lennard-Jones without cutoff, over all non-excluded pairs plus exceptions.
+
+    Regular pairs use Lorentz-Berthelot combination (``sigma = (s_i + s_j) / 2``,
+    ``eps = sqrt(e_i e_j)``); exceptions (1-4 pairs, exclusions) carry their own
+    ``chargeProd``, ``sigma``, ``epsilon``. All pairs are folded into one list.
+    """
+
+    def __init__(self, pairs: Tensor, qq: Tensor, sigma: Tensor, epsilon: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("pairs", pairs.reshape(-1, 2))
+        self.register_buffer("qq", qq)
+        self.register_buffer("sigma", sigma)
+        self.register_buffer("epsilon", epsilon)
+
+    @classmethod
+    def from_openmm(cls, force: Any) -> NonbondedTerm:
+        """Compile an `openmm.NonbondedForce` that uses ``NoCutoff``."""
+        import openmm as mm
+
+        if force.getNonbondedMethod() != mm.NonbondedForce.NoCutoff:
+            raise UnsupportedForceError(
+                "NonbondedForce with a cutoff or periodic method is not supported by TorchEnergy "
+                "(only NoCutoff); build the system with nonbondedMethod=NoCutoff"
+            )
+        if force.getNumParticleParameterOffsets() or force.getNumExceptionParameterOffsets():
+            raise UnsupportedForceError("NonbondedForce parameter offsets are not supported")
+        n = force.getNumParticles()
+        params = np.array(
+            [[_val(v) for v in force.getParticleParameters(i)] for i in range(n)], dtype=np.float64
+        ).reshape(n, 3)
+        q, s, e = params.T
+        iu, ju = np.triu_indices(n, k=1)
+        keep = np.ones(len(iu), dtype=bool)
+        pair_index = {(a, b): k for k, (a, b) in enumerate(zip(iu.tolist(), ju.tolist()))}
+        ex_pairs, ex_qq, ex_s, ex_e = [], [], [], []
+        for k in range(force.getNumExceptions()):
+            a, b, qq, sig, eps = force.getExceptionParameters(k)
+            a, b = min(a, b), max(a, b)
+            keep[pair_index[(a, b)]] = False
+            qq, sig, eps = _val(qq), _val(sig), _val(eps)
+            if qq != 0.0 or eps != 0.0:
+                ex_pairs.append((a, b))
+                ex_qq.append(qq)
+                ex_s.append(sig)
+                ex_e.append(eps)
+        iu, ju = iu[keep], ju[keep]
+        pairs = np.concatenate([np.stack([iu, ju], 1), np.array(ex_pairs, dtype=np.int64)])
+        pairs = pairs.reshape(-1, 2)
+        qq = np.concatenate([q[iu] * q[ju], ex_qq])
+        sigma = np.concatenate([0.5 * (s[iu] + s[ju]), ex_s])
+        epsilon = np.concatenate([np.sqrt(e[iu] * e[ju]), ex_e])
+        return cls(_i64(pairs, (-1, 2)), _f64(qq), _f64(sigma), _f64(epsilon))
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        r = _pair_distances(x, self.pairs[:, 0], self.pairs[:, 1])
+        coulomb = ONE_4PI_EPS0 * self.qq / r
+        sr6 = (self.sigma / r) ** 6
+        lj = 4.0 * self.epsilon * (sr6 * sr6 - sr6)
+        return (coulomb + lj).sum(-1)
+
+
+class GBSAOBCTerm(nn.Module):
+    """Onufriev-Bashford-Case generalised Born implicit solvent with ACE surface area.
+
+    Born radii ``B_i = 1 / (1/or_i - tanh(a psi - b psi^2 + c psi^3) / R_i)``, ``psi = I_i or_i``,
+    with ``or = R - offset`` and the pairwise descreening integral ``I_i`` over ``j != i``
+    (Onufriev, Bashford & Case, Proteins 55, 383 (2004)); energy
+    ``-0.5 k_e (1/eps_in - 1/eps_out) [sum_i q_i^2 / B_i + 2 sum_{i<j} q_i q_j / f_ij]``
+    with ``f_ij = sqrt(r^2 + B_i B_j exp(-r^2 / (4 B_i B_j)))`` plus the ACE non-polar term
+    ``sa (R_i + 0.14)^2 (R_i / B_i)^6``.
+
+    ``engulfed_term`` adds OpenMM's ``GBSAOBCForce`` correction for an atom buried inside a
+    neighbour's scaled sphere; the CustomGBForce versions (app layer, OBC1) omit it.
+    """
+
+    def __init__(
+        self,
+        charge: Tensor,
+        radius: Tensor,
+        scale: Tensor,
+        *,
+        alpha: float,
+        beta: float,
+        gamma: float,
+        offset: float = 0.009,
+        solute_dielectric: float = 1.0,
+        solvent_dielectric: float = 78.5,
+        surface_area_energy: float = 4 * math.pi * 2.25936,
+        probe_radius: float = 0.14,
+        coulomb_constant: float = ONE_4PI_EPS0,
+        engulfed_term: bool = True,
+    ) -> None:
+        super().__init__()
+        n = charge.shape[0]
+        self.register_buffer("charge", charge)
+        self.register_buffer("radius", radius)
+        self.register_buffer("offset_radius", radius - offset)
+        self.register_buffer("scaled_radius", scale * (radius - offset))
+        i, j = torch.triu_indices(n, n, offset=1)
+        self.register_buffer("i", i)
+        self.register_buffer("j", j)
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.prefactor = -0.5 * coulomb_constant * (1 / solute_dielectric - 1 / solvent_dielectric)
+        self.surface_area_energy = surface_area_energy  # includes the 4 pi
+        self.probe_radius = probe_radius
+        self.engulfed_term = engulfed_term
+
+    @classmethod
+    def from_openmm(cls, force: Any) -> GBSAOBCTerm:
+        """Compile an `openmm.GBSAOBCForce` (OBC2 parameters a=1, b=0.8, c=4.85)."""
+        import openmm as mm
+
+        if force.getNonbondedMethod() != mm.GBSAOBCForce.NoCutoff:
+            raise UnsupportedForceError(
+                "GBSAOBCForce with a cutoff is not supported (NoCutoff only)"
+            )
+        n = force.getNumParticles()
+        p = np.array([[_val(v) for v in force.getParticleParameters(i)] for i in range(n)])
+        p = p.reshape(n, 3)
+        return cls(
+            _f64(p[:, 0]),
+            _f64(p[:, 1]),
+            _f64(p[:, 2]),
+            alpha=1.0,
+            beta=0.8,
+            gamma=4.85,
+            solute_dielectric=force.getSoluteDielectric(),
+            solvent_dielectric=force.getSolventDielectric(),
+            surface_area_energy=4 * math.pi * _val(force.getSurfaceAreaEnergy()),
+            engulfed_term=True,
+        )
+
+    @classmethod
+    def from_custom_gb(cls, force: Any) -> GBSAOBCTerm:
+        """Compile the `openmm.CustomGBForce` that OpenMM's app layer builds for OBC1/OBC2.
+
+        The expressions must match OpenMM's templates exactly up to their numeric constants
+        (kappa = 0, no cutoff); anything else raises `UnsupportedForceError`.
+        """
+        consts = _parse_obc_custom_gb(force)
+        n = force.getNumParticles()
+        p = np.array([list(force.getParticleParameters(i)) for i in range(n)]).reshape(n, 3)
+        charge, offset_radius, scaled = p[:, 0], p[:, 1], p[:, 2]
+        offset = consts["offset"]
+        radius = offset_radius + offset
+        return cls(
+            _f64(charge),
+            _f64(radius),
+            _f64(scaled / offset_radius),
+            alpha=consts["alpha"],
+            beta=consts["beta"],
+            gamma=consts["gamma"],
+            offset=offset,
+            solute_dielectric=consts["soluteDielectric"],
+            solvent_dielectric=consts["solventDielectric"],
+            surface_area_energy=consts.get("sa", 0.0),
+            probe_radius=consts.get("probe", 0.14),
+            coulomb_constant=consts["coulomb"],
+            engulfed_term=False,
+        )
+
+    def born_radii(self, x: Tensor) -> Tensor:
+        """Effective Born radii, shape ``(B, n_atoms)``, nm."""
+        n = self.charge.shape[0]
+        r = torch.cdist(x, x)  # (B, N, N); r[b, i, j]
+        eye = torch.eye(n, dtype=torch.bool, device=x.device)
+        r = torch.where(eye, torch.ones_like(r), r)  # avoid 0 on the diagonal
+        or_i = self.offset_radius[:, None]
+        sr_j = self.scaled_radius[None, :]
+        active = (r + sr_j > or_i) & ~eye
+        r_safe = torch.where(active, r, torch.ones_like(r) * 10.0)
+        upper = r_safe + sr_j
+        lower = torch.maximum(or_i.expand_as(r_safe), (r_safe - sr_j).abs())
+        term = (
+            1 / lower
+            - 1 / upper
+            + 0.25 * (r_safe - sr_j**2 / r_safe) * (1 / upper**2 - 1 / lower**2)
+            + 0.5 * torch.log(lower / upper) / r_safe
+        )
+        if self.engulfed_term:
+            engulfed = or_i < sr_j - r_safe
+            term = term + torch.where(engulfed, 2 * (1 / or_i - 1 / lower), torch.zeros_like(term))
+        integral = 0.5 * torch.where(active, term, torch.zeros_like(term)).sum(-1)
+        psi = integral * self.offset_radius
+        t = torch.tanh(self.alpha * psi - self.beta * psi**2 + self.gamma * psi**3)
+        return 1 / (1 / self.offset_radius - t / self.radius)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        born = self.born_radii(x)
+        q = self.charge
+        self_energy = self.prefactor * (q**2 / born).sum(-1)
+        r2 = ((x[:, self.j] - x[:, self.i]) ** 2).sum(-1)
+        bb = born[:, self.i] * born[:, self.j]
+        f = torch.sqrt(r2 + bb * torch.exp(-r2 / (4 * bb)))
+        pair_energy = 2 * self.prefactor * (q[self.i] * q[self.j] / f).sum(-1)
+        energy = self_energy + pair_energy
+        if self.surface_area_energy:
+            sa = (self.radius + self.probe_radius) ** 2 * (self.radius / born) ** 6
+            energy = energy + self.surface_area_energy * sa.sum(-1)
+        return energy
+
+
+_NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+
+
+def _normalise(expr: str) -> str:
+    return re.sub(r"(?<![\w.])(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", "#", expr.replace(" ", ""))
+
+
+_OBC_I = (
+    "select(step(r+sr2-or1),#*(#/L-#/U+#*(r-sr2^#/r)*(#/(U^#)-#/(L^#))+#*log(L/U)/r),#);"
+    "U=r+sr2;L=max(or1,D);D=abs(r-sr2)"
+)
+
+
+def _parse_obc_custom_gb(force: Any) -> dict[str, float]:
+    """Constants of an app-layer OBC CustomGBForce; raises if the force has another form."""
+    import openmm as mm
+
+    def fail(why: str) -> UnsupportedForceError:
+        return UnsupportedForceError(
+            f"CustomGBForce is supported only in the OBC1/OBC2 form OpenMM's app layer builds "
+            f"(implicitSolvent=OBC1/OBC2, no cutoff, no salt): {why}"
+        )
+
+    if force.getNonbondedMethod() != mm.CustomGBForce.NoCutoff:
+        raise fail("it uses a cutoff")
+    names = [
+        force.getPerParticleParameterName(i) for i in range(force.getNumPerParticleParameters())
+    ]
+    if (
+        names != ["charge", "or", "sr"]
+        or force.getNumGlobalParameters()
+        or force.getNumExclusions()
+    ):
+        raise fail(f"per-particle parameters {names}")
+    if force.getNumComputedValues() != 2 or force.getNumTabulatedFunctions():
+        raise fail("unexpected computed values")
+    name_i, expr_i, type_i = force.getComputedValueParameters(0)
+    name_b, expr_b, type_b = force.getComputedValueParameters(1)
+    if (
+        name_i != "I"
+        or _normalise(expr_i) != _OBC_I
+        or type_i != mm.CustomGBForce.ParticlePairNoExclusions
+    ):
+        raise fail(f"descreening integral {expr_i!r}")
+    m = re.fullmatch(
+        rf"1/\(1/or-tanh\({_NUM}\*psi(?:-{_NUM}\*psi\^2)?\+{_NUM}\*psi\^3\)/radius\);"
+        rf"psi=I\*or;radius=or\+offset;offset={_NUM}",
+        expr_b.replace(" ", "").replace("tanh(psi", "tanh(1*psi"),
+    )
+    if name_b != "B" or m is None or type_b != mm.CustomGBForce.SingleParticle:
+        raise fail(f"Born radius {expr_b!r}")
+    consts = {
+        "alpha": float(m.group(1)),
+        "beta": float(m.group(2) or 0.0),
+        "gamma": float(m.group(3)),
+        "offset": float(m.group(4)),
+    }
+    dielectric = r"\(1/soluteDielectric-1/solventDielectric\)"
+    self_re = rf"-{_NUM}\*{_NUM}\*{dielectric}\*charge\^2/B"
+    sa_re = rf"{_NUM}\*\(radius\+{_NUM}\)\^2\*\(radius/B\)\^6"
+    pair_re = rf"-{_NUM}\*{dielectric}\*charge1\*charge2/f"
+    f_re = r"f=sqrt\(r\^2\+B1\*B2\*exp\(-r\^2/\(4\*B1\*B2\)\)\)"
+    seen = set()
+    for k in range(force.getNumEnergyTerms()):
+        expr, kind = force.getEnergyTermParameters(k)
+        body, _, params = expr.replace(" ", "").partition(";")
+        values = dict(re.findall(rf"(\w+)={_NUM}", params))
+        if float(values.get("kappa", 0.0)) != 0.0:
+            raise fail("salt screening (kappa != 0)")
+        for key in ("soluteDielectric", "solventDielectric"):
+            if key in values:
+                consts[key] = float(values[key])
+        single = kind == mm.CustomGBForce.SingleParticle
+        pair = kind == mm.CustomGBForce.ParticlePairNoExclusions
+        if single and (m := re.fullmatch(self_re, body)):
+            consts["coulomb"] = 2 * float(m.group(1)) * float(m.group(2))
+            seen.add("self")
+        elif single and (m := re.fullmatch(sa_re, body)):
+            consts["sa"], consts["probe"] = float(m.group(1)), float(m.group(2))
+            seen.add("sa")
+        elif pair and (m := re.fullmatch(pair_re, body)) and re.search(f_re, params):
+            consts["coulomb_pair"] = float(m.group(1))
+            seen.add("pair")
+        else:
+            raise fail(f"energy term {expr!r}")
+    if {"self", "pair"} - seen or not math.isclose(consts["coulomb"], consts["coulomb_pair"]):
+        raise fail("missing or inconsistent Born self and pair energy terms")
+    return consts
+
+
+class TorchEnergy(Energy):
+    """Potential energy of an `openmm.System`, in torch: ``(B, n_atoms, 3)`` nm -> ``(B,)`` kJ/mol.
+
+    Differentiable (forces by autograd), batched, device- and dtype-agnostic (the terms follow
+    the input's dtype; parameters are float64 buffers cast on the fly).
+
+    Example:
+        >>> energy = TorchEnergy.from_openmm(boltzgen.systems.load("aldp").system)
+        >>> u = energy(x)                     # (B,) kJ/mol
+        >>> u, f = energy.energy_and_forces(x)
+    """
+
+    def __init__(self, terms: dict[str, nn.Module], n_atoms: int) -> None:
+        super().__init__(n_atoms)
+        self.terms = nn.ModuleDict(terms)
+
+    @classmethod
+    def from_openmm(cls, system: Any) -> TorchEnergy:
+        """Compile every force of ``system`` (an `openmm.System`) into a torch term.
+
+        Term names are the OpenMM class names, suffixed with ``_<k>`` when a class repeats.
+        """
+        compilers = {
+            "HarmonicBondForce": HarmonicBondTerm.from_openmm,
+            "HarmonicAngleForce": HarmonicAngleTerm.from_openmm,
+            "PeriodicTorsionForce": PeriodicTorsionTerm.from_openmm,
+            "NonbondedForce": NonbondedTerm.from_openmm,
+            "GBSAOBCForce": GBSAOBCTerm.from_openmm,
+            "CustomGBForce": GBSAOBCTerm.from_custom_gb,
+        }
+        if system.usesPeriodicBoundaryConditions():
+            raise UnsupportedForceError("periodic systems are not supported by TorchEnergy")
+        if any(system.isVirtualSite(i) for i in range(system.getNumParticles())):
+            raise UnsupportedForceError("virtual sites are not supported by TorchEnergy")
+        terms: dict[str, nn.Module] = {}
+        for k, force in enumerate(system.getForces()):
+            kind = type(force).__name__
+            if kind in _IGNORED_FORCES:
+                continue
+            if kind not in compilers:
+                raise UnsupportedForceError(
+                    f"force {k} ({kind}) is not supported by TorchEnergy; supported: "
+                    f"{', '.join(compilers)} (and {', '.join(_IGNORED_FORCES)}, which has no "
+                    "energy). Use OpenMMEnergy for this system."
+                )
+            name = kind if kind not in terms else f"{kind}_{k}"
+            terms[name] = compilers[kind](force)
+        return cls(terms, system.getNumParticles())
+
+    def energy_terms(self, x: Tensor) -> dict[str, Tensor]:
+        """Per-force energies, each ``(B,)`` kJ/mol, keyed like `terms`."""
+        x = self._check_positions(x)
+        return {name: _run_term(term, x) for name, term in self.terms.items()}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Total potential energy ``(B,)`` in kJ/mol of positions ``(B, n_atoms, 3)`` in nm."""
+        x = self._check_positions(x)
+        total = x.new_zeros(x.shape[0])
+        for term in self.terms.values():
+            total = total + _run_term(term, x)
+        return total
+
+
+def _run_term(term: nn.Module, x: Tensor) -> Tensor:
+    """Evaluate a term with its (float64 master) buffers cast to the input's dtype and device.
+
+    The cast copies are cached per (dtype, device), so the float64 parameters are never rounded.
+    """
+    master = next(iter(b for b in term.buffers() if b.is_floating_point()))
+    if master.dtype == x.dtype and master.device == x.device:
+        return term(x)
+    cache = term.__dict__.setdefault("_cast_cache", {})
+    key = (x.dtype, x.device)
+    if key not in cache:
+        cache[key] = copy.deepcopy(term).to(device=x.device, dtype=x.dtype)
+    return cache[key](x)
