@@ -76,7 +76,11 @@ def _as_tensor(x: Any, dtype: torch.dtype = torch.float64) -> Tensor:
 
 
 class _ZMatrixTransform(Transform):
-    """Shared machinery: rows with three references, placed level by level; normalisation."""
+    """Shared machinery: rows with three references, placed level by level; normalisation.
+
+    Internally positions are component-major ``(3, n_atoms, batch)`` and coordinates
+    ``(dim, batch)`` (see `geometry.component_major`): every gather copies whole rows.
+    """
 
     def __init__(self, zmatrix: ZMatrix, first_full_row: int) -> None:
         super().__init__()
@@ -89,7 +93,9 @@ class _ZMatrixTransform(Transform):
         row_level = np.zeros(len(full), dtype=np.int64)
         for k, (d, c, b, a) in enumerate(full):
             row_level[k] = level[d] = 1 + max(level[c], level[b], level[a])
-        self._levels = [np.flatnonzero(row_level == v) for v in range(1, int(row_level.max()) + 1)]
+        n_levels = int(row_level.max()) if len(full) else 0
+        self._levels = [np.flatnonzero(row_level == v) for v in range(1, n_levels + 1)]
+        self._level_cache: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
         self.register_buffer("_rows", torch.as_tensor(full, dtype=torch.long), persistent=False)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -104,32 +110,42 @@ class _ZMatrixTransform(Transform):
         if z.ndim != 2 or z.shape[1] != self.dim:
             raise ValueError(f"expected internal coordinates (batch, {self.dim}), got {z.shape}")
 
-    def _place_full_rows(self, x: Tensor, bond: Tensor, angle: Tensor, torsion: Tensor) -> None:
-        """Fill ``x`` in place for the full rows; bond/angle/torsion have shape (B, n_full)."""
-        rows = self._rows
+    def _place_full_rows(self, xt: Tensor, bond: Tensor, angle: Tensor, torsion: Tensor) -> None:
+        """Fill component-major positions ``xt`` ``(3, N, B)`` in place for the full rows.
+
+        Rows are placed level by level: all rows whose references are placed go in one batched
+        operation. bond/angle/torsion have shape ``(n_full_rows, B)``.
+        """
         rs = bond * torch.sin(angle)
         local = torch.stack(
-            [-bond * torch.cos(angle), rs * torch.cos(torsion), rs * torch.sin(torsion)], dim=-1
+            [-bond * torch.cos(angle), rs * torch.cos(torsion), rs * torch.sin(torsion)]
         )
-        for lv in self._levels:
-            k = torch.as_tensor(lv, device=x.device)
-            r = rows[k]
-            a, b, c = x[:, r[:, 3]], x[:, r[:, 2]], x[:, r[:, 1]]
-            bc = c - b
-            bc = bc / torch.linalg.vector_norm(bc, dim=-1, keepdim=True)
-            n = torch.cross(b - a, bc, dim=-1)
-            n = n / torch.linalg.vector_norm(n, dim=-1, keepdim=True)
-            m = torch.cross(n, bc, dim=-1)
-            loc = local[:, k]
-            x[:, r[:, 0]] = c + loc[..., :1] * bc + loc[..., 1:2] * m + loc[..., 2:] * n
+        for k, atoms, refs in self._level_index(xt.device):
+            p = torch.index_select(xt, 1, refs).unflatten(1, (3, -1))
+            loc = torch.index_select(local, 1, k)
+            xt[:, atoms] = geometry.place_local(p[:, 0], p[:, 1], p[:, 2], loc)
 
-    def _full_internal(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r = self._rows
-        return (
-            geometry.distances(x, r[:, [0, 1]]),
-            geometry.angles(x, r[:, [0, 1, 2]]),
-            geometry.dihedrals(x, r[:, [0, 1, 2, 3]]),
-        )
+    def _level_index(self, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per level: row positions, placed atoms and references ``[a..., b..., c...]``."""
+        key = str(device)
+        if key not in self._level_cache:
+            out = []
+            for lv in self._levels:
+                r = self._full[lv]
+                refs = np.concatenate([r[:, 3], r[:, 2], r[:, 1]])
+                out.append(tuple(torch.as_tensor(v, device=device) for v in (lv, r[:, 0], refs)))
+            self._level_cache[key] = out
+        return self._level_cache[key]
+
+    def _full_internal(self, xt: Tensor) -> list[Tensor]:
+        """Bonds, angles, torsions ``(n_full_rows, B)`` of the full rows from ``(3, N, B)``."""
+        d, c, b, a = geometry.gather(xt, self._rows)
+        b1, b2, b3 = b - a, c - b, d - c
+        n1, n2 = geometry.cross(b1, b2), geometry.cross(b2, b3)
+        norm_b2 = geometry.norm(b2)
+        angle = torch.atan2(geometry.norm(n2), -geometry.dot(b2, b3))  # angle b-c-d
+        tors = torch.atan2(norm_b2 * geometry.dot(b1, n2), geometry.dot(n1, n2))
+        return [geometry.norm(b3), angle, geometry.wrap_angle(tors)]
 
     def _setup_normalisation(
         self,
@@ -138,7 +154,7 @@ class _ZMatrixTransform(Transform):
         kinds: list[str],
         circular: np.ndarray,
     ) -> None:
-        """Shift and scale per dimension from reference values or data (float64)."""
+        """Shift and scale per dimension from reference values ``(D,)`` or data ``(n, D)``."""
         n = len(kinds)
         torsion = torch.tensor([k == "torsion" for k in kinds])
         circ = torch.zeros(n, dtype=torch.bool)
@@ -161,7 +177,7 @@ class _ZMatrixTransform(Transform):
         shift[fixed], scale[fixed] = 0.0, 1.0
         self.register_buffer("shift", shift)
         self.register_buffer("scale", scale)
-        self.register_buffer("_torsion_mask", torsion, persistent=False)
+        self.register_buffer("_torsion_mask", torsion[:, None], persistent=False)
         self.register_buffer("_log_scale_sum", scale.log().sum(), persistent=False)
         self.domains: list[Domain] = [Circular() if c else Unbounded() for c in circ.tolist()]
         kind = np.array(kinds)
@@ -173,13 +189,52 @@ class _ZMatrixTransform(Transform):
         ):
             self.register_buffer(name, torch.as_tensor(np.flatnonzero(sel)), persistent=False)
 
-    def _normalise(self, raw: Tensor) -> Tensor:
-        dev = raw - self.shift.to(raw.dtype)
-        wrapped = torch.where(self._torsion_mask, geometry.wrap_angle(dev), dev)
-        return wrapped / self.scale.to(raw.dtype)
+    def _normalise(self, raw_t: Tensor) -> Tensor:
+        """``(D, B)`` raw coordinates -> normalised ``(B, D)``."""
+        dev = raw_t - self.shift.to(raw_t.dtype)[:, None]
+        dev = torch.where(self._torsion_mask, geometry.wrap_angle(dev), dev)
+        return (dev / self.scale.to(raw_t.dtype)[:, None]).T.contiguous()
 
     def _denormalise(self, z: Tensor) -> Tensor:
-        return z * self.scale.to(z.dtype) + self.shift.to(z.dtype)
+        """Normalised ``(B, D)`` -> raw ``(D, B)``."""
+        return (z * self.scale.to(z.dtype) + self.shift.to(z.dtype)).T.contiguous()
+
+    #: Batches larger than this are processed in chunks of this many frames (cache-friendly).
+    chunk_size: int = 8192
+
+    def forward_and_log_det(
+        self, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Coordinates ``(batch, 3N-6)`` -> Cartesian ``(batch, N, 3)`` nm in the fixed frame.
+
+        Returns:
+            Positions and log|det| of the reduced Jacobian, shape ``(batch,)``.
+        """
+        self._check_z(z)
+        return self._chunked(self._forward, z)
+
+    def inverse_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Cartesian ``(batch, N, 3)`` nm -> coordinates ``(batch, 3N-6)``; rigid motion dropped.
+
+        Returns:
+            Coordinates and log|det| of the reduced Jacobian, shape ``(batch,)``.
+        """
+        self._check_x(x)
+        return self._chunked(self._inverse, x)
+
+    def _chunked(self, fn: Any, inp: Tensor) -> tuple[Tensor, Tensor]:
+        if inp.shape[0] <= self.chunk_size:
+            return fn(inp)
+        parts = [fn(c) for c in inp.split(self.chunk_size)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
 
     def index_of(self, name: str) -> int:
         """Position in the flat vector of a named torsion (``"phi"``, ``"psi_3"``)."""
@@ -226,55 +281,52 @@ class InternalCoordinates(_ZMatrixTransform):
         circ = _circular_mask(circular, zmatrix)
         raw_ref = None
         if reference_positions is not None:
-            raw_ref = self._raw(_positions(reference_positions))[0]
-        raw_data = None if data is None else self._raw(_as_tensor(data))
+            raw_ref = self._raw(_component_major(_positions(reference_positions)))[:, 0]
+        raw_data = None
+        if data is not None:
+            raw_data = self._raw(_component_major(_positions(data))).T
         self._setup_normalisation(raw_ref, raw_data, kinds, circ)
 
-    def _raw(self, x: Tensor) -> Tensor:
+    def _raw(self, xt: Tensor) -> Tensor:
+        """Raw coordinates ``(D, B)`` from component-major positions ``(3, N, B)``."""
         z0, z1, z2 = self.seed
         c2, b2 = (z1, z0) if self._seed_c2_is_z1 else (z0, z1)
-        r, t, p = self._full_internal(x)
-        seed_r = geometry.distances(x, [[z1, z0], [z2, c2]])
-        seed_t = geometry.angles(x, [[z2, c2, b2]])
-        return torch.cat([seed_r, r, seed_t, t, p], dim=-1)
+        r, t, p = self._full_internal(xt)
+        u, v = xt[:, z2] - xt[:, c2], xt[:, b2] - xt[:, c2]
+        seed_r = torch.stack([geometry.norm(xt[:, z1] - xt[:, z0]), geometry.norm(u)])
+        seed_t = geometry.angle_between(u, v)[None]
+        return torch.cat([seed_r, r, seed_t, t, p])
 
     def _split(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         n = self.n_atoms
-        return raw[:, : n - 1], raw[:, n - 1 : 2 * n - 3], raw[:, 2 * n - 3 :]
+        return raw[: n - 1], raw[n - 1 : 2 * n - 3], raw[2 * n - 3 :]
 
     def _log_det_raw(self, raw: Tensor) -> Tensor:
         bond, angle, _ = self._split(raw)
         return (
-            bond[:, 1].abs().log()
-            + 2 * bond[:, 2:].abs().log().sum(-1)
-            + angle[:, 1:].sin().abs().log().sum(-1)
+            bond[1].abs().log()
+            + 2 * bond[2:].abs().log().sum(0)
+            + angle[1:].sin().abs().log().sum(0)
         )
 
-    def forward_and_log_det(
-        self, z: Tensor, context: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Internal ``(batch, 3N-6)`` -> Cartesian ``(batch, N, 3)`` nm in the seed frame."""
-        self._check_z(z)
+    def _forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         raw = self._denormalise(z)
         bond, angle, torsion = self._split(raw)
         z0, z1, z2 = self.seed
-        x = z.new_zeros(z.shape[0], self.n_atoms, 3)
-        x[:, z1, 0] = bond[:, 0]
-        r2, t2 = bond[:, 1], angle[:, 0]
+        xt = z.new_zeros(3, self.n_atoms, z.shape[0])
+        xt[0, z1] = bond[0]
+        r2, t2 = bond[1], angle[0]
         if self._seed_c2_is_z1:
-            x[:, z2, 0] = bond[:, 0] - r2 * torch.cos(t2)
+            xt[0, z2] = bond[0] - r2 * torch.cos(t2)
         else:
-            x[:, z2, 0] = r2 * torch.cos(t2)
-        x[:, z2, 1] = r2 * torch.sin(t2)
-        self._place_full_rows(x, bond[:, 2:], angle[:, 1:], torsion)
+            xt[0, z2] = r2 * torch.cos(t2)
+        xt[1, z2] = r2 * torch.sin(t2)
+        self._place_full_rows(xt, bond[2:], angle[1:], torsion)
+        x = xt.permute(2, 1, 0).contiguous()
         return x, self._log_det_raw(raw) + self._log_scale_sum.to(z.dtype)
 
-    def inverse_and_log_det(
-        self, x: Tensor, context: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Cartesian ``(batch, N, 3)`` nm -> internal ``(batch, 3N-6)``; rigid motion dropped."""
-        self._check_x(x)
-        raw = self._raw(x)
+    def _inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raw = self._raw(geometry.component_major(x))
         return self._normalise(raw), -self._log_det_raw(raw) - self._log_scale_sum.to(x.dtype)
 
     def canonical(self, x: Tensor) -> Tensor:
@@ -317,15 +369,14 @@ class MixedCoordinates(_ZMatrixTransform):
         self.cartesian_atoms = zmatrix.cartesian_atoms
         m, n_int = len(self.cartesian_atoms), len(zmatrix.rows)
         self.n_cartesian = 3 * m - 6
-        data = _as_tensor(data)
+        data = _positions(data)
         self._check_x(data)
         if data.shape[0] <= self.n_cartesian:
             raise ValueError(
                 f"PCA of {m} Cartesian atoms needs more than {self.n_cartesian} frames, "
                 f"got {data.shape[0]}"
             )
-        cart = torch.as_tensor(self.cartesian_atoms)
-        self.register_buffer("_cart", cart, persistent=False)
+        self.register_buffer("_cart", torch.as_tensor(self.cartesian_atoms), persistent=False)
         y = self._reduced(data)
         mean = y.mean(0)
         evals, evecs = torch.linalg.eigh(torch.cov((y - mean).T))
@@ -338,53 +389,48 @@ class MixedCoordinates(_ZMatrixTransform):
         kinds = ["pca"] * self.n_cartesian + ["bond"] * n_int + ["angle"] * n_int
         kinds += ["torsion"] * n_int
         circ = _circular_mask(circular, zmatrix)
-        raw_data = self._raw(data)
+        raw_data = self._raw(data).T
         raw_ref = None
         if reference_positions is not None:
-            raw_ref = self._raw(_positions(reference_positions))[0]
+            raw_ref = self._raw(_positions(reference_positions))[:, 0]
         self._setup_normalisation(raw_ref, raw_data, kinds, circ)
         self.register_buffer("cartesian_indices", torch.arange(self.n_cartesian), persistent=False)
 
     def _reduced(self, x: Tensor) -> Tensor:
+        """The ``3M - 6`` free Cartesian components ``(B, 3M-6)`` in the frame."""
         f = self.cartesian_atoms
         xc = geometry.canonical_frame(x, f[0], f[1], f[2])
         rest = xc[:, self._cart[3:]].reshape(x.shape[0], -1)
         return torch.cat([xc[:, f[1], :1], xc[:, f[2], :2], rest], dim=-1)
 
     def _raw(self, x: Tensor) -> Tensor:
+        """Raw coordinates ``(D, B)`` from positions ``(B, N, 3)``."""
         w = (self._reduced(x) - self.pca_mean.to(x.dtype)) @ self._whiten.to(x.dtype)
-        return torch.cat([w, *self._full_internal(x)], dim=-1)
+        return torch.cat([w.T, *self._full_internal(geometry.component_major(x))])
 
     def _split(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         k, n = self.n_cartesian, len(self._full)
-        return raw[:, :k], raw[:, k : k + n], raw[:, k + n : k + 2 * n], raw[:, k + 2 * n :]
+        return raw[:k], raw[k : k + n], raw[k + n : k + 2 * n], raw[k + 2 * n :]
 
     def _log_det_raw(self, raw: Tensor) -> Tensor:
         _, bond, angle, _ = self._split(raw)
-        return 2 * bond.abs().log().sum(-1) + angle.sin().abs().log().sum(-1)
+        return 2 * bond.abs().log().sum(0) + angle.sin().abs().log().sum(0)
 
-    def forward_and_log_det(
-        self, z: Tensor, context: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """``(batch, 3N-6)`` -> Cartesian ``(batch, N, 3)`` nm in the Cartesian atoms' frame."""
-        self._check_z(z)
+    def _forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         raw = self._denormalise(z)
         w, bond, angle, torsion = self._split(raw)
-        y = w @ self._colour.to(z.dtype) + self.pca_mean.to(z.dtype)
+        y = w.T @ self._colour.to(z.dtype) + self.pca_mean.to(z.dtype)
         f = self.cartesian_atoms
-        x = z.new_zeros(z.shape[0], self.n_atoms, 3)
-        x[:, f[1], 0] = y[:, 0]
-        x[:, f[2], :2] = y[:, 1:3]
-        x[:, self._cart[3:]] = y[:, 3:].reshape(z.shape[0], -1, 3)
-        self._place_full_rows(x, bond, angle, torsion)
+        xt = z.new_zeros(3, self.n_atoms, z.shape[0])
+        xt[0, f[1]] = y[:, 0]
+        xt[:2, f[2]] = y[:, 1:3].T
+        xt[:, self._cart[3:]] = y[:, 3:].reshape(z.shape[0], -1, 3).permute(2, 1, 0)
+        self._place_full_rows(xt, bond, angle, torsion)
+        x = xt.permute(2, 1, 0).contiguous()
         log_det = self._log_det_raw(raw) + self._log_scale_sum.to(z.dtype)
         return x, log_det + self._pca_log_det.to(z.dtype)
 
-    def inverse_and_log_det(
-        self, x: Tensor, context: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Cartesian ``(batch, N, 3)`` nm -> ``(batch, 3N-6)``; rigid motion dropped."""
-        self._check_x(x)
+    def _inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raw = self._raw(x)
         log_det = -self._log_det_raw(raw) - self._log_scale_sum.to(x.dtype)
         return self._normalise(raw), log_det - self._pca_log_det.to(x.dtype)
@@ -398,6 +444,10 @@ class MixedCoordinates(_ZMatrixTransform):
         """The three atoms that fix the frame (origin, +x axis, xy plane)."""
         f = self.cartesian_atoms
         return (f[0], f[1], f[2])
+
+
+def _component_major(x: Tensor) -> Tensor:
+    return geometry.component_major(x)
 
 
 def _positions(x: Any) -> Tensor:

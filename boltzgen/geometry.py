@@ -22,12 +22,20 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "angle_between",
     "angles",
     "canonical_frame",
+    "component_major",
+    "cross",
     "dihedrals",
     "distances",
+    "dot",
+    "gather",
+    "norm",
     "place_atoms",
+    "place_local",
     "signed_volumes",
+    "torsion",
     "wrap_angle",
 ]
 
@@ -53,6 +61,66 @@ def wrap_angle(a: Tensor) -> Tensor:
     return torch.remainder(a + math.pi, 2 * math.pi) - math.pi
 
 
+def component_major(x: Tensor) -> Tensor:
+    """``(batch, n_atoms, 3)`` -> contiguous ``(3, n_atoms, batch)``, the fast layout here.
+
+    Gathering atoms then copies whole rows of ``batch`` numbers, and every vector component is
+    a contiguous ``(n, batch)`` block.
+    """
+    return x.permute(2, 1, 0).contiguous()
+
+
+def gather(xt: Tensor, idx: Tensor) -> list[Tensor]:
+    """Columns of an ``(n, k)`` index array from component-major ``xt`` ``(3, n_atoms, batch)``.
+
+    Returns:
+        ``k`` tensors of shape ``(3, n, batch)``.
+    """
+    n, k = idx.shape
+    p = torch.index_select(xt, 1, idx.T.reshape(-1)).view(3, k, n, xt.shape[-1])
+    return [p[:, j] for j in range(k)]
+
+
+def cross(u: Tensor, v: Tensor) -> Tensor:
+    """Cross product of component-major vectors ``(3, ...)``."""
+    out = torch.empty_like(u) if not (u.requires_grad or v.requires_grad) else None
+    if out is None:
+        return torch.stack(
+            [u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]]
+        )
+    torch.mul(u[1], v[2], out=out[0]).addcmul_(u[2], v[1], value=-1)
+    torch.mul(u[2], v[0], out=out[1]).addcmul_(u[0], v[2], value=-1)
+    torch.mul(u[0], v[1], out=out[2]).addcmul_(u[1], v[0], value=-1)
+    return out
+
+
+def dot(u: Tensor, v: Tensor) -> Tensor:
+    """Dot product of component-major vectors ``(3, ...)`` -> ``(...)``."""
+    return u[0] * v[0] + u[1] * v[1] + u[2] * v[2]
+
+
+def norm(u: Tensor) -> Tensor:
+    """Length of component-major vectors ``(3, ...)`` -> ``(...)``."""
+    return dot(u, u).sqrt()
+
+
+def angle_between(u: Tensor, v: Tensor) -> Tensor:
+    """Angle between component-major vectors, radians in [0, pi].
+
+    ``atan2(|u x v|, u.v)`` is accurate near 0 and pi, where ``acos`` is not.
+    """
+    return torch.atan2(norm(cross(u, v)), dot(u, v))
+
+
+def torsion(p0: Tensor, p1: Tensor, p2: Tensor, p3: Tensor) -> Tensor:
+    """Dihedral ``p0-p1-p2-p3`` of component-major positions ``(3, ...)``, in [-pi, pi)."""
+    b1, b2, b3 = p1 - p0, p2 - p1, p3 - p2
+    n1 = cross(b1, b2)
+    n2 = cross(b2, b3)
+    y = dot(cross(n1, n2), b2) / norm(b2)
+    return wrap_angle(torch.atan2(y, dot(n1, n2)))
+
+
 def distances(x: Tensor, pairs: Index) -> Tensor:
     """Distances between atom pairs.
 
@@ -64,13 +132,8 @@ def distances(x: Tensor, pairs: Index) -> Tensor:
         Distances, shape ``(batch, n)``, nm.
     """
     _check_x(x)
-    p = _index(pairs, 2, x.device)
-    return torch.linalg.vector_norm(x[:, p[:, 1]] - x[:, p[:, 0]], dim=-1)
-
-
-def _angle_between(u: Tensor, v: Tensor) -> Tensor:
-    # atan2(|u x v|, u.v) is accurate near 0 and pi, where acos is not.
-    return torch.atan2(torch.linalg.vector_norm(torch.cross(u, v, dim=-1), dim=-1), (u * v).sum(-1))
+    p = gather(component_major(x), _index(pairs, 2, x.device))
+    return norm(p[1] - p[0]).T
 
 
 def angles(x: Tensor, triples: Index) -> Tensor:
@@ -84,17 +147,8 @@ def angles(x: Tensor, triples: Index) -> Tensor:
         Angles, shape ``(batch, n)``, radians in [0, pi].
     """
     _check_x(x)
-    t = _index(triples, 3, x.device)
-    return _angle_between(x[:, t[:, 0]] - x[:, t[:, 1]], x[:, t[:, 2]] - x[:, t[:, 1]])
-
-
-def _torsion(p0: Tensor, p1: Tensor, p2: Tensor, p3: Tensor) -> Tensor:
-    b1, b2, b3 = p1 - p0, p2 - p1, p3 - p2
-    n1 = torch.cross(b1, b2, dim=-1)
-    n2 = torch.cross(b2, b3, dim=-1)
-    m = torch.cross(n1, n2, dim=-1)
-    y = (m * b2).sum(-1) / torch.linalg.vector_norm(b2, dim=-1)
-    return wrap_angle(torch.atan2(y, (n1 * n2).sum(-1)))
+    p = gather(component_major(x), _index(triples, 3, x.device))
+    return angle_between(p[0] - p[1], p[2] - p[1]).T
 
 
 def dihedrals(x: Tensor, quads: Index) -> Tensor:
@@ -108,8 +162,8 @@ def dihedrals(x: Tensor, quads: Index) -> Tensor:
         Dihedrals, shape ``(batch, n)``, radians in [-pi, pi).
     """
     _check_x(x)
-    q = _index(quads, 4, x.device)
-    return _torsion(x[:, q[:, 0]], x[:, q[:, 1]], x[:, q[:, 2]], x[:, q[:, 3]])
+    p = gather(component_major(x), _index(quads, 4, x.device))
+    return torsion(*p).T
 
 
 def signed_volumes(x: Tensor, quads: Index) -> Tensor:
@@ -126,10 +180,8 @@ def signed_volumes(x: Tensor, quads: Index) -> Tensor:
         Volumes, shape ``(batch, n)``, nm^3.
     """
     _check_x(x)
-    q = _index(quads, 4, x.device)
-    c = x[:, q[:, 0]]
-    u, v, w = x[:, q[:, 1]] - c, x[:, q[:, 2]] - c, x[:, q[:, 3]] - c
-    return (u * torch.cross(v, w, dim=-1)).sum(-1)
+    c, i, j, k = gather(component_major(x), _index(quads, 4, x.device))
+    return dot(i - c, cross(j - c, k - c)).T
 
 
 def place_atoms(
@@ -148,18 +200,26 @@ def place_atoms(
     Returns:
         Positions of ``d``, shape ``(..., 3)``, nm.
     """
-    bc = c - b
-    bc = bc / torch.linalg.vector_norm(bc, dim=-1, keepdim=True)
-    n = torch.cross(b - a, bc, dim=-1)
-    n = n / torch.linalg.vector_norm(n, dim=-1, keepdim=True)
-    m = torch.cross(n, bc, dim=-1)
-    rs = (bond * torch.sin(angle)).unsqueeze(-1)
-    return (
-        c
-        - (bond * torch.cos(angle)).unsqueeze(-1) * bc
-        + rs * torch.cos(torsion).unsqueeze(-1) * m
-        + rs * torch.sin(torsion).unsqueeze(-1) * n
+    rs = bond * torch.sin(angle)
+    local = torch.stack(
+        [-bond * torch.cos(angle), rs * torch.cos(torsion), rs * torch.sin(torsion)]
     )
+    d = place_local(a.movedim(-1, 0), b.movedim(-1, 0), c.movedim(-1, 0), local)
+    return d.movedim(0, -1)
+
+
+def place_local(a: Tensor, b: Tensor, c: Tensor, local: Tensor) -> Tensor:
+    """NeRF with precomputed local coordinates, component-major (all shapes ``(3, ...)``).
+
+    ``local = (-r cos(angle), r sin(angle) cos(torsion), r sin(angle) sin(torsion))`` is the
+    position of ``d`` in the frame (bc, m, n) at ``c``; returns ``d``.
+    """
+    bc = c - b
+    bc = bc / norm(bc)
+    n = cross(b - a, bc)
+    n = n / norm(n)
+    m = cross(n, bc)
+    return c + local[0] * bc + local[1] * m + local[2] * n
 
 
 def canonical_frame(x: Tensor, origin: int, axis: int, plane: int) -> Tensor:
