@@ -9,7 +9,7 @@ atom set (PCA-whitened) and uses internal coordinates for the rest.
 map puts the Z-matrix seed (or the first three Cartesian atoms) in a fixed frame -- first atom
 at the origin, second on the +x axis, third in the xy plane with y > 0 -- and the inverse map
 reads only rotation- and translation-invariant quantities. ``to_cartesian(to_internal(x))``
-therefore equals `canonical`\\ ``(x)``, ``x`` moved into that frame. The log-dets are those of
+therefore equals ``canonical(x)``, ``x`` moved rigidly into that frame. The log-dets are those of
 the square ``(3N-6) x (3N-6)`` *reduced* map onto the Cartesian components left free in that
 frame (x of the second atom, x and y of the third, all of the others).
 
@@ -281,10 +281,10 @@ class InternalCoordinates(_ZMatrixTransform):
         circ = _circular_mask(circular, zmatrix)
         raw_ref = None
         if reference_positions is not None:
-            raw_ref = self._raw(_component_major(_positions(reference_positions)))[:, 0]
+            raw_ref = self._raw(geometry.component_major(_positions(reference_positions)))[:, 0]
         raw_data = None
         if data is not None:
-            raw_data = self._raw(_component_major(_positions(data))).T
+            raw_data = self._raw(geometry.component_major(_positions(data))).T
         self._setup_normalisation(raw_ref, raw_data, kinds, circ)
 
     def _raw(self, xt: Tensor) -> Tensor:
@@ -446,10 +446,6 @@ class MixedCoordinates(_ZMatrixTransform):
         return (f[0], f[1], f[2])
 
 
-def _component_major(x: Tensor) -> Tensor:
-    return geometry.component_major(x)
-
-
 def _positions(x: Any) -> Tensor:
     x = _as_tensor(x)
     return x.unsqueeze(0) if x.ndim == 2 else x
@@ -533,26 +529,26 @@ def chirality(x: Tensor, centres: Sequence[ChiralCentre] | Sequence[Sequence[int
     return geometry.signed_volumes(x, quads) > 0
 
 
-def is_l_form(x: Tensor, topology: Any, transform: _ZMatrixTransform | None = None) -> Tensor:
+def is_l_form(x: Tensor, topology: Any, transform: Transform | None = None) -> Tensor:
     """Whether every chiral alpha carbon of a peptide is in the L configuration.
 
     L means ``det[N - CA, C - CA, CB - CA] > 0``; this holds for the shipped alanine dipeptide
     and every residue of the NMR structure of trpzip2, and a mirror image fails it.
 
     Args:
-        x: Cartesian ``(batch, N, 3)`` nm, or internal coordinates ``(batch, 3N-6)`` of
-            ``transform`` (turned into Cartesian first).
-        topology: The molecule's topology.
+        x: Cartesian ``(batch, N, 3)`` nm, or coordinates ``(batch, 3N-6)`` of ``transform``
+            (an `InternalCoordinates` or `MixedCoordinates`; turned into Cartesian first).
+        topology: The molecule's topology (openmm, mdtraj or a `MolecularSystem`).
         transform: The coordinate transform when ``x`` holds internal coordinates.
 
     Returns:
-        ``(batch,)`` booleans (all True for a molecule without chiral alpha carbons).
+        ``(batch,)`` booleans.
 
     Raises:
         ZMatrixError: when the topology has no amino-acid residue.
     """
     if transform is not None:
-        x = transform.to_cartesian(x)
+        x = transform.forward(x)
     quads = alpha_carbons(topology)
     if not quads:
         raise ZMatrixError("no amino-acid alpha carbon (atoms N, CA, C, CB) in the topology")

@@ -161,7 +161,7 @@ class ChiralCentre:
     name: str
 
 
-_MASS_ORDER = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9, "P": 15, "S": 16, "Cl": 17, "Br": 35}
+_ATOMIC_NUMBER = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9, "P": 15, "S": 16, "Cl": 17, "Br": 35}
 
 
 def _graph_classes(g: MolecularGraph, adj: list[list[int]]) -> list[int]:
@@ -193,7 +193,7 @@ def chiral_centres(topology: Any) -> list[ChiralCentre]:
     for i, nb in enumerate(adj):
         if len(nb) != 4 or len({classes[j] for j in nb}) != 4:
             continue
-        order = sorted(nb, key=lambda j: (-_MASS_ORDER.get(g.elements[j], 0), classes[j], j))
+        order = sorted(nb, key=lambda j: (-_ATOMIC_NUMBER.get(g.elements[j], 0), classes[j], j))
         name = f"{g.residue_names[i]}{g.residue_indices[i]}:{g.names[i]}"
         out.append(ChiralCentre(i, (order[0], order[1], order[2], order[3]), name))
     return out
