@@ -322,6 +322,27 @@ class ZMatrix:
             f"torsions={self.n_torsions} ({int(self.circular.sum())} circular))"
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON/YAML-friendly description; `ZMatrix.from_dict` restores it."""
+        return {
+            "rows": [[int(v) for v in r if v >= 0] for r in self.rows],
+            "n_atoms": self.n_atoms,
+            "cartesian_atoms": list(self.cartesian_atoms),
+            "circular": [bool(c) for c in self.circular],
+            "named_dihedrals": dict(self.named_dihedrals),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ZMatrix:
+        """Rebuild a Z-matrix from `ZMatrix.to_dict` output (validated again)."""
+        return cls(
+            data["rows"],
+            n_atoms=data.get("n_atoms"),
+            cartesian_atoms=data.get("cartesian_atoms", ()),
+            circular=data.get("circular"),
+            named_dihedrals=data.get("named_dihedrals"),
+        )
+
     @property
     def n_torsions(self) -> int:
         """Number of torsion coordinates."""
