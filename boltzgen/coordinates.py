@@ -27,6 +27,15 @@ reference value, wrapped to [-pi, pi) and scaled (*unbounded*). The shift ``q0``
 ``reference_positions`` (e.g. a minimum-energy structure) or else the data mean; the scale ``s``
 is the data standard deviation or else the fixed `DEFAULT_SCALES`. Normalisation enters the
 log-det.
+
+Example::
+
+    aldp = boltzgen.systems.load("aldp")
+    ic = InternalCoordinates.from_topology(aldp.topology, aldp.positions, data=frames)
+    z, log_det = ic.inverse_and_log_det(frames)      # (B, 60), (B,)
+    x, log_det = ic.forward_and_log_det(z)           # (B, 22, 3) nm in the seed frame
+    phi = z[:, ic.index_of("phi")]                    # circular torsions are plain angles
+    keep = is_l_form(x, aldp.topology)                # drop mirrored (D) samples
 """
 
 from __future__ import annotations
@@ -287,6 +296,19 @@ class InternalCoordinates(_ZMatrixTransform):
             raw_data = self._raw(geometry.component_major(_positions(data))).T
         self._setup_normalisation(raw_ref, raw_data, kinds, circ)
 
+    @classmethod
+    def from_topology(
+        cls,
+        topology: Any,
+        reference_positions: Any = None,
+        data: Any = None,
+        circular: str | Sequence[bool] | None = None,
+        torsions: str = "relative",
+    ) -> InternalCoordinates:
+        """``InternalCoordinates(ZMatrix.from_topology(topology, torsions=torsions), ...)``."""
+        zmatrix = ZMatrix.from_topology(topology, torsions=torsions)
+        return cls(zmatrix, reference_positions, data=data, circular=circular)
+
     def _raw(self, xt: Tensor) -> Tensor:
         """Raw coordinates ``(D, B)`` from component-major positions ``(3, N, B)``."""
         z0, z1, z2 = self.seed
@@ -395,6 +417,20 @@ class MixedCoordinates(_ZMatrixTransform):
             raw_ref = self._raw(_positions(reference_positions))[:, 0]
         self._setup_normalisation(raw_ref, raw_data, kinds, circ)
         self.register_buffer("cartesian_indices", torch.arange(self.n_cartesian), persistent=False)
+
+    @classmethod
+    def from_topology(
+        cls,
+        topology: Any,
+        cartesian_atoms: Sequence[int],
+        data: Any,
+        reference_positions: Any = None,
+        circular: str | Sequence[bool] | None = None,
+        torsions: str = "relative",
+    ) -> MixedCoordinates:
+        """``MixedCoordinates(ZMatrix.from_topology(topology, cartesian_atoms, ...), data)``."""
+        zmatrix = ZMatrix.from_topology(topology, cartesian_atoms, torsions=torsions)
+        return cls(zmatrix, data, reference_positions=reference_positions, circular=circular)
 
     def _reduced(self, x: Tensor) -> Tensor:
         """The ``3M - 6`` free Cartesian components ``(B, 3M-6)`` in the frame."""

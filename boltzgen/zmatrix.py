@@ -20,7 +20,8 @@ three references); see `boltzgen.coordinates`.
    180 for sp2) and is nearly constant, where the proper torsion would move with the first one.
    ``torsions="chain"`` uses proper chain torsions for every atom.
 4. A torsion is *circular* when it is a proper chain torsion about a bond that is not in a ring
-   (a rotatable bond); all others are narrow and are standardised instead.
+   (rotatable bonds, and also amide bonds, whose narrow distribution a circular flow handles);
+   sibling-relative and ring torsions are narrow and are standardised instead.
 
 For peptides the backbone phi (C-N-CA-C) and psi (N-CA-C-N) torsions are explicit coordinates;
 `ZMatrix.named_dihedrals` maps ``"phi_<i>"``/``"psi_<i>"`` (residue index ``i``; plain ``"phi"``

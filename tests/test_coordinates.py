@@ -72,8 +72,8 @@ def aldp_frames(aldp):
 
 @pytest.fixture(scope="session")
 def aldp_ic(aldp, aldp_frames):
-    return InternalCoordinates(
-        ZMatrix.from_topology(aldp.topology), aldp.positions, data=aldp_frames["300K"]
+    return InternalCoordinates.from_topology(
+        aldp.topology, aldp.positions, data=aldp_frames["300K"]
     )
 
 
@@ -430,8 +430,9 @@ def test_other_molecules_log_det_matches_autograd(others, name):
 
 @pytest.fixture(scope="session")
 def aldp_mixed(aldp, aldp_frames):
-    zm = ZMatrix.from_topology(aldp.topology, cartesian_atoms=ALDP_BACKBONE)
-    return MixedCoordinates(zm, data=aldp_frames["300K"], reference_positions=aldp.positions)
+    return MixedCoordinates.from_topology(
+        aldp.topology, ALDP_BACKBONE, data=aldp_frames["300K"], reference_positions=aldp.positions
+    )
 
 
 def test_mixed_round_trip_and_whitening(aldp_mixed, aldp_frames):
