@@ -440,11 +440,14 @@ class ZMatrix:
 
 def _main_chain(adj: list[list[int]], heavy: list[bool]) -> tuple[int, set[int]]:
     """The longest shortest path between heavy atoms (endpoints of lowest index on ties)."""
-    first = heavy.index(True)
-    dist = _bfs(adj, first)
-    u = max((d, -i) for i, d in enumerate(dist) if heavy[i])[1] * -1
-    dist = _bfs(adj, u)
-    v = max((d, -i) for i, d in enumerate(dist) if heavy[i])[1] * -1
+    candidates = [i for i in range(len(adj)) if heavy[i]]
+
+    def farthest(start: int) -> int:
+        dist = _bfs(adj, start)
+        return max(candidates, key=lambda i: (dist[i], -i))
+
+    u = farthest(candidates[0])
+    v = farthest(u)
     return min(u, v), set(_path(adj, min(u, v), max(u, v)))
 
 
