@@ -459,12 +459,20 @@ def _order_cartesian(adj: list[list[int]], cart: list[int], n: int) -> tuple[int
     if len(cart) < 3:
         raise ZMatrixError("give at least three Cartesian atoms (they fix the frame), or none")
     inside = set(cart)
-    for c in cart:  # a centre with two Cartesian neighbours: frame (centre, nb1, nb2)
+    # frame (centre, nb1, nb2): the most central Cartesian atom with two Cartesian neighbours,
+    # so that the frame's own fluctuations move the other Cartesian atoms least
+    best: tuple[int, list[int]] | None = None
+    for c in cart:
         nbs = [j for j in adj[c] if j in inside]
         if len(nbs) >= 2:
-            head = [c, nbs[0], nbs[1]]
-            return tuple(head + [i for i in cart if i not in head])
-    return tuple(cart)
+            dist = _bfs(adj, c)
+            ecc = max(dist[i] for i in cart)
+            if best is None or ecc < best[0]:
+                best = (ecc, [c, nbs[0], nbs[1]])
+    if best is None:
+        return tuple(cart)
+    head = best[1]
+    return tuple(head + [i for i in cart if i not in head])
 
 
 def _placement_order(
