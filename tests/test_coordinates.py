@@ -537,3 +537,19 @@ def test_gradients_flow_through_both_directions(aldp_ic, aldp_frames):
     (z.square().sum() + ld.sum()).backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert math.isfinite(float(ld.detach().sum()))
+
+
+def test_trpzip2_system_loads_in_both_solvents():
+    import openmm
+    import openmm.unit as u
+
+    for solvent in ("implicit", "vacuum"):
+        s = systems.load("trpzip2", solvent=solvent)
+        assert s.n_atoms == 218 and s.mdtraj_topology.n_residues == 12
+        ctx = openmm.Context(
+            s.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU")
+        )
+        ctx.setPositions(s.positions)
+        energy = ctx.getState(getEnergy=True).getPotentialEnergy()
+        energy = energy.value_in_unit(u.kilojoule_per_mole)
+        assert np.isfinite(energy) and energy < 0  # the shipped structure is minimised
