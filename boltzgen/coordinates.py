@@ -1,0 +1,591 @@
+"""Exact bijections between Cartesian coordinates and (normalised) internal coordinates.
+
+`InternalCoordinates` maps a flat vector of ``3 * n_atoms - 6`` internal coordinates to Cartesian
+positions ``(batch, n_atoms, 3)`` (nm) -- the *forward*, sampling direction -- and back, each
+direction with its log|det J|. `MixedCoordinates` keeps the Cartesian coordinates of a chosen
+atom set (PCA-whitened) and uses internal coordinates for the rest.
+
+**Rigid-body motion.** The six rigid-body degrees of freedom are removed exactly: the forward
+map puts the Z-matrix seed (or the first three Cartesian atoms) in a fixed frame -- first atom
+at the origin, second on the +x axis, third in the xy plane with y > 0 -- and the inverse map
+reads only rotation- and translation-invariant quantities. ``to_cartesian(to_internal(x))``
+therefore equals ``canonical(x)``, ``x`` moved rigidly into that frame. The log-dets are those of
+the square ``(3N-6) x (3N-6)`` *reduced* map onto the Cartesian components left free in that
+frame (x of the second atom, x and y of the third, all of the others).
+
+**Layout** of `InternalCoordinates`' flat vector: ``[bonds (N-1) | angles (N-2) | torsions
+(N-3)]`` in Z-matrix row order; `MixedCoordinates`: ``[whitened Cartesian (3M-6) | bonds |
+angles | torsions]`` of the ``N - M`` other atoms. Index tensors `bond_indices`,
+`angle_indices`, `dihedral_indices`, `circular_indices` (and `cartesian_indices`) name them.
+
+**Normalisation and domains.** Bonds and angles are standardised, ``(q - q0) / s``, and
+*unbounded*: the flow's density is negligible near the physical limits (r = 0, angle 0 or pi),
+where the map stops being one-to-one. Circular torsions (rotatable bonds, see
+`boltzgen.zmatrix`) stay angles in [-pi, pi) (*circular*, neither shifted nor scaled, so the
+``phi`` coordinate of alanine dipeptide is phi itself). The other torsions are shifted by their
+reference value, wrapped to [-pi, pi) and scaled (*unbounded*). The shift ``q0`` is the value in
+``reference_positions`` (e.g. a minimum-energy structure) or else the data mean; the scale ``s``
+is the data standard deviation or else the fixed `DEFAULT_SCALES`. Normalisation enters the
+log-det.
+
+Example::
+
+    aldp = boltzgen.systems.load("aldp")
+    ic = InternalCoordinates.from_topology(aldp.topology, aldp.positions, data=frames)
+    z, log_det = ic.inverse_and_log_det(frames)      # (B, 60), (B,)
+    x, log_det = ic.forward_and_log_det(z)           # (B, 22, 3) nm in the seed frame
+    phi = z[:, ic.index_of("phi")]                    # circular torsions are plain angles
+    keep = is_l_form(x, aldp.topology)                # drop mirrored (D) samples
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from boltzgen import geometry
+from boltzgen.flows.base import Circular, Domain, Transform, Unbounded
+from boltzgen.zmatrix import (
+    ChiralCentre,
+    ZMatrix,
+    ZMatrixError,
+    backbone_torsions,
+    chiral_centres,
+    molecular_graph,
+)
+
+__all__ = [
+    "DEFAULT_SCALES",
+    "ChiralCentre",
+    "InternalCoordinates",
+    "MixedCoordinates",
+    "ZMatrix",
+    "ZMatrixError",
+    "alpha_carbons",
+    "backbone_torsions",
+    "chiral_centres",
+    "chirality",
+    "is_l_form",
+    "named_dihedrals",
+    "phi_psi",
+]
+
+#: Scales (bond nm, angle rad, non-circular torsion rad) used when no data is given.
+DEFAULT_SCALES = {"bond": 0.005, "angle": 0.05, "torsion": 0.1}
+
+
+def _as_tensor(x: Any, dtype: torch.dtype = torch.float64) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.detach().to("cpu", torch.float64)
+    return torch.as_tensor(np.asarray(x), dtype=dtype)
+
+
+class _ZMatrixTransform(Transform):
+    """Shared machinery: rows with three references, placed level by level; normalisation.
+
+    Internally positions are component-major ``(3, n_atoms, batch)`` and coordinates
+    ``(dim, batch)`` (see `geometry.component_major`): every gather copies whole rows.
+    """
+
+    def __init__(self, zmatrix: ZMatrix, first_full_row: int) -> None:
+        super().__init__()
+        self.zmatrix = zmatrix
+        self.n_atoms = zmatrix.n_atoms
+        self.dim = 3 * self.n_atoms - 6
+        full = zmatrix.rows[first_full_row:]
+        self._full = full
+        level = np.zeros(self.n_atoms, dtype=np.int64)
+        row_level = np.zeros(len(full), dtype=np.int64)
+        for k, (d, c, b, a) in enumerate(full):
+            row_level[k] = level[d] = 1 + max(level[c], level[b], level[a])
+        n_levels = int(row_level.max()) if len(full) else 0
+        self._levels = [np.flatnonzero(row_level == v) for v in range(1, n_levels + 1)]
+        self._level_cache: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
+        self.register_buffer("_rows", torch.as_tensor(full, dtype=torch.long), persistent=False)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _check_x(self, x: Tensor) -> None:
+        if x.ndim != 3 or x.shape[1:] != (self.n_atoms, 3):
+            raise ValueError(
+                f"expected Cartesian positions of shape (batch, {self.n_atoms}, 3), got "
+                f"{tuple(x.shape)}"
+            )
+
+    def _check_z(self, z: Tensor) -> None:
+        if z.ndim != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"expected internal coordinates (batch, {self.dim}), got {z.shape}")
+
+    def _place_full_rows(self, xt: Tensor, bond: Tensor, angle: Tensor, torsion: Tensor) -> None:
+        """Fill component-major positions ``xt`` ``(3, N, B)`` in place for the full rows.
+
+        Rows are placed level by level: all rows whose references are placed go in one batched
+        operation. bond/angle/torsion have shape ``(n_full_rows, B)``.
+        """
+        rs = bond * torch.sin(angle)
+        local = torch.stack(
+            [-bond * torch.cos(angle), rs * torch.cos(torsion), rs * torch.sin(torsion)]
+        )
+        for k, atoms, refs in self._level_index(xt.device):
+            p = torch.index_select(xt, 1, refs).unflatten(1, (3, -1))
+            loc = torch.index_select(local, 1, k)
+            xt[:, atoms] = geometry.place_local(p[:, 0], p[:, 1], p[:, 2], loc)
+
+    def _level_index(self, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per level: row positions, placed atoms and references ``[a..., b..., c...]``."""
+        key = str(device)
+        if key not in self._level_cache:
+            out = []
+            for lv in self._levels:
+                r = self._full[lv]
+                refs = np.concatenate([r[:, 3], r[:, 2], r[:, 1]])
+                out.append(tuple(torch.as_tensor(v, device=device) for v in (lv, r[:, 0], refs)))
+            self._level_cache[key] = out
+        return self._level_cache[key]
+
+    def _full_internal(self, xt: Tensor) -> list[Tensor]:
+        """Bonds, angles, torsions ``(n_full_rows, B)`` of the full rows from ``(3, N, B)``."""
+        d, c, b, a = geometry.gather(xt, self._rows)
+        b1, b2, b3 = b - a, c - b, d - c
+        n1, n2 = geometry.cross(b1, b2), geometry.cross(b2, b3)
+        norm_b2 = geometry.norm(b2)
+        angle = torch.atan2(geometry.norm(n2), -geometry.dot(b2, b3))  # angle b-c-d
+        tors = torch.atan2(norm_b2 * geometry.dot(b1, n2), geometry.dot(n1, n2))
+        return [geometry.norm(b3), angle, geometry.wrap_angle(tors)]
+
+    def _setup_normalisation(
+        self,
+        raw_ref: Tensor | None,
+        raw_data: Tensor | None,
+        kinds: list[str],
+        circular: np.ndarray,
+    ) -> None:
+        """Shift and scale per dimension from reference values ``(D,)`` or data ``(n, D)``."""
+        n = len(kinds)
+        torsion = torch.tensor([k == "torsion" for k in kinds])
+        circ = torch.zeros(n, dtype=torch.bool)
+        circ[torsion.nonzero().flatten()] = torch.as_tensor(circular, dtype=torch.bool)
+        if raw_ref is not None:
+            shift = raw_ref.clone()
+        elif raw_data is not None:
+            shift = raw_data.mean(0)
+            ang = raw_data[:, torsion]
+            shift[torsion] = torch.atan2(ang.sin().mean(0), ang.cos().mean(0))
+        else:
+            raise ValueError("give reference_positions or data to normalise the coordinates")
+        if raw_data is not None:
+            dev = raw_data - shift
+            dev[:, torsion] = geometry.wrap_angle(dev[:, torsion])
+            scale = dev.std(0).clamp_min(1e-6)
+        else:
+            scale = torch.tensor([DEFAULT_SCALES.get(k, 1.0) for k in kinds], dtype=torch.float64)
+        fixed = circ | torch.tensor([k == "pca" for k in kinds])  # left as they are
+        shift[fixed], scale[fixed] = 0.0, 1.0
+        self.register_buffer("shift", shift)
+        self.register_buffer("scale", scale)
+        self.register_buffer("_torsion_mask", torsion[:, None], persistent=False)
+        self.register_buffer("_log_scale_sum", scale.log().sum(), persistent=False)
+        self.domains: list[Domain] = [Circular() if c else Unbounded() for c in circ.tolist()]
+        kind = np.array(kinds)
+        for name, sel in (
+            ("bond_indices", kind == "bond"),
+            ("angle_indices", kind == "angle"),
+            ("dihedral_indices", kind == "torsion"),
+            ("circular_indices", circ.numpy()),
+        ):
+            self.register_buffer(name, torch.as_tensor(np.flatnonzero(sel)), persistent=False)
+
+    def _normalise(self, raw_t: Tensor) -> Tensor:
+        """``(D, B)`` raw coordinates -> normalised ``(B, D)``."""
+        dev = raw_t - self.shift.to(raw_t.dtype)[:, None]
+        dev = torch.where(self._torsion_mask, geometry.wrap_angle(dev), dev)
+        return (dev / self.scale.to(raw_t.dtype)[:, None]).T.contiguous()
+
+    def _denormalise(self, z: Tensor) -> Tensor:
+        """Normalised ``(B, D)`` -> raw ``(D, B)``."""
+        return (z * self.scale.to(z.dtype) + self.shift.to(z.dtype)).T.contiguous()
+
+    #: Batches larger than this are processed in chunks of this many frames (cache-friendly).
+    chunk_size: int = 8192
+
+    def forward_and_log_det(
+        self, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Coordinates ``(batch, 3N-6)`` -> Cartesian ``(batch, N, 3)`` nm in the fixed frame.
+
+        Returns:
+            Positions and log|det| of the reduced Jacobian, shape ``(batch,)``.
+        """
+        self._check_z(z)
+        return self._chunked(self._forward, z)
+
+    def inverse_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Cartesian ``(batch, N, 3)`` nm -> coordinates ``(batch, 3N-6)``; rigid motion dropped.
+
+        Returns:
+            Coordinates and log|det| of the reduced Jacobian, shape ``(batch,)``.
+        """
+        self._check_x(x)
+        return self._chunked(self._inverse, x)
+
+    def _chunked(self, fn: Any, inp: Tensor) -> tuple[Tensor, Tensor]:
+        if inp.shape[0] <= self.chunk_size:
+            return fn(inp)
+        parts = [fn(c) for c in inp.split(self.chunk_size)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def index_of(self, name: str) -> int:
+        """Position in the flat vector of a named torsion (``"phi"``, ``"psi_3"``)."""
+        return int(self.dihedral_indices[self.zmatrix.dihedral_index(name)])
+
+    def to_internal(self, x: Tensor) -> Tensor:
+        """Cartesian ``(batch, n_atoms, 3)`` nm -> flat ``(batch, 3N-6)`` coordinates."""
+        return self.inverse_and_log_det(x)[0]
+
+    def to_cartesian(self, z: Tensor) -> Tensor:
+        """Flat ``(batch, 3N-6)`` coordinates -> Cartesian ``(batch, n_atoms, 3)`` nm."""
+        return self.forward_and_log_det(z)[0]
+
+
+class InternalCoordinates(_ZMatrixTransform):
+    """Bonds, angles and torsions of a Z-matrix as a bijector (forward: internal -> Cartesian).
+
+    Args:
+        zmatrix: A Z-matrix with three seed rows (no Cartesian atoms).
+        reference_positions: ``(n_atoms, 3)`` nm (e.g. a minimum-energy structure): shifts.
+        data: ``(n_frames, n_atoms, 3)`` nm: shifts (if no reference) and scales.
+        circular: Override the Z-matrix's circular torsions: ``"all"``, ``"none"`` or one bool
+            per torsion.
+
+    Attributes:
+        domains: Per output dimension `Unbounded()` or `Circular()`.
+        bond_indices, angle_indices, dihedral_indices, circular_indices: flat positions.
+    """
+
+    def __init__(
+        self,
+        zmatrix: ZMatrix,
+        reference_positions: Any = None,
+        data: Any = None,
+        circular: str | Sequence[bool] | None = None,
+    ) -> None:
+        if zmatrix.cartesian_atoms:
+            raise ZMatrixError("this Z-matrix has Cartesian atoms; use MixedCoordinates")
+        super().__init__(zmatrix, first_full_row=3)
+        self.seed = tuple(int(i) for i in zmatrix.rows[:3, 0])
+        self._seed_c2_is_z1 = int(zmatrix.rows[2, 1]) == self.seed[1]
+        n = self.n_atoms
+        kinds = ["bond"] * (n - 1) + ["angle"] * (n - 2) + ["torsion"] * (n - 3)
+        circ = _circular_mask(circular, zmatrix)
+        raw_ref = None
+        if reference_positions is not None:
+            raw_ref = self._raw(geometry.component_major(_positions(reference_positions)))[:, 0]
+        raw_data = None
+        if data is not None:
+            raw_data = self._raw(geometry.component_major(_positions(data))).T
+        self._setup_normalisation(raw_ref, raw_data, kinds, circ)
+
+    @classmethod
+    def from_topology(
+        cls,
+        topology: Any,
+        reference_positions: Any = None,
+        data: Any = None,
+        circular: str | Sequence[bool] | None = None,
+        torsions: str = "relative",
+    ) -> InternalCoordinates:
+        """``InternalCoordinates(ZMatrix.from_topology(topology, torsions=torsions), ...)``."""
+        zmatrix = ZMatrix.from_topology(topology, torsions=torsions)
+        return cls(zmatrix, reference_positions, data=data, circular=circular)
+
+    def _raw(self, xt: Tensor) -> Tensor:
+        """Raw coordinates ``(D, B)`` from component-major positions ``(3, N, B)``."""
+        z0, z1, z2 = self.seed
+        c2, b2 = (z1, z0) if self._seed_c2_is_z1 else (z0, z1)
+        r, t, p = self._full_internal(xt)
+        u, v = xt[:, z2] - xt[:, c2], xt[:, b2] - xt[:, c2]
+        seed_r = torch.stack([geometry.norm(xt[:, z1] - xt[:, z0]), geometry.norm(u)])
+        seed_t = geometry.angle_between(u, v)[None]
+        return torch.cat([seed_r, r, seed_t, t, p])
+
+    def _split(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n = self.n_atoms
+        return raw[: n - 1], raw[n - 1 : 2 * n - 3], raw[2 * n - 3 :]
+
+    def _log_det_raw(self, raw: Tensor) -> Tensor:
+        bond, angle, _ = self._split(raw)
+        return (
+            bond[1].abs().log()
+            + 2 * bond[2:].abs().log().sum(0)
+            + angle[1:].sin().abs().log().sum(0)
+        )
+
+    def _forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        raw = self._denormalise(z)
+        bond, angle, torsion = self._split(raw)
+        z0, z1, z2 = self.seed
+        xt = z.new_zeros(3, self.n_atoms, z.shape[0])
+        xt[0, z1] = bond[0]
+        r2, t2 = bond[1], angle[0]
+        if self._seed_c2_is_z1:
+            xt[0, z2] = bond[0] - r2 * torch.cos(t2)
+        else:
+            xt[0, z2] = r2 * torch.cos(t2)
+        xt[1, z2] = r2 * torch.sin(t2)
+        self._place_full_rows(xt, bond[2:], angle[1:], torsion)
+        x = xt.permute(2, 1, 0).contiguous()
+        return x, self._log_det_raw(raw) + self._log_scale_sum.to(z.dtype)
+
+    def _inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raw = self._raw(geometry.component_major(x))
+        return self._normalise(raw), -self._log_det_raw(raw) - self._log_scale_sum.to(x.dtype)
+
+    def canonical(self, x: Tensor) -> Tensor:
+        """``x`` ``(batch, N, 3)`` moved rigidly into the seed frame (as the forward map gives)."""
+        return geometry.canonical_frame(x, *self.seed)
+
+    @property
+    def frame_atoms(self) -> tuple[int, int, int]:
+        """The three atoms that fix the frame (origin, +x axis, xy plane)."""
+        return self.seed
+
+
+class MixedCoordinates(_ZMatrixTransform):
+    """Whitened Cartesian coordinates of chosen atoms plus internal coordinates of the rest.
+
+    The chosen atoms (``zmatrix.cartesian_atoms``, e.g. the backbone) are moved into the frame of
+    the first three of them, which drops the six rigid-body degrees of freedom exactly and
+    leaves ``3M - 6`` coordinates; these are whitened by PCA fitted on ``data``
+    (``w = L^-1/2 V^T (y - mean)``, log-det ``-1/2 sum log L``). The other atoms are placed by
+    their Z-matrix rows, normalised as in `InternalCoordinates`.
+
+    Args:
+        zmatrix: A Z-matrix with at least three Cartesian atoms
+            (``ZMatrix.from_topology(top, cartesian_atoms=...)``).
+        data: ``(n_frames, n_atoms, 3)`` nm, at least ``3M - 5`` frames: PCA, shifts, scales.
+        reference_positions: ``(n_atoms, 3)`` nm: shifts of the internal coordinates instead.
+        circular: As in `InternalCoordinates`.
+    """
+
+    def __init__(
+        self,
+        zmatrix: ZMatrix,
+        data: Any,
+        reference_positions: Any = None,
+        circular: str | Sequence[bool] | None = None,
+    ) -> None:
+        if not zmatrix.cartesian_atoms:
+            raise ZMatrixError("MixedCoordinates needs a Z-matrix with Cartesian atoms")
+        super().__init__(zmatrix, first_full_row=0)
+        self.cartesian_atoms = zmatrix.cartesian_atoms
+        m, n_int = len(self.cartesian_atoms), len(zmatrix.rows)
+        self.n_cartesian = 3 * m - 6
+        data = _positions(data)
+        self._check_x(data)
+        if data.shape[0] <= self.n_cartesian:
+            raise ValueError(
+                f"PCA of {m} Cartesian atoms needs more than {self.n_cartesian} frames, "
+                f"got {data.shape[0]}"
+            )
+        self.register_buffer("_cart", torch.as_tensor(self.cartesian_atoms), persistent=False)
+        y = self._reduced(data)
+        mean = y.mean(0)
+        evals, evecs = torch.linalg.eigh(torch.cov((y - mean).T))
+        if evals.min() <= 1e-12 * evals.max():
+            raise ValueError("the Cartesian atoms' covariance is singular; give more varied data")
+        self.register_buffer("pca_mean", mean)
+        self.register_buffer("_whiten", evecs * evals.rsqrt())  # y -> w:  (y - mean) @ _whiten
+        self.register_buffer("_colour", (evecs * evals.sqrt()).T)  # w -> y:  w @ _colour + mean
+        self.register_buffer("_pca_log_det", 0.5 * evals.log().sum(), persistent=False)
+        kinds = ["pca"] * self.n_cartesian + ["bond"] * n_int + ["angle"] * n_int
+        kinds += ["torsion"] * n_int
+        circ = _circular_mask(circular, zmatrix)
+        raw_data = self._raw(data).T
+        raw_ref = None
+        if reference_positions is not None:
+            raw_ref = self._raw(_positions(reference_positions))[:, 0]
+        self._setup_normalisation(raw_ref, raw_data, kinds, circ)
+        self.register_buffer("cartesian_indices", torch.arange(self.n_cartesian), persistent=False)
+
+    @classmethod
+    def from_topology(
+        cls,
+        topology: Any,
+        cartesian_atoms: Sequence[int],
+        data: Any,
+        reference_positions: Any = None,
+        circular: str | Sequence[bool] | None = None,
+        torsions: str = "relative",
+    ) -> MixedCoordinates:
+        """``MixedCoordinates(ZMatrix.from_topology(topology, cartesian_atoms, ...), data)``."""
+        zmatrix = ZMatrix.from_topology(topology, cartesian_atoms, torsions=torsions)
+        return cls(zmatrix, data, reference_positions=reference_positions, circular=circular)
+
+    def _reduced(self, x: Tensor) -> Tensor:
+        """The ``3M - 6`` free Cartesian components ``(B, 3M-6)`` in the frame."""
+        f = self.cartesian_atoms
+        xc = geometry.canonical_frame(x, f[0], f[1], f[2])
+        rest = xc[:, self._cart[3:]].reshape(x.shape[0], -1)
+        return torch.cat([xc[:, f[1], :1], xc[:, f[2], :2], rest], dim=-1)
+
+    def _raw(self, x: Tensor) -> Tensor:
+        """Raw coordinates ``(D, B)`` from positions ``(B, N, 3)``."""
+        w = (self._reduced(x) - self.pca_mean.to(x.dtype)) @ self._whiten.to(x.dtype)
+        return torch.cat([w.T, *self._full_internal(geometry.component_major(x))])
+
+    def _split(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        k, n = self.n_cartesian, len(self._full)
+        return raw[:k], raw[k : k + n], raw[k + n : k + 2 * n], raw[k + 2 * n :]
+
+    def _log_det_raw(self, raw: Tensor) -> Tensor:
+        _, bond, angle, _ = self._split(raw)
+        return 2 * bond.abs().log().sum(0) + angle.sin().abs().log().sum(0)
+
+    def _forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        raw = self._denormalise(z)
+        w, bond, angle, torsion = self._split(raw)
+        y = w.T @ self._colour.to(z.dtype) + self.pca_mean.to(z.dtype)
+        f = self.cartesian_atoms
+        xt = z.new_zeros(3, self.n_atoms, z.shape[0])
+        xt[0, f[1]] = y[:, 0]
+        xt[:2, f[2]] = y[:, 1:3].T
+        xt[:, self._cart[3:]] = y[:, 3:].reshape(z.shape[0], -1, 3).permute(2, 1, 0)
+        self._place_full_rows(xt, bond, angle, torsion)
+        x = xt.permute(2, 1, 0).contiguous()
+        log_det = self._log_det_raw(raw) + self._log_scale_sum.to(z.dtype)
+        return x, log_det + self._pca_log_det.to(z.dtype)
+
+    def _inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raw = self._raw(x)
+        log_det = -self._log_det_raw(raw) - self._log_scale_sum.to(x.dtype)
+        return self._normalise(raw), log_det - self._pca_log_det.to(x.dtype)
+
+    def canonical(self, x: Tensor) -> Tensor:
+        """``x`` moved rigidly into the frame of the first three Cartesian atoms."""
+        return geometry.canonical_frame(x, *self.cartesian_atoms[:3])
+
+    @property
+    def frame_atoms(self) -> tuple[int, int, int]:
+        """The three atoms that fix the frame (origin, +x axis, xy plane)."""
+        f = self.cartesian_atoms
+        return (f[0], f[1], f[2])
+
+
+def _positions(x: Any) -> Tensor:
+    x = _as_tensor(x)
+    return x.unsqueeze(0) if x.ndim == 2 else x
+
+
+def _circular_mask(circular: str | Sequence[bool] | None, zmatrix: ZMatrix) -> np.ndarray:
+    n = zmatrix.n_torsions
+    if circular is None:
+        return zmatrix.circular.copy()
+    if isinstance(circular, str):
+        if circular not in ("all", "none"):
+            raise ValueError(f"circular must be 'all', 'none' or a mask, got {circular!r}")
+        return np.full(n, circular == "all")
+    mask = np.asarray(circular, dtype=bool)
+    if mask.shape != (n,):
+        raise ValueError(f"circular mask needs {n} entries, got {mask.shape}")
+    return mask
+
+
+# -- peptide helpers and chirality --------------------------------------------------------------
+
+
+def named_dihedrals(x: Tensor, quads: dict[str, Sequence[int]]) -> dict[str, Tensor]:
+    """Any named torsions of a Cartesian batch ``(batch, N, 3)``: ``{name: (batch,) rad}``."""
+    if not quads:
+        return {}
+    values = geometry.dihedrals(x, [list(q) for q in quads.values()])
+    return {k: values[:, i] for i, k in enumerate(quads)}
+
+
+def phi_psi(x: Tensor, topology: Any) -> tuple[Tensor, Tensor]:
+    """Backbone phi and psi of a peptide from Cartesian ``(batch, N, 3)`` nm.
+
+    Returns:
+        ``(phi, psi)``, each ``(batch, n)`` radians in [-pi, pi), in residue order (residues
+        with both torsions defined; for alanine dipeptide ``n = 1``).
+
+    Raises:
+        ZMatrixError: when the topology has no residue with both phi and psi.
+    """
+    tors = backbone_torsions(topology)
+    res = [k[4:] for k in tors if k.startswith("phi_") and f"psi_{k[4:]}" in tors]
+    if not res:
+        raise ZMatrixError("the topology has no residue with both a phi and a psi torsion")
+    phi = geometry.dihedrals(x, [tors[f"phi_{r}"] for r in res])
+    psi = geometry.dihedrals(x, [tors[f"psi_{r}"] for r in res])
+    return phi, psi
+
+
+def alpha_carbons(topology: Any) -> list[tuple[int, int, int, int]]:
+    """``(CA, N, C, CB)`` of every amino-acid residue with a side chain (all but glycine)."""
+    g = molecular_graph(topology)
+    by_res: dict[int, dict[str, int]] = {}
+    for i, (name, res) in enumerate(zip(g.names, g.residue_indices)):
+        by_res.setdefault(res, {}).setdefault(name, i)
+    adj = g.neighbours()
+    out = []
+    for res in sorted(by_res):
+        a = by_res[res]
+        names = ("N", "C", "CB")
+        if "CA" in a and all(k in a and a[k] in adj[a["CA"]] for k in names):
+            out.append((a["CA"], a["N"], a["C"], a["CB"]))
+    return out
+
+
+def chirality(x: Tensor, centres: Sequence[ChiralCentre] | Sequence[Sequence[int]]) -> Tensor:
+    """Handedness of chiral centres: ``det[n1 - c, n2 - c, n3 - c] > 0``.
+
+    Args:
+        x: Positions ``(batch, N, 3)`` nm.
+        centres: `ChiralCentre` objects (from `chiral_centres`) or rows ``(c, n1, n2, n3)``.
+
+    Returns:
+        ``(batch, n_centres)`` booleans; a mirror image flips every entry. Compare with a
+        reference structure to tell configurations apart.
+    """
+    quads = [
+        (c.centre, *c.neighbours[:3]) if isinstance(c, ChiralCentre) else tuple(c)[:4]
+        for c in centres
+    ]
+    return geometry.signed_volumes(x, quads) > 0
+
+
+def is_l_form(x: Tensor, topology: Any, transform: Transform | None = None) -> Tensor:
+    """Whether every chiral alpha carbon of a peptide is in the L configuration.
+
+    L means ``det[N - CA, C - CA, CB - CA] > 0``; this holds for the shipped alanine dipeptide
+    and every residue of the NMR structure of trpzip2, and a mirror image fails it.
+
+    Args:
+        x: Cartesian ``(batch, N, 3)`` nm, or coordinates ``(batch, 3N-6)`` of ``transform``
+            (an `InternalCoordinates` or `MixedCoordinates`; turned into Cartesian first).
+        topology: The molecule's topology (openmm, mdtraj or a `MolecularSystem`).
+        transform: The coordinate transform when ``x`` holds internal coordinates.
+
+    Returns:
+        ``(batch,)`` booleans.
+
+    Raises:
+        ZMatrixError: when the topology has no amino-acid residue.
+    """
+    if transform is not None:
+        x = transform.forward(x)
+    quads = alpha_carbons(topology)
+    if not quads:
+        raise ZMatrixError("no amino-acid alpha carbon (atoms N, CA, C, CB) in the topology")
+    return (geometry.signed_volumes(x, quads) > 0).all(-1)
