@@ -11,6 +11,7 @@ import mdtraj as md
 import numpy as np
 import pytest
 import torch
+from helpers import md_frames
 
 from boltzgen import geometry, systems
 from boltzgen.coordinates import (
@@ -33,28 +34,6 @@ from boltzgen.zmatrix import MolecularGraph
 ALDP_BACKBONE = [1, 4, 6, 8, 10, 14, 16, 18]  # heavy atoms of ACE-ALA-NME but the two O
 
 
-def _md_frames(system, temperature, n_frames, steps_per_frame=10, seed=1):
-    import openmm
-    import openmm.unit as u
-
-    integrator = openmm.LangevinMiddleIntegrator(
-        temperature * u.kelvin, 10.0 / u.picosecond, 0.001 * u.picoseconds
-    )
-    integrator.setRandomNumberSeed(seed)
-    platform = openmm.Platform.getPlatformByName("CPU")
-    ctx = openmm.Context(system.system, integrator, platform, {"Threads": "1"})
-    ctx.setPositions(system.positions)
-    openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 200)
-    ctx.setVelocitiesToTemperature(temperature * u.kelvin, seed)
-    integrator.step(300)
-    frames = []
-    for _ in range(n_frames):
-        integrator.step(steps_per_frame)
-        pos = ctx.getState(getPositions=True).getPositions(asNumpy=True)
-        frames.append(pos.value_in_unit(u.nanometer))
-    return torch.tensor(np.array(frames), dtype=torch.float64)
-
-
 @pytest.fixture(scope="session")
 def aldp():
     return systems.load("aldp")
@@ -63,8 +42,8 @@ def aldp():
 @pytest.fixture(scope="session")
 def aldp_frames(aldp):
     """ALDP MD frames: 300 K, 1000 K and randomly perturbed ones (float64, nm)."""
-    cold = _md_frames(aldp, 300.0, 200)
-    hot = _md_frames(aldp, 1000.0, 200, seed=2)
+    cold = md_frames(aldp, 300.0, 200)
+    hot = md_frames(aldp, 1000.0, 200, seed=2)
     g = torch.Generator().manual_seed(3)
     noisy = cold[:100] + 0.02 * torch.randn(100, 22, 3, generator=g, dtype=torch.float64)
     return {"300K": cold, "1000K": hot, "perturbed": noisy}

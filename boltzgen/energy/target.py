@@ -57,8 +57,23 @@ class BoltzmannTarget(nn.Module):
         return self.energy(x) / self.kT
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Unnormalised log density ``(B,)`` (nats) of positions ``(B, n_atoms, 3)`` nm."""
-        return -regularize_energy(self.reduced_energy(x), self.energy_cut, self.energy_max)
+        """Unnormalised log density ``(B,)`` (nats) of positions ``(B, n_atoms, 3)`` nm.
+
+        NaN-safe: rows whose energy is not finite (NaN positions, overlapping atoms) get the
+        regularised ``-energy_max`` and a zero gradient; the other rows are unaffected.
+        """
+        u = self.reduced_energy(x)
+        bad = ~torch.isfinite(u)
+        if x.requires_grad and bool(bad.any()):
+            # re-evaluate with the bad rows replaced by a good row, so that no NaN or inf
+            # enters the backward pass, then put the regularised maximum in their place
+            good_row = x.detach()[(~bad).nonzero()[0]] if bool((~bad).any()) else None
+            if good_row is not None:
+                safe = torch.where(bad[:, None, None], good_row, x)
+                u = torch.where(bad, torch.full_like(u, float("inf")), self.reduced_energy(safe))
+            else:
+                u = u.detach()
+        return -regularize_energy(u, self.energy_cut, self.energy_max)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return self.log_prob(x)

@@ -253,9 +253,8 @@ class GBSAOBCTerm(nn.Module):
         self.register_buffer("radius", radius)
         self.register_buffer("offset_radius", radius - offset)
         self.register_buffer("scaled_radius", scale * (radius - offset))
-        i, j = torch.triu_indices(n, n, offset=1)
-        self.register_buffer("i", i)
-        self.register_buffer("j", j)
+        self.register_buffer("qq", charge[:, None] * charge[None, :])
+        self.register_buffer("eye", torch.eye(n, dtype=charge.dtype))
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.prefactor = -0.5 * coulomb_constant * (1 / solute_dielectric - 1 / solvent_dielectric)
         self.surface_area_energy = surface_area_energy  # includes the 4 pi
@@ -316,45 +315,51 @@ class GBSAOBCTerm(nn.Module):
             engulfed_term=False,
         )
 
-    def born_radii(self, x: Tensor) -> Tensor:
-        """Effective Born radii, shape ``(B, n_atoms)``, nm."""
-        n = self.charge.shape[0]
-        r = torch.cdist(x, x)  # (B, N, N); r[b, i, j]
-        eye = torch.eye(n, dtype=torch.bool, device=x.device)
-        r = torch.where(eye, torch.ones_like(r), r)  # avoid 0 on the diagonal
+    def born_radii(self, x: Tensor, r2: Tensor | None = None) -> Tensor:
+        """Effective Born radii, shape ``(B, n_atoms)``, nm (``r2``: squared distances)."""
+        if r2 is None:
+            r2 = _squared_distance_matrix(x)
+        eye = self.eye
+        r = torch.sqrt(r2 + eye)  # 1 on the diagonal: no 0/0 in the backward pass
         or_i = self.offset_radius[:, None]
         sr_j = self.scaled_radius[None, :]
-        active = (r + sr_j > or_i) & ~eye
-        r_safe = torch.where(active, r, torch.ones_like(r) * 10.0)
+        active = (r + sr_j > or_i) & (eye == 0)
+        r_safe = torch.where(active, r, torch.full_like(r, 10.0))
         upper = r_safe + sr_j
         lower = torch.maximum(or_i.expand_as(r_safe), (r_safe - sr_j).abs())
+        inv_l, inv_u, inv_r = 1 / lower, 1 / upper, 1 / r_safe
         term = (
-            1 / lower
-            - 1 / upper
-            + 0.25 * (r_safe - sr_j**2 / r_safe) * (1 / upper**2 - 1 / lower**2)
-            + 0.5 * torch.log(lower / upper) / r_safe
+            inv_l
+            - inv_u
+            + 0.25 * (r_safe - sr_j**2 * inv_r) * (inv_u**2 - inv_l**2)
+            + 0.5 * torch.log(lower * inv_u) * inv_r
         )
         if self.engulfed_term:
             engulfed = or_i < sr_j - r_safe
-            term = term + torch.where(engulfed, 2 * (1 / or_i - 1 / lower), torch.zeros_like(term))
+            term = term + torch.where(engulfed, 2 * (1 / or_i - inv_l), torch.zeros_like(term))
         integral = 0.5 * torch.where(active, term, torch.zeros_like(term)).sum(-1)
         psi = integral * self.offset_radius
         t = torch.tanh(self.alpha * psi - self.beta * psi**2 + self.gamma * psi**3)
         return 1 / (1 / self.offset_radius - t / self.radius)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        born = self.born_radii(x)
-        q = self.charge
-        self_energy = self.prefactor * (q**2 / born).sum(-1)
-        r2 = ((x[:, self.j] - x[:, self.i]) ** 2).sum(-1)
-        bb = born[:, self.i] * born[:, self.j]
+        r2 = _squared_distance_matrix(x)
+        born = self.born_radii(x, r2)
+        # polar energy over the full matrix: the diagonal (r = 0, f = B_i) is the Born self
+        # energy, each off-diagonal pair appears twice
+        bb = born[:, :, None] * born[:, None, :]
         f = torch.sqrt(r2 + bb * torch.exp(-r2 / (4 * bb)))
-        pair_energy = 2 * self.prefactor * (q[self.i] * q[self.j] / f).sum(-1)
-        energy = self_energy + pair_energy
+        energy = self.prefactor * (self.qq / f).sum((-1, -2))
         if self.surface_area_energy:
             sa = (self.radius + self.probe_radius) ** 2 * (self.radius / born) ** 6
             energy = energy + self.surface_area_energy * sa.sum(-1)
         return energy
+
+
+def _squared_distance_matrix(x: Tensor) -> Tensor:
+    """Squared distances ``(B, N, N)`` of positions ``(B, N, 3)`` (exactly 0 on the diagonal)."""
+    d = x[:, :, None, :] - x[:, None, :, :]
+    return (d * d).sum(-1)
 
 
 _NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"

@@ -1,0 +1,103 @@
+"""Energy throughput: OpenMM (one CPU context looping; a 2-worker pool) vs TorchEnergy.
+
+Prints JSON: microseconds per sample (median over repeats) for energy and energy+forces at
+batch 1, 64, 1024 and 8192, all measured in this one run, and the speed-up ratios of
+TorchEnergy over one OpenMM CPU context. Usage::
+
+    python benchmarks/energy.py [--system aldp] [--repeats 5] [--batches 1 64 1024 8192]
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from boltzgen import systems
+from boltzgen.energy import OpenMMEnergy, TorchEnergy
+
+
+def _time(fn, repeats, min_time=0.2):
+    """Median seconds per call; each repeat loops until min_time has passed."""
+    fn()  # warm-up
+    per_call = []
+    for _ in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            if time.perf_counter() - t0 >= min_time:
+                break
+        per_call.append((time.perf_counter() - t0) / n)
+    return statistics.median(per_call)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--system", default="aldp")
+    p.add_argument("--solvent", default="implicit")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024, 8192])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    args = p.parse_args()
+
+    s = systems.load(args.system, solvent=args.solvent)
+    dtype = getattr(torch, args.dtype)
+    rng = np.random.default_rng(0)
+    te = TorchEnergy.from_openmm(s.system)
+    single = OpenMMEnergy(s.system, n_workers=1, platform="CPU")
+    pool = OpenMMEnergy(s.system, n_workers=2, platform="CPU")
+    results = []
+    for batch in args.batches:
+        x = torch.tensor(s.positions[None] + 0.01 * rng.standard_normal((batch, s.n_atoms, 3)))
+        x = x.to(dtype)
+        row = {"batch": batch}
+        # OpenMM is timed on at most 1024 samples (it is linear in the batch)
+        xo = x[: min(batch, 1024)]
+        row["openmm_energy_forces_us"] = (
+            1e6 * _time(lambda xo=xo: single.energy_and_forces(xo), args.repeats) / len(xo)
+        )
+        row["openmm_pool2_energy_forces_us"] = (
+            1e6 * _time(lambda xo=xo: pool.energy_and_forces(xo), args.repeats) / len(xo)
+        )
+
+        def torch_energy(x=x):
+            with torch.no_grad():
+                te(x)
+
+        row["torch_energy_us"] = 1e6 * _time(torch_energy, args.repeats) / batch
+        row["torch_energy_forces_us"] = (
+            1e6 * _time(lambda x=x: te.energy_and_forces(x), args.repeats) / batch
+        )
+        row["speedup_energy_forces_vs_openmm"] = (
+            row["openmm_energy_forces_us"] / row["torch_energy_forces_us"]
+        )
+        row["speedup_energy_forces_vs_pool2"] = (
+            row["openmm_pool2_energy_forces_us"] / row["torch_energy_forces_us"]
+        )
+        results.append(row)
+    pool.close()
+    print(
+        json.dumps(
+            {
+                "benchmark": "energy",
+                "system": f"{args.system}/{args.solvent}",
+                "n_atoms": s.n_atoms,
+                "torch_dtype": args.dtype,
+                "torch_threads": torch.get_num_threads(),
+                "cpu_count": os.cpu_count(),
+                "machine": platform.processor() or platform.machine(),
+                "statistic": f"median of {args.repeats} repeats, microseconds per sample",
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""TorchEnergy and OpenMMEnergy against OpenMM's Reference platform (double precision).
+
+Oracle: OpenMM itself, per force group, on MD frames at 300 K and 1000 K and on randomly
+perturbed frames, for alanine dipeptide (vacuum, OBC1 as CustomGBForce, OBC2 as GBSAOBCForce),
+p-xylene (a GAFF non-peptide with a ring) and trpzip2 (amber14 PDB + implicit/obc1.xml).
+"""
+
+import copy
+
+import numpy as np
+import openmm
+import pytest
+import torch
+from helpers import md_frames
+
+from boltzgen import systems
+from boltzgen.energy import BoltzmannTarget, OpenMMEnergy, TorchEnergy, regularize_energy
+from boltzgen.errors import UnsupportedForceError
+
+CASES = [
+    ("aldp", "implicit", "OBC1"),
+    ("aldp", "vacuum", "OBC1"),
+    ("aldp", "implicit", "OBC2"),
+    ("xylene", "implicit", "OBC1"),
+    ("xylene", "vacuum", "OBC1"),
+]
+
+
+def _load(name, solvent, model):
+    directory = systems._find_system_dir(name)
+    config = systems._read_config(directory / "config.yaml")
+    return systems.from_prmtop(
+        directory / config["prmtop"],
+        directory / config["positions"],
+        solvent=solvent,
+        implicit_model=model,
+    )
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
+def case(request):
+    """A system and >= 1,000 configurations: 400 at 300 K, 400 at 1000 K, 200 perturbed."""
+    s = _load(*request.param)
+    cold = md_frames(s, 300.0, 400, steps_per_frame=5, seed=11)
+    hot = md_frames(s, 1000.0, 400, steps_per_frame=5, seed=12)
+    g = torch.Generator().manual_seed(13)
+    noisy = cold[:200] + 0.01 * torch.randn(200, s.n_atoms, 3, generator=g, dtype=torch.float64)
+    return s, torch.cat([cold, hot, noisy])
+
+
+def _reference(system, x):
+    """OpenMM Reference-platform total and per-force energies and total forces."""
+    system = copy.deepcopy(system)
+    for k, f in enumerate(system.getForces()):
+        f.setForceGroup(k)
+    ctx = openmm.Context(
+        system, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference")
+    )
+    n_forces = system.getNumForces()
+    total, groups, forces = [], [], []
+    for xyz in x.numpy():
+        ctx.setPositions(xyz)
+        st = ctx.getState(getEnergy=True, getForces=True)
+        total.append(st.getPotentialEnergy()._value)
+        forces.append(st.getForces(asNumpy=True)._value)
+        groups.append(
+            [
+                ctx.getState(getEnergy=True, groups={k}).getPotentialEnergy()._value
+                for k in range(n_forces)
+            ]
+        )
+    return np.array(total), np.array(groups), np.array(forces)
+
+
+def _rel(a, b):
+    return np.abs(a - b) / np.maximum(np.abs(b), 1.0)
+
+
+def test_torch_energy_matches_openmm_float64(case):
+    s, x = case
+    assert x.shape[0] >= 1000
+    energy = TorchEnergy.from_openmm(s.system)
+    ref_total, ref_groups, ref_forces = _reference(s.system, x)
+    total, forces = energy.energy_and_forces(x)
+    assert total.dtype == torch.float64 and total.shape == (x.shape[0],)
+    # relative to |E| (floored at 1 kJ/mol for terms that pass through zero)
+    assert _rel(total.numpy(), ref_total).max() < 1e-6
+    terms = energy.energy_terms(x)
+    names = [type(f).__name__ for f in s.system.getForces()]
+    assert len(terms) == len(names)
+    for k, (name, value) in enumerate(terms.items()):
+        assert name.startswith(names[k])
+        assert _rel(value.numpy(), ref_groups[:, k]).max() < 1e-6, name
+    rms = np.sqrt(((forces.numpy() - ref_forces) ** 2).mean(axis=(1, 2)))
+    ref_rms = np.sqrt((ref_forces**2).mean(axis=(1, 2)))
+    assert (rms / ref_rms).max() < 1e-5
+
+
+def test_torch_energy_float32(case):
+    s, x = case
+    energy = TorchEnergy.from_openmm(s.system)
+    e64 = energy(x[:100])
+    e32 = energy(x[:100].float())
+    assert e32.dtype == torch.float32
+    assert _rel(e32.double().numpy(), e64.numpy()).max() < 1e-4
+    # the float32 call must not have rounded the float64 parameters
+    assert torch.equal(energy(x[:100]), e64)
+
+
+def test_trpzip2_forcefield_xml_system():
+    """A 12-residue peptide from a PDB + amber14-all.xml + implicit/obc1.xml."""
+    s = systems.load("trpzip2")
+    g = torch.Generator().manual_seed(5)
+    x = torch.tensor(s.positions) + 0.005 * torch.randn(
+        20, s.n_atoms, 3, generator=g, dtype=torch.float64
+    )
+    energy = TorchEnergy.from_openmm(s.system)
+    ref_total, _, ref_forces = _reference(s.system, x)
+    total, forces = energy.energy_and_forces(x)
+    assert _rel(total.numpy(), ref_total).max() < 1e-6
+    rms = np.sqrt(((forces.numpy() - ref_forces) ** 2).mean())
+    assert rms / np.sqrt((ref_forces**2).mean()) < 1e-5
+
+
+def test_unsupported_force_is_named():
+    s = systems.load("aldp")
+    system = copy.deepcopy(s.system)
+    system.addForce(openmm.CustomExternalForce("x^2"))
+    with pytest.raises(UnsupportedForceError, match="CustomExternalForce"):
+        TorchEnergy.from_openmm(system)
+
+
+def test_unsupported_custom_gb_expression():
+    s = systems.load("aldp")
+    system = copy.deepcopy(s.system)
+    gb = [f for f in system.getForces() if isinstance(f, openmm.CustomGBForce)][0]
+    expr, kind = gb.getEnergyTermParameters(1)
+    gb.setEnergyTermParameters(1, expr.replace("^6", "^4"), kind)
+    with pytest.raises(UnsupportedForceError, match="energy term"):
+        TorchEnergy.from_openmm(system)
+
+
+@pytest.fixture(scope="module")
+def aldp_openmm():
+    s = systems.load("aldp")
+    energy = OpenMMEnergy(s.system, platform="Reference")
+    yield s, energy
+    energy.close()
+
+
+def test_openmm_energy_gradient_is_minus_force(aldp_openmm):
+    s, energy = aldp_openmm
+    g = torch.Generator().manual_seed(0)
+    x = torch.tensor(s.positions) + 0.01 * torch.randn(16, 22, 3, generator=g, dtype=torch.float64)
+    x.requires_grad_(True)
+    e = energy(x)
+    weights = torch.rand(16, generator=g, dtype=torch.float64)
+    (e * weights).sum().backward()
+    e_ref, f_ref = energy.energy_and_forces(x.detach())
+    torch.testing.assert_close(e.detach(), e_ref, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, -weights[:, None, None] * f_ref, rtol=1e-12, atol=1e-10)
+    # and OpenMM's force is the torch-native energy's -gradient
+    torch_e, torch_f = TorchEnergy.from_openmm(s.system).energy_and_forces(x.detach())
+    torch.testing.assert_close(e_ref, torch_e, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(f_ref, torch_f, rtol=1e-5, atol=1e-4)
+
+
+def test_openmm_energy_nan_rows(aldp_openmm):
+    s, energy = aldp_openmm
+    x = torch.tensor(s.positions).repeat(5, 1, 1)
+    x[1] += 0.01
+    x[2, 3, 0] = float("nan")
+    x[3, 0, 0] = 1e9  # exploded
+    x.requires_grad_(True)
+    e = energy(x)
+    e.sum().backward()
+    assert torch.isinf(e[2]) and e[2] > 0 and torch.isinf(e[3]) and e[3] > 0
+    assert torch.all(x.grad[2] == 0) and torch.all(x.grad[3] == 0)
+    good = [0, 1, 4]
+    e_ref, f_ref = energy.energy_and_forces(x.detach()[good])
+    torch.testing.assert_close(e.detach()[good], e_ref)
+    torch.testing.assert_close(x.grad[good], -f_ref)
+    assert torch.isfinite(e_ref).all()
+
+
+def test_openmm_pool_matches_single_context(aldp_openmm):
+    s, single = aldp_openmm
+    g = torch.Generator().manual_seed(1)
+    x = torch.tensor(s.positions) + 0.01 * torch.randn(9, 22, 3, generator=g, dtype=torch.float64)
+    x[4, 0, 0] = float("inf")
+    with OpenMMEnergy(s.system, n_workers=2, platform="Reference") as pool:
+        e, f = pool.energy_and_forces(x.float())
+        assert e.dtype == torch.float32
+    e_ref, f_ref = single.energy_and_forces(x.float())
+    torch.testing.assert_close(e, e_ref)
+    torch.testing.assert_close(f, f_ref)
+    assert torch.isinf(e[4])
+
+
+def test_shape_errors(aldp_openmm):
+    s, energy = aldp_openmm
+    with pytest.raises(ValueError, match=r"\(batch, 22, 3\)"):
+        energy(torch.zeros(3, 21, 3))
+    with pytest.raises(ValueError, match=r"\(batch, 22, 3\)"):
+        TorchEnergy.from_openmm(s.system)(torch.zeros(3, 22, 2))
+
+
+def test_regularize_energy():
+    u = torch.tensor(
+        [-5.0, 0.0, 1e3, 1e8, 1e8 + 1e4, 1e30, float("nan"), float("inf")], dtype=torch.float64
+    )
+    r = regularize_energy(u, energy_cut=1e8, energy_max=1e20)
+    assert torch.equal(r[:4], u[:4])  # linear below the cut
+    assert r[4] == pytest.approx(1e8 + np.log1p(1e4))  # logarithmic above
+    top = 1e8 + np.log1p(1e20 - 1e8)
+    assert r[5] == pytest.approx(top) and r[6] == pytest.approx(top) and r[7] == pytest.approx(top)
+    assert torch.all(torch.diff(r[:6]) >= 0)  # monotone
+    with pytest.raises(ValueError):
+        regularize_energy(u, energy_cut=1.0, energy_max=0.5)
+
+
+def test_boltzmann_target():
+    s = systems.load("aldp")
+    energy = TorchEnergy.from_openmm(s.system)
+    target = BoltzmannTarget(energy, s.kT)
+    x = torch.tensor(s.positions).repeat(3, 1, 1)
+    x[1] += 0.005
+    x[2, 0] = x[2, 1]  # two atoms on top of each other: a huge energy
+    x.requires_grad_(True)
+    lp = target.log_prob(x)
+    assert lp[0].item() == pytest.approx(-energy(x[:1]).item() / s.kT, rel=1e-12)
+    assert torch.isfinite(lp).all() and lp[2] < lp[0]
+    lp.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert s.kT == pytest.approx(0.0083144626 * 300.0)
+    with pytest.raises(ValueError):
+        BoltzmannTarget(energy, -1.0)
