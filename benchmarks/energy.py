@@ -43,12 +43,19 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024, 8192])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip torch.compile timings"
+    )
     args = p.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     s = systems.load(args.system, solvent=args.solvent)
     dtype = getattr(torch, args.dtype)
     rng = np.random.default_rng(0)
     te = TorchEnergy.from_openmm(s.system)
+    tc = TorchEnergy.from_openmm(s.system).compile_energy(dynamic=False) if args.compile else None
     single = OpenMMEnergy(s.system, n_workers=1, platform="CPU")
     pool = OpenMMEnergy(s.system, n_workers=2, platform="CPU")
     results = []
@@ -73,6 +80,14 @@ def main():
         row["torch_energy_forces_us"] = (
             1e6 * _time(lambda x=x: te.energy_and_forces(x), args.repeats) / batch
         )
+        if tc is not None:
+            tc.energy_and_forces(x)  # compile for this shape (not timed)
+            row["torch_compiled_energy_forces_us"] = (
+                1e6 * _time(lambda x=x: tc.energy_and_forces(x), args.repeats) / batch
+            )
+            row["speedup_compiled_energy_forces_vs_openmm"] = (
+                row["openmm_energy_forces_us"] / row["torch_compiled_energy_forces_us"]
+            )
         row["speedup_energy_forces_vs_openmm"] = (
             row["openmm_energy_forces_us"] / row["torch_energy_forces_us"]
         )

@@ -235,3 +235,15 @@ def test_boltzmann_target():
     assert s.kT == pytest.approx(0.0083144626 * 300.0)
     with pytest.raises(ValueError):
         BoltzmannTarget(energy, -1.0)
+
+
+def test_compiled_energy_equals_eager():
+    s = systems.load("aldp")
+    g = torch.Generator().manual_seed(7)
+    x = torch.tensor(s.positions) + 0.01 * torch.randn(32, 22, 3, generator=g, dtype=torch.float64)
+    eager = TorchEnergy.from_openmm(s.system)
+    compiled = TorchEnergy.from_openmm(s.system).compile_energy(dynamic=False)
+    e0, f0 = eager.energy_and_forces(x.float())
+    e1, f1 = compiled.energy_and_forces(x.float())
+    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(f1, f0, rtol=1e-4, atol=1e-2)

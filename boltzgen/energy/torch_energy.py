@@ -467,6 +467,16 @@ class TorchEnergy(Energy):
     def __init__(self, terms: dict[str, nn.Module], n_atoms: int) -> None:
         super().__init__(n_atoms)
         self.terms = nn.ModuleDict(terms)
+        self._compiled: Any = None
+
+    def compile_energy(self, **kwargs: Any) -> TorchEnergy:
+        """Use `torch.compile` for the total energy (fuses the elementwise pair maths).
+
+        The first call per input shape/dtype compiles (tens of seconds on a CPU); later calls
+        are 2-3x faster on CPU. Keyword arguments go to `torch.compile`. Returns ``self``.
+        """
+        self._compiled = torch.compile(self._total, **kwargs)
+        return self
 
     @classmethod
     def from_openmm(cls, system: Any) -> TorchEnergy:
@@ -509,6 +519,11 @@ class TorchEnergy(Energy):
     def forward(self, x: Tensor) -> Tensor:
         """Total potential energy ``(B,)`` in kJ/mol of positions ``(B, n_atoms, 3)`` in nm."""
         x = self._check_positions(x)
+        if self._compiled is not None:
+            return self._compiled(x)
+        return self._total(x)
+
+    def _total(self, x: Tensor) -> Tensor:
         total = x.new_zeros(x.shape[0])
         for term in self.terms.values():
             total = total + _run_term(term, x)
