@@ -1,0 +1,216 @@
+"""Analysis of (reweighted) samples against a reference: dihedrals, Ramachandran, KL divergences.
+
+All functions take numpy arrays (positions in nm, angles in radians, energies in kJ/mol) and
+optional log-weights (see `boltzgen.reweighting`); ``log_w=None`` means equal weights.
+
+KL divergences are between binned distributions: ``KL(ref || sample) = sum_b r_b ln(r_b / s_b)``
+(the direction used for Ramachandran plots in the Boltzmann-generator literature, e.g. Midgley et
+al. 2023), with sample bins regularised by ``eps`` so that a bin the sample misses costs
+``ln(r_b / eps)`` instead of infinity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from boltzgen.errors import BoltzgenError
+from boltzgen.reweighting import _check_log_w, histogram
+
+__all__ = [
+    "ALDP_PHI",
+    "ALDP_PSI",
+    "SampleError",
+    "dihedral",
+    "energy_histogram",
+    "kl_divergence",
+    "marginal_kls",
+    "phi_psi",
+    "ramachandran",
+    "ramachandran_kl",
+    "torsion_quadruples",
+]
+
+#: Atom indices of the ALDP backbone dihedrals: phi = C(ACE)-N-CA-C, psi = N-CA-C-N(NME).
+ALDP_PHI = (4, 6, 8, 14)
+ALDP_PSI = (6, 8, 14, 16)
+
+_PERIOD = (-np.pi, np.pi)
+
+
+class SampleError(BoltzgenError, ValueError):
+    """Sample arrays with the wrong shape or non-finite values."""
+
+
+def _positions(positions: np.ndarray) -> np.ndarray:
+    x = np.asarray(positions, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or x.shape[-1] != 3:
+        raise SampleError(f"positions must have shape (n, n_atoms, 3), got {x.shape}")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=(1, 2)).sum())
+        raise SampleError(f"{bad} of {x.shape[0]} configurations contain NaN or inf positions")
+    return x
+
+
+def dihedral(positions: np.ndarray, indices: Sequence[int]) -> np.ndarray:
+    """Dihedral angle of atoms ``(i, j, k, l)`` in every frame, radians in [-pi, pi].
+
+    Uses the IUPAC sign convention (as mdtraj and OpenMM): ``atan2(|b2| b1 . (n2), n1 . n2)``
+    with ``n1 = b1 x b2`` and ``n2 = b2 x b3``.
+
+    Args:
+        positions: `(n, n_atoms, 3)` nm.
+        indices: Four atom indices.
+
+    Returns:
+        `(n,)` radians.
+    """
+    x = _positions(positions)
+    i, j, k, m = indices
+    b1, b2, b3 = x[:, j] - x[:, i], x[:, k] - x[:, j], x[:, m] - x[:, k]
+    n1, n2 = np.cross(b1, b2), np.cross(b2, b3)
+    y = np.linalg.norm(b2, axis=-1) * np.einsum("nd,nd->n", b1, n2)
+    return np.arctan2(y, np.einsum("nd,nd->n", n1, n2))
+
+
+def phi_psi(
+    positions: np.ndarray,
+    phi: Sequence[int] = ALDP_PHI,
+    psi: Sequence[int] = ALDP_PSI,
+) -> np.ndarray:
+    """Backbone phi and psi (radians) of every frame, `(n, 2)`; ALDP atom indices by default."""
+    return np.stack([dihedral(positions, phi), dihedral(positions, psi)], axis=1)
+
+
+def ramachandran(
+    phi: np.ndarray,
+    psi: np.ndarray,
+    log_w: np.ndarray | None = None,
+    bins: int = 60,
+) -> np.ndarray:
+    """Reweighted Ramachandran histogram: bin probabilities on ``[-pi, pi)^2``, `(bins, bins)`.
+
+    Axis 0 is phi, axis 1 psi; the probabilities sum to one.
+    """
+    cv = np.stack([np.asarray(phi, np.float64), np.asarray(psi, np.float64)], axis=1)
+    hist, _ = histogram(cv, log_w, bins=bins, ranges=[_PERIOD, _PERIOD])
+    return hist
+
+
+def kl_divergence(reference: np.ndarray, sample: np.ndarray, eps: float = 1e-10) -> float:
+    """``KL(reference || sample)`` in nats between two histograms of the same shape.
+
+    Both are normalised first; sample bins get `eps` added (then renormalised).
+    """
+    r = np.asarray(reference, np.float64).ravel()
+    s = np.asarray(sample, np.float64).ravel()
+    if r.shape != s.shape:
+        raise SampleError(f"histograms differ in shape: {reference.shape} vs {sample.shape}")
+    if r.sum() <= 0 or s.sum() <= 0:
+        raise SampleError("an empty histogram has no KL divergence")
+    r = r / r.sum()
+    s = s / s.sum() + eps
+    s = s / s.sum()
+    nz = r > 0
+    return float(max(np.sum(r[nz] * np.log(r[nz] / s[nz])), 0.0))
+
+
+def ramachandran_kl(
+    sample_phi_psi: np.ndarray,
+    reference_phi_psi: np.ndarray,
+    log_w: np.ndarray | None = None,
+    bins: int = 60,
+    eps: float = 1e-10,
+) -> float:
+    """``KL(reference || reweighted sample)`` of Ramachandran histograms, nats.
+
+    Args:
+        sample_phi_psi: `(n, 2)` radians; reference_phi_psi: `(m, 2)` radians (equal weights).
+        log_w: `(n,)` log-weights of the sample or None.
+    """
+    s = np.asarray(sample_phi_psi)
+    r = np.asarray(reference_phi_psi)
+    hs = ramachandran(s[:, 0], s[:, 1], log_w, bins)
+    hr = ramachandran(r[:, 0], r[:, 1], None, bins)
+    return kl_divergence(hr, hs, eps)
+
+
+def marginal_kls(
+    sample: np.ndarray,
+    reference: np.ndarray,
+    log_w: np.ndarray | None = None,
+    bins: int = 50,
+    periodic: np.ndarray | Sequence[bool] | None = None,
+    eps: float = 1e-10,
+) -> np.ndarray:
+    """Per-coordinate ``KL(reference || sample)`` of 1-D marginals, `(D,)` nats.
+
+    Args:
+        sample: `(n, D)` coordinates; reference: `(m, D)`.
+        log_w: `(n,)` log-weights of the sample or None.
+        bins: Bins per coordinate; the range is the reference's (periodic ones: [-pi, pi)).
+        periodic: `(D,)` flags of angular coordinates.
+    """
+    s = np.asarray(sample, np.float64)
+    r = np.asarray(reference, np.float64)
+    if s.ndim != 2 or r.ndim != 2 or s.shape[1] != r.shape[1]:
+        raise SampleError(f"need (n, D) and (m, D) arrays, got {s.shape} and {r.shape}")
+    lw = _check_log_w(log_w, s.shape[0])
+    per = np.zeros(s.shape[1], bool) if periodic is None else np.asarray(periodic, bool)
+    out = np.empty(s.shape[1])
+    for d in range(s.shape[1]):
+        lo, hi = _PERIOD if per[d] else (r[:, d].min(), r[:, d].max())
+        if hi <= lo:
+            hi = lo + 1e-9
+        hs, _ = histogram(s[:, d], lw, bins=bins, ranges=(lo, hi))
+        hr, _ = histogram(r[:, d], None, bins=bins, ranges=(lo, hi))
+        out[d] = kl_divergence(hr, hs, eps) if hs.sum() > 0 else np.inf
+    return out
+
+
+def torsion_quadruples(bonds: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """All proper torsions ``(i, j, k, l)`` of a bond graph, one per (j, k) bond and end atoms.
+
+    Args:
+        bonds: Pairs of bonded atom indices.
+
+    Returns:
+        Sorted list of quadruples with ``i < l`` canonical orientation dropped duplicates.
+    """
+    nbrs: dict[int, set[int]] = {}
+    for a, b in bonds:
+        nbrs.setdefault(a, set()).add(b)
+        nbrs.setdefault(b, set()).add(a)
+    quads = set()
+    for j, k in bonds:
+        for i in nbrs[j] - {k}:
+            for m in nbrs[k] - {j, i}:
+                q = (i, j, k, m)
+                quads.add(min(q, q[::-1]))
+    return sorted(quads)
+
+
+def energy_histogram(
+    energies: np.ndarray,
+    log_w: np.ndarray | None = None,
+    bins: int = 60,
+    ranges: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reweighted probability density of potential energies.
+
+    Args:
+        energies: `(n,)` kJ/mol; non-finite energies are an error.
+        log_w: `(n,)` log-weights or None.
+        bins: Number of bins; ranges: `(lo, hi)` kJ/mol, default the data range.
+
+    Returns:
+        `(density, edges)`: density in 1/(kJ/mol), shape `(bins,)`, and `(bins + 1,)` edges.
+    """
+    e = np.asarray(energies, np.float64)
+    if e.ndim != 1 or not np.isfinite(e).all():
+        raise SampleError("energies must be a finite (n,) array")
+    hist, edges = histogram(e, log_w, bins=bins, ranges=ranges, density=True)
+    return hist, edges[0]
