@@ -12,19 +12,25 @@ al. 2023), with sample bins regularised by ``eps`` so that a bin the sample miss
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from boltzgen.errors import BoltzgenError
-from boltzgen.reweighting import _check_log_w, histogram
+from boltzgen.reweighting import WeightError, _check_log_w, histogram
 
 __all__ = [
     "ALDP_PHI",
     "ALDP_PSI",
     "SampleError",
+    "SampleSet",
+    "SamplesFileError",
     "dihedral",
     "energy_histogram",
     "kl_divergence",
+    "load_samples",
     "marginal_kls",
     "phi_psi",
     "ramachandran",
@@ -37,6 +43,8 @@ ALDP_PHI = (4, 6, 8, 14)
 ALDP_PSI = (6, 8, 14, 16)
 
 _PERIOD = (-np.pi, np.pi)
+#: Molar gas constant, kJ/(mol K).
+_R = 8.314462618e-3
 
 
 class SampleError(BoltzgenError, ValueError):
@@ -214,3 +222,130 @@ def energy_histogram(
         raise SampleError("energies must be a finite (n,) array")
     hist, edges = histogram(e, log_w, bins=bins, ranges=ranges, density=True)
     return hist, edges[0]
+
+
+class SamplesFileError(SampleError):
+    """A samples file that cannot be read or has inconsistent arrays."""
+
+
+@dataclass
+class SampleSet:
+    """The contents of a samples ``.npz`` file, validated.
+
+    Attributes:
+        path: The file.
+        n: Number of samples.
+        system: System name.
+        temperature: K.
+        log_w: `(n,)` unnormalised log-weights, or None (equal weights, e.g. MD).
+        energies: `(n,)` kJ/mol or None.
+        phi_psi: `(n, 2)` radians or None.
+        positions: `(m, n_atoms, 3)` nm or None; `position_index` `(m,)` their sample indices.
+        time_series: True for MD frames (correlated in time: block bootstrap).
+    """
+
+    path: str
+    n: int
+    system: str
+    temperature: float
+    log_w: np.ndarray | None
+    energies: np.ndarray | None
+    phi_psi: np.ndarray | None
+    positions: np.ndarray | None
+    position_index: np.ndarray | None
+    time_series: bool
+
+    @property
+    def kT(self) -> float:  # noqa: N802
+        """k_B T in kJ/mol."""
+        return _R * self.temperature
+
+
+def _array(data: Any, key: str, path: str, ndim: int, n: int | None) -> np.ndarray:
+    a = np.asarray(data[key])
+    if a.ndim != ndim or (n is not None and a.shape[0] != n):
+        want = f"({n if n is not None else 'n'}{', ...' if ndim > 1 else ','})"
+        raise SamplesFileError(f"{path}: {key!r} has shape {a.shape}, expected {want}")
+    return a
+
+
+def load_samples(path: str | Path) -> SampleSet:
+    """Read and validate a samples file (``boltzgen sample`` or ``boltzgen md`` output).
+
+    Keys: ``positions`` `(n, n_atoms, 3)` nm, ``log_weights`` `(n,)` (or ``log_q`` and
+    ``energies``, giving ``-U/kT - log_q``; absent: equal weights), ``energies`` kJ/mol,
+    ``temperature`` K, ``system``; optional ``phi``/``psi`` radians for every sample, and
+    ``frame_index`` when ``positions`` holds only a subsample of the frames.
+
+    Raises:
+        SamplesFileError: unreadable file, inconsistent shapes, NaN positions or weights, all
+            weights zero.
+    """
+    path = str(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+        keys = set(data.files)
+    except Exception as exc:
+        raise SamplesFileError(f"cannot read samples file {path}: {exc}") from exc
+    n = None
+    for key in ("log_weights", "phi", "energies", "log_q"):
+        if key in keys:
+            n = int(np.asarray(data[key]).shape[0]) if np.asarray(data[key]).ndim else None
+            break
+    pos = idx = None
+    if "positions" in keys:
+        pos = np.asarray(data["positions"], dtype=np.float64)
+        if pos.ndim != 3 or pos.shape[-1] != 3:
+            raise SamplesFileError(
+                f"{path}: 'positions' has shape {pos.shape}, expected (n, n_atoms, 3)"
+            )
+        if not np.isfinite(pos).all():
+            bad = int((~np.isfinite(pos)).any(axis=(1, 2)).sum())
+            raise SamplesFileError(f"{path}: {bad} configurations have NaN/inf positions")
+        if "frame_index" in keys:
+            idx = _array(data, "frame_index", path, 1, pos.shape[0]).astype(np.int64)
+        else:
+            idx = np.arange(pos.shape[0])
+            n = pos.shape[0] if n is None else n
+            if n != pos.shape[0]:
+                raise SamplesFileError(f"{path}: {pos.shape[0]} positions but {n} other entries")
+    if n is None or n == 0:
+        raise SamplesFileError(f"{path}: no samples (need positions, phi/psi or log_weights)")
+    if idx is not None and (idx.min() < 0 or idx.max() >= n):
+        raise SamplesFileError(f"{path}: frame_index outside [0, {n})")
+    system = str(data["system"]) if "system" in keys else "unknown"
+    temperature = float(data["temperature"]) if "temperature" in keys else 300.0
+    energies = (
+        _array(data, "energies", path, 1, n).astype(np.float64) if "energies" in keys else None
+    )
+    log_w = None
+    try:
+        if "log_weights" in keys:
+            log_w = _check_log_w(_array(data, "log_weights", path, 1, n), n)
+        elif "log_q" in keys:
+            if energies is None:
+                raise SamplesFileError(f"{path}: 'log_q' without 'energies' gives no weights")
+            log_q = _array(data, "log_q", path, 1, n).astype(np.float64)
+            log_w = _check_log_w(-energies / (_R * temperature) - log_q, n)
+    except WeightError as exc:
+        raise SamplesFileError(f"{path}: {exc}") from exc
+    if "phi" in keys and "psi" in keys:
+        pp = np.stack([_array(data, k, path, 1, n) for k in ("phi", "psi")], 1).astype(np.float64)
+    elif pos is not None and system == "aldp" and idx.shape[0] == n:
+        pp = phi_psi(pos)
+    else:
+        pp = None
+    if pp is not None and not np.isfinite(pp).all():
+        raise SamplesFileError(f"{path}: phi/psi contain NaN")
+    return SampleSet(
+        path,
+        n,
+        system,
+        temperature,
+        log_w,
+        energies,
+        pp,
+        pos,
+        idx,
+        time_series="time_ps" in keys and log_w is None,
+    )
