@@ -21,7 +21,6 @@ import io
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +212,6 @@ def run_md(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_steps, initial=step, unit="step", desc=f"md {system.name}")
-    last_ckpt = time.time()
     while step < n_steps:
         n = min(chunk, n_steps - step)
         for integ in integrators:
@@ -232,12 +230,10 @@ def run_md(
             _save_checkpoint(
                 ckpt, settings, step, contexts, frames, energies, times, attempts, accepts, rng
             )
-            last_ckpt = time.time()
         if bar is not None:
             bar.update(n)
             if n_rep > 1:
                 bar.set_postfix(acc=",".join(f"{a:.2f}" for a in accepts / np.maximum(attempts, 1)))
-    del last_ckpt
     if bar is not None:
         bar.close()
     n_atoms = system.n_atoms
