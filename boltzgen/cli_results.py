@@ -58,6 +58,21 @@ def add_md_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="comma-separated ladder in K containing the sampled temperature (replica exchange)",
     )
+    p.add_argument(
+        "--bias-torsion",
+        default=None,
+        help="Hamiltonian replica exchange: four atom indices (e.g. 4,6,8,14 = ALDP phi) of a "
+        "torsion that gets a well -H exp(kappa (cos(theta - center) - 1))",
+    )
+    p.add_argument("--bias-height", type=float, default=20.0, help="H, kJ/mol")
+    p.add_argument("--bias-center-deg", type=float, default=30.0, help="center, degrees")
+    p.add_argument("--bias-kappa", type=float, default=1.5, help="kappa (concentration)")
+    p.add_argument(
+        "--bias-scales",
+        type=_floats,
+        default=None,
+        help="comma-separated bias scale of each replica, 0 (unbiased, kept) to 1",
+    )
     p.add_argument("--exchange-interval-ps", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--platform", default="CPU")
@@ -84,6 +99,16 @@ def run_md(args: argparse.Namespace) -> int:
     if args.temperature is not None:
         system = system.with_temperature(args.temperature)
     dt = args.timestep_fs * 1e-3
+    bias = None
+    if args.bias_torsion is not None:
+        atoms = tuple(int(a) for a in _floats(args.bias_torsion))
+        if len(atoms) != 4 or not all(0 <= a < system.n_atoms for a in atoms):
+            raise BoltzgenError(f"--bias-torsion needs 4 atom indices < {system.n_atoms}")
+        bias = md.TorsionBias(
+            atoms, args.bias_height, math.radians(args.bias_center_deg), args.bias_kappa
+        )
+    elif args.bias_scales is not None:
+        raise BoltzgenError("--bias-scales needs --bias-torsion")
     result = md.run_md(
         system,
         _steps(args.length_ns * 1000.0, dt, "--length-ns"),
@@ -91,6 +116,8 @@ def run_md(args: argparse.Namespace) -> int:
         timestep=dt,
         friction=args.friction,
         temperatures=args.replica_temperatures,
+        bias=bias,
+        bias_scales=args.bias_scales,
         exchange_interval=_steps(args.exchange_interval_ps, dt, "--exchange-interval-ps"),
         seed=args.seed,
         platform=args.platform,

@@ -8,6 +8,14 @@ neighbour swaps attempted every `exchange_interval` steps with the Metropolis pr
 replica at the system's temperature are kept, so the output is a Boltzmann sample at that
 temperature that also visits basins the plain run would rarely reach.
 
+When heating is not enough (ALDP's phi > 0 basins are rarely entered even at 800 K), replicas can
+instead differ in a `TorsionBias`: Hamiltonian replica exchange (Sugita, Kitao & Okamoto 2000;
+Fukunishi et al. 2002) with replica ``k`` feeling ``U(x) + s_k B(x)``, where ``B`` is a smooth
+well on one torsion that lowers its barrier. Swaps are accepted with
+``min(1, exp(-(u_i(x_j) + u_j(x_i) - u_i(x_i) - u_j(x_j))))``, ``u_k = (U + s_k B) / (k_B T_k)``.
+Only the unbiased replica (``s = 0``) at the system temperature is kept: its frames are an exact
+Boltzmann sample, with equal weights.
+
 The run is checkpointed: every `checkpoint_interval` steps the OpenMM state of every replica, the
 frames saved so far, the exchange statistics and the random state are written atomically to one
 ``.npz``. Calling `run_md` again with the same checkpoint path resumes where it stopped.
@@ -29,7 +37,14 @@ import numpy as np
 
 from boltzgen.errors import BoltzgenError
 
-__all__ = ["MDError", "MDResult", "backbone_dihedrals", "run_md", "write_outputs"]
+__all__ = [
+    "MDError",
+    "MDResult",
+    "TorsionBias",
+    "backbone_dihedrals",
+    "run_md",
+    "write_outputs",
+]
 
 #: Boltzmann constant times Avogadro's number in kJ/(mol K).
 _R = 8.314462618e-3
@@ -37,6 +52,54 @@ _R = 8.314462618e-3
 
 class MDError(BoltzgenError, ValueError):
     """Invalid MD settings or an unusable checkpoint."""
+
+
+@dataclass(frozen=True)
+class TorsionBias:
+    """A von Mises well on one torsion: ``B(theta) = -height exp(kappa (cos(theta - center) - 1))``.
+
+    Attributes:
+        atoms: The four atom indices of the torsion.
+        height: Depth of the well at `center`, kJ/mol.
+        center: Centre, radians.
+        kappa: Concentration (larger: narrower; width about ``1 / sqrt(kappa)`` rad).
+    """
+
+    atoms: tuple[int, int, int, int]
+    height: float
+    center: float = 0.0
+    kappa: float = 1.0
+
+    def energy(self, positions: np.ndarray) -> np.ndarray:
+        """``B`` of `(n, n_atoms, 3)` positions (nm), `(n,)` kJ/mol."""
+        from boltzgen.analysis import dihedral
+
+        theta = dihedral(positions, self.atoms)
+        return -self.height * np.exp(self.kappa * (np.cos(theta - self.center) - 1.0))
+
+    def force(self) -> Any:
+        """An `openmm.CustomTorsionForce` with global parameter ``bias_scale``."""
+        import openmm
+
+        f = openmm.CustomTorsionForce("-bias_scale*height*exp(kappa*(cos(theta-center)-1))")
+        f.addGlobalParameter("bias_scale", 0.0)
+        for name, value in (
+            ("height", self.height),
+            ("kappa", self.kappa),
+            ("center", self.center),
+        ):
+            f.addGlobalParameter(name, value)
+        f.addTorsion(*[int(a) for a in self.atoms], [])
+        return f
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-serialisable settings."""
+        return {
+            "atoms": [int(a) for a in self.atoms],
+            "height": self.height,
+            "center": self.center,
+            "kappa": self.kappa,
+        }
 
 
 @dataclass
@@ -62,6 +125,7 @@ class MDResult:
     acceptance: np.ndarray
     n_steps: int
     settings: dict[str, Any] = field(default_factory=dict)
+    bias_scales: list[float] = field(default_factory=list)
 
 
 def backbone_dihedrals(system: Any, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -103,16 +167,39 @@ def _atomic_save(path: Path, **arrays: Any) -> None:
 
 
 def _check_settings(
-    n_steps: int, save_interval: int, exchange_interval: int, temperatures: list[float], t0: float
+    n_steps: int,
+    save_interval: int,
+    exchange_interval: int,
+    temperatures: list[float],
+    scales: list[float],
+    t0: float,
 ) -> int:
     if n_steps <= 0 or save_interval <= 0 or exchange_interval <= 0:
         raise MDError("n_steps, save_interval and exchange_interval must be positive")
     if any(t <= 0 for t in temperatures):
         raise MDError(f"temperatures must be positive, got {temperatures}")
-    matches = [i for i, t in enumerate(temperatures) if abs(t - t0) < 1e-6]
+    matches = [
+        i for i, (t, b) in enumerate(zip(temperatures, scales)) if abs(t - t0) < 1e-6 and b == 0
+    ]
     if not matches:
-        raise MDError(f"the ladder {temperatures} must contain the system temperature {t0} K")
+        raise MDError(
+            f"the ladder {temperatures} (bias scales {scales}) must contain an unbiased replica "
+            f"at the system temperature {t0} K"
+        )
     return matches[0]
+
+
+def _ladders(
+    t0: float, temperatures: list[float] | None, bias: Any, bias_scales: list[float] | None
+) -> tuple[list[float], list[float]]:
+    temps = [float(t) for t in temperatures] if temperatures else None
+    scales = [float(b) for b in bias_scales] if bias_scales else None
+    if scales is not None and bias is None:
+        raise MDError("bias_scales need a bias")
+    if temps and scales and len(temps) != len(scales):
+        raise MDError(f"{len(temps)} temperatures but {len(scales)} bias scales")
+    n = len(temps or scales or [t0])
+    return temps or [t0] * n, scales or [0.0] * n
 
 
 def run_md(
@@ -123,6 +210,8 @@ def run_md(
     timestep: float = 0.001,
     friction: float = 1.0,
     temperatures: list[float] | None = None,
+    bias: TorsionBias | None = None,
+    bias_scales: list[float] | None = None,
     exchange_interval: int = 500,
     seed: int = 0,
     platform: str = "CPU",
@@ -142,6 +231,9 @@ def run_md(
         friction: Langevin collision rate, 1/ps.
         temperatures: Replica-exchange ladder in K containing `system.temperature`; None or one
             entry for plain MD.
+        bias: Torsion bias of Hamiltonian replica exchange.
+        bias_scales: Bias scale of each replica (0 = unbiased), same length as `temperatures`
+            if both are given.
         exchange_interval: Steps between exchange attempts.
         seed: Seed of the integrators' and the exchanges' random numbers and initial velocities.
         platform: OpenMM platform name (``CPU``, ``Reference``, ``CUDA``, ...).
@@ -158,8 +250,8 @@ def run_md(
     import openmm.unit as u
 
     t0 = float(system.temperature)
-    ladder = [t0] if not temperatures else [float(t) for t in temperatures]
-    target = _check_settings(n_steps, save_interval, exchange_interval, ladder, t0)
+    ladder, scales = _ladders(t0, temperatures, bias, bias_scales)
+    target = _check_settings(n_steps, save_interval, exchange_interval, ladder, scales, t0)
     n_rep = len(ladder)
     settings = {
         "system": system.name,
@@ -168,6 +260,8 @@ def run_md(
         "timestep_ps": float(timestep),
         "friction_per_ps": float(friction),
         "temperatures": ladder,
+        "bias": bias.as_dict() if bias is not None else None,
+        "bias_scales": scales,
         "exchange_interval": int(exchange_interval),
         "seed": int(seed),
         "platform": platform,
@@ -180,7 +274,13 @@ def run_md(
             temp * u.kelvin, friction / u.picosecond, timestep * u.picoseconds
         )
         integ.setRandomNumberSeed(int(seed) * 1000 + k + 1)
-        ctx = openmm.Context(system.system, integ, plat, props)
+        omm_system = system.system
+        if bias is not None:
+            omm_system = openmm.XmlSerializer.clone(system.system)
+            omm_system.addForce(bias.force())
+        ctx = openmm.Context(omm_system, integ, plat, props)
+        if bias is not None:
+            ctx.setParameter("bias_scale", scales[k])
         integrators.append(integ)
         contexts.append(ctx)
     rng = np.random.default_rng(seed)
@@ -218,11 +318,14 @@ def run_md(
             integ.step(n)
         step += n
         if n_rep > 1 and step % exchange_interval == 0:
-            _exchange(contexts, ladder, step // exchange_interval, rng, attempts, accepts)
+            _exchange(
+                contexts, ladder, scales, bias, step // exchange_interval, rng, attempts, accepts
+            )
         if step % save_interval == 0:
             state = contexts[target].getState(getPositions=True, getEnergy=True)
             frames.append(state.getPositions(asNumpy=True).value_in_unit(u.nanometer))
             energies.append(state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole))
+            # The kept replica is unbiased (scale 0): this is the physical energy.
             times.append(step * timestep)
             if not np.isfinite(energies[-1]):
                 raise MDError(f"the simulation blew up at step {step} (energy {energies[-1]})")
@@ -244,6 +347,7 @@ def run_md(
         temperature=t0,
         temperatures=ladder,
         acceptance=accepts / np.maximum(attempts, 1),
+        bias_scales=scales,
         n_steps=step,
         settings=settings,
     )
@@ -252,6 +356,8 @@ def run_md(
 def _exchange(
     contexts: list[Any],
     ladder: list[float],
+    scales: list[float],
+    bias: TorsionBias | None,
     round_index: int,
     rng: np.random.Generator,
     attempts: np.ndarray,
@@ -261,11 +367,19 @@ def _exchange(
     import openmm.unit as u
 
     states = [c.getState(getPositions=True, getVelocities=True, getEnergy=True) for c in contexts]
-    pot = [s.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole) for s in states]
+    pot = np.array([s.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole) for s in states])
+    b = np.zeros_like(pot)
+    if bias is not None:
+        xs = np.stack([s.getPositions(asNumpy=True).value_in_unit(u.nanometer) for s in states])
+        b = bias.energy(xs)
+    phys = pot - np.asarray(scales) * b  # U(x_k) without the replica's own bias
+    # reduced[k, x]: configuration of replica x in the Hamiltonian and temperature of replica k.
+    reduced = (phys[None, :] + np.asarray(scales)[:, None] * b[None, :]) / (
+        _R * np.asarray(ladder)[:, None]
+    )
     for i in range(round_index % 2, len(contexts) - 1, 2):
         j = i + 1
-        beta_i, beta_j = 1.0 / (_R * ladder[i]), 1.0 / (_R * ladder[j])
-        log_acc = (beta_i - beta_j) * (pot[i] - pot[j])
+        log_acc = -(reduced[i, j] + reduced[j, i] - reduced[i, i] - reduced[j, j])
         attempts[i] += 1
         if log_acc >= 0 or rng.random() < math.exp(log_acc):
             accepts[i] += 1
@@ -320,9 +434,19 @@ def _restore(
         saved = json.loads(str(data["settings"]))
     except Exception as exc:
         raise MDError(f"cannot read checkpoint {path}: {exc}") from exc
-    keys = ("system", "save_interval", "timestep_ps", "temperatures", "exchange_interval", "seed")
+    keys = (
+        "system",
+        "save_interval",
+        "timestep_ps",
+        "temperatures",
+        "exchange_interval",
+        "seed",
+        "bias",
+        "bias_scales",
+    )
+    defaults = {"bias": None, "bias_scales": [0.0] * len(settings["temperatures"])}
     for key in keys:
-        if saved.get(key) != settings[key]:
+        if saved.get(key, defaults.get(key)) != settings[key]:
             raise MDError(
                 f"checkpoint {path} was written with {key}={saved.get(key)!r}, "
                 f"not {settings[key]!r}; use another checkpoint path or the same settings"

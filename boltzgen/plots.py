@@ -211,6 +211,8 @@ def plot_energy_distributions(
         dens, edges = energy_histogram(e, log_w, bins=bins, ranges=ranges)
         out.append((dens, edges))
         ax.stairs(dens, edges, label=label, lw=1.2)
+    top = max((float(np.max(d)) for d, _ in out if d.size), default=1.0)
+    ax.set_ylim(0.0, 1.35 * top if top > 0 else 1.0)  # headroom for the legend
     ax.set_xlabel("potential energy (kJ/mol)")
     ax.set_ylabel("density (mol/kJ)")
     ax.legend(frameon=False)

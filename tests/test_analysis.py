@@ -249,3 +249,37 @@ def test_evaluate_reference_against_itself(tmp_path):
     for name in ("ramachandran", "fes_phi", "fes_psi", "energies"):
         assert (out / f"{name}.png").stat().st_size > 1000
         assert (out / f"{name}.pdf").stat().st_size > 1000
+
+
+def test_shipped_reference_halves_agree_and_sample_phi_positive():
+    import yaml
+
+    ref = np.load(REFERENCE / "reference.npz")
+    phi, psi = ref["phi"].astype(np.float64), ref["psi"].astype(np.float64)
+    assert ref["positions"].shape[0] == ref["frame_index"].shape[0]
+    np.testing.assert_allclose(
+        analysis.phi_psi(ref["positions"][:50]),
+        np.stack([phi, psi], 1)[ref["frame_index"][:50]],
+        atol=1e-5,
+    )
+    spec = yaml.safe_load((REFERENCE.parent / "states.yaml").read_text())
+    states = reweighting.states_from_dict(spec, scale=np.pi / 180)
+    assert np.sum((phi > 0) & (phi < np.radians(120))) > 0  # the alpha_L / C7ax basin is visited
+    half = phi.shape[0] // 2
+    res = [
+        reweighting.state_free_energies(
+            states,
+            {"phi": phi[sl], "psi": psi[sl]},
+            None,
+            n_bootstrap=300,
+            block_length=half // 20,
+            seed=k,
+        )
+        for k, sl in enumerate((slice(0, half), slice(half, None)))
+    ]
+    z = np.abs(res[0].free_energy - res[1].free_energy) / np.hypot(
+        res[0].free_energy_error, res[1].free_energy_error
+    )
+    assert np.all(z[1:] < 2.0), z
+    readme = (REFERENCE / "README.md").read_text()
+    assert "Length" in readme and "alpha_L_C7ax" in readme

@@ -63,7 +63,7 @@ def test_replica_exchange_restart_is_exact(aldp, tmp_path):
 
 
 def test_invalid_settings(aldp):
-    with pytest.raises(md.MDError, match="must contain the system temperature"):
+    with pytest.raises(md.MDError, match="unbiased replica at the system temperature"):
         md.run_md(aldp, 10, temperatures=[350.0, 400.0], progress=False)
     with pytest.raises(md.MDError, match="positive"):
         md.run_md(aldp, 0, progress=False)
@@ -116,3 +116,48 @@ def test_cli_md_writes_trajectory_and_samples_file(tmp_path, capsys):
         )
         == 2
     )
+
+
+def test_torsion_bias_matches_openmm_and_hremd_keeps_unbiased_replica(aldp):
+    import math
+
+    import openmm
+    import openmm.unit as u
+
+    bias = md.TorsionBias((4, 6, 8, 14), 35.0, math.radians(30.0), 1.5)
+    frames = aldp.positions[None] + np.random.default_rng(0).normal(0, 0.02, (5, aldp.n_atoms, 3))
+    system = openmm.XmlSerializer.clone(aldp.system)
+    force = bias.force()
+    force.setForceGroup(31)
+    system.addForce(force)
+    ctx = openmm.Context(
+        system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference")
+    )
+    ctx.setParameter("bias_scale", 1.0)
+    for x in frames:
+        ctx.setPositions(x * u.nanometer)
+        e = ctx.getState(getEnergy=True, groups={31}).getPotentialEnergy()
+        assert e.value_in_unit(u.kilojoule_per_mole) == pytest.approx(bias.energy(x[None])[0])
+    phi = analysis.dihedral(frames, (4, 6, 8, 14))
+    np.testing.assert_allclose(
+        bias.energy(frames), -35.0 * np.exp(1.5 * (np.cos(phi - math.radians(30.0)) - 1.0))
+    )
+
+    res = md.run_md(
+        aldp,
+        600,
+        save_interval=100,
+        bias=bias,
+        bias_scales=[0.0, 0.5, 1.0],
+        exchange_interval=50,
+        seed=2,
+        progress=False,
+    )
+    assert res.bias_scales == [0.0, 0.5, 1.0] and res.acceptance.shape == (2,)
+    assert np.all(res.acceptance > 0)
+    # The frames kept are the unbiased replica's, with physical (unbiased) energies.
+    np.testing.assert_allclose(res.energies, _energy(aldp, res.positions), atol=0.05)
+    with pytest.raises(md.MDError, match="unbiased replica"):
+        md.run_md(aldp, 10, bias=bias, bias_scales=[0.5, 1.0], progress=False)
+    with pytest.raises(md.MDError, match="need a bias"):
+        md.run_md(aldp, 10, bias_scales=[0.0, 1.0], progress=False)
