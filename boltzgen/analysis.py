@@ -132,17 +132,20 @@ def ramachandran_kl(
     log_w: np.ndarray | None = None,
     bins: int = 60,
     eps: float = 1e-10,
+    reference_log_w: np.ndarray | None = None,
 ) -> float:
     """``KL(reference || reweighted sample)`` of Ramachandran histograms, nats.
 
     Args:
-        sample_phi_psi: `(n, 2)` radians; reference_phi_psi: `(m, 2)` radians (equal weights).
+        sample_phi_psi: `(n, 2)` radians; reference_phi_psi: `(m, 2)` radians.
         log_w: `(n,)` log-weights of the sample or None.
+        bins: Bins per angle; eps: regularisation of empty sample bins.
+        reference_log_w: `(m,)` log-weights of the reference (biased MD) or None.
     """
     s = np.asarray(sample_phi_psi)
     r = np.asarray(reference_phi_psi)
     hs = ramachandran(s[:, 0], s[:, 1], log_w, bins)
-    hr = ramachandran(r[:, 0], r[:, 1], None, bins)
+    hr = ramachandran(r[:, 0], r[:, 1], reference_log_w, bins)
     return kl_divergence(hr, hs, eps)
 
 
@@ -153,6 +156,7 @@ def marginal_kls(
     bins: int = 50,
     periodic: np.ndarray | Sequence[bool] | None = None,
     eps: float = 1e-10,
+    reference_log_w: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-coordinate ``KL(reference || sample)`` of 1-D marginals, `(D,)` nats.
 
@@ -161,12 +165,15 @@ def marginal_kls(
         log_w: `(n,)` log-weights of the sample or None.
         bins: Bins per coordinate; the range is the reference's (periodic ones: [-pi, pi)).
         periodic: `(D,)` flags of angular coordinates.
+        eps: Regularisation of empty sample bins.
+        reference_log_w: `(m,)` log-weights of the reference or None.
     """
     s = np.asarray(sample, np.float64)
     r = np.asarray(reference, np.float64)
     if s.ndim != 2 or r.ndim != 2 or s.shape[1] != r.shape[1]:
         raise SampleError(f"need (n, D) and (m, D) arrays, got {s.shape} and {r.shape}")
     lw = _check_log_w(log_w, s.shape[0])
+    lw_ref = _check_log_w(reference_log_w, r.shape[0])
     per = np.zeros(s.shape[1], bool) if periodic is None else np.asarray(periodic, bool)
     out = np.empty(s.shape[1])
     for d in range(s.shape[1]):
@@ -174,7 +181,7 @@ def marginal_kls(
         if hi <= lo:
             hi = lo + 1e-9
         hs, _ = histogram(s[:, d], lw, bins=bins, ranges=(lo, hi))
-        hr, _ = histogram(r[:, d], None, bins=bins, ranges=(lo, hi))
+        hr, _ = histogram(r[:, d], lw_ref, bins=bins, ranges=(lo, hi))
         out[d] = kl_divergence(hr, hs, eps) if hs.sum() > 0 else np.inf
     return out
 
@@ -241,7 +248,8 @@ class SampleSet:
         energies: `(n,)` kJ/mol or None.
         phi_psi: `(n, 2)` radians or None.
         positions: `(m, n_atoms, 3)` nm or None; `position_index` `(m,)` their sample indices.
-        time_series: True for MD frames (correlated in time: block bootstrap).
+        time_series: True for MD frames (``time_ps`` present: correlated in time, so errors use
+            a block bootstrap).
     """
 
     path: str
@@ -347,5 +355,5 @@ def load_samples(path: str | Path) -> SampleSet:
         pp,
         pos,
         idx,
-        time_series="time_ps" in keys and log_w is None,
+        time_series="time_ps" in keys,
     )

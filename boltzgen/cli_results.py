@@ -323,6 +323,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="bootstrap block of the samples (default 1; n/20 for MD)",
     )
+    p.add_argument("--training-log", default=None, help="CSV training log to plot as well")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="default <samples>_eval/")
@@ -391,8 +392,12 @@ def evaluate_samples(
     m["khat_verdict"] = rw.khat_verdict(m["khat"], n)
     pp, ref_pp = samples.phi_psi, reference.phi_psi
     if pp is not None and ref_pp is not None:
-        m["ramachandran_kl_raw"] = analysis.ramachandran_kl(pp, ref_pp, None, bins)
-        m["ramachandran_kl_reweighted"] = analysis.ramachandran_kl(pp, ref_pp, lw, bins)
+        m["ramachandran_kl_raw"] = analysis.ramachandran_kl(
+            pp, ref_pp, None, bins, reference_log_w=reference.log_w
+        )
+        m["ramachandran_kl_reweighted"] = analysis.ramachandran_kl(
+            pp, ref_pp, lw, bins, reference_log_w=reference.log_w
+        )
     if samples.positions is not None and reference.positions is not None:
         if samples.positions.shape[1] != reference.positions.shape[1]:
             raise BoltzgenError(
@@ -404,7 +409,14 @@ def evaluate_samples(
             ts = np.stack([analysis.dihedral(samples.positions, q) for q in quads], 1)
             tr = np.stack([analysis.dihedral(reference.positions, q) for q in quads], 1)
             kls = analysis.marginal_kls(
-                ts, tr, lw[samples.position_index], bins=50, periodic=np.ones(len(quads), bool)
+                ts,
+                tr,
+                lw[samples.position_index],
+                bins=50,
+                periodic=np.ones(len(quads), bool),
+                reference_log_w=None
+                if reference.log_w is None
+                else reference.log_w[reference.position_index],
             )
             m["torsion_marginal_kl"] = {
                 "mean": float(np.mean(kls)),
@@ -415,7 +427,7 @@ def evaluate_samples(
         kT = samples.kT
         res = rw.state_free_energies(states, _cvs(samples), lw, kT, n_bootstrap, block, seed)
         ref = rw.state_free_energies(
-            states, _cvs(reference), None, reference.kT, n_bootstrap, block_ref, seed
+            states, _cvs(reference), reference.log_w, reference.kT, n_bootstrap, block_ref, seed
         )
         rows = []
         for s, r in zip(_states_json(res, kT), _states_json(ref, reference.kT)):
@@ -433,7 +445,9 @@ def evaluate_samples(
         m["states"] = rows
     if samples.energies is not None and reference.energies is not None:
         m["mean_energy_kJ_per_mol"] = float(rw.expectation(samples.energies, lw))
-        m["reference_mean_energy_kJ_per_mol"] = float(np.mean(reference.energies))
+        m["reference_mean_energy_kJ_per_mol"] = float(
+            rw.expectation(reference.energies, reference.log_w)
+        )
     if out_dir is not None:
         m["plots"] = _evaluate_plots(
             samples, reference, lw, block, block_ref, Path(out_dir), bins, n_bootstrap, seed
@@ -467,7 +481,7 @@ def _evaluate_plots(
             [
                 ("samples (raw)", samples.phi_psi, None),
                 ("samples (reweighted)", samples.phi_psi, lw),
-                ("MD reference", reference.phi_psi, None),
+                ("MD reference", reference.phi_psi, reference.log_w),
             ],
             both("ramachandran"),
             bins=bins,
@@ -477,7 +491,7 @@ def _evaluate_plots(
             plots.plot_fes_1d(
                 [
                     ("reweighted samples", samples.phi_psi[:, k], lw, block),
-                    ("MD reference", reference.phi_psi[:, k], None, block_ref),
+                    ("MD reference", reference.phi_psi[:, k], reference.log_w, block_ref),
                 ],
                 both(f"fes_{name}"),
                 xlabel=rf"$\{name}$ (deg)",
@@ -491,7 +505,7 @@ def _evaluate_plots(
             [
                 ("samples (raw)", samples.energies, None),
                 ("samples (reweighted)", samples.energies, lw),
-                ("MD reference", reference.energies, None),
+                ("MD reference", reference.energies, reference.log_w),
             ],
             both("energies"),
         )
@@ -514,6 +528,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         block_length=args.block_length,
         seed=args.seed,
     )
+    if args.training_log and not args.no_plots:
+        from boltzgen import plots
+
+        paths = [out_dir / "training.png", out_dir / "training.pdf"]
+        plots.plot_training_curves(args.training_log, paths)
+        metrics.setdefault("plots", []).extend(str(p) for p in paths)
     _write_json(metrics, out_dir / "metrics.json")
     print(f"ESS {100 * metrics['ess_fraction']:.1f} %, k-hat {metrics['khat']:.2f}")
     if "ramachandran_kl_reweighted" in metrics:

@@ -13,8 +13,10 @@ instead differ in a `TorsionBias`: Hamiltonian replica exchange (Sugita, Kitao &
 Fukunishi et al. 2002) with replica ``k`` feeling ``U(x) + s_k B(x)``, where ``B`` is a smooth
 well on one torsion that lowers its barrier. Swaps are accepted with
 ``min(1, exp(-(u_i(x_j) + u_j(x_i) - u_i(x_i) - u_j(x_j))))``, ``u_k = (U + s_k B) / (k_B T_k)``.
-Only the unbiased replica (``s = 0``) at the system temperature is kept: its frames are an exact
-Boltzmann sample, with equal weights.
+The least biased replica at the system temperature is kept. With ``s = 0`` its frames are an exact
+Boltzmann sample with equal weights; with ``s > 0`` (e.g. one biased replica: umbrella sampling)
+each frame carries the importance log-weight ``s B(x) / kT`` that `boltzgen.reweighting` uses to
+recover unbiased averages, and the recorded energies are the physical ``U(x)``.
 
 The run is checkpointed: every `checkpoint_interval` steps the OpenMM state of every replica, the
 frames saved so far, the exchange statistics and the random state are written atomically to one
@@ -115,6 +117,9 @@ class MDResult:
         acceptance: Exchange acceptance rate of each neighbour pair, `(n_replicas - 1,)`.
         n_steps: Steps completed per replica.
         settings: The settings of the run (JSON-serialisable).
+        bias_scales: Bias scale of each replica.
+        log_weights: `(n_frames,)` importance log-weights ``s B(x) / kT`` when the kept replica
+            is biased (``s > 0``), else None (equal weights).
     """
 
     positions: np.ndarray
@@ -126,6 +131,7 @@ class MDResult:
     n_steps: int
     settings: dict[str, Any] = field(default_factory=dict)
     bias_scales: list[float] = field(default_factory=list)
+    log_weights: np.ndarray | None = None
 
 
 def backbone_dihedrals(system: Any, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -178,15 +184,12 @@ def _check_settings(
         raise MDError("n_steps, save_interval and exchange_interval must be positive")
     if any(t <= 0 for t in temperatures):
         raise MDError(f"temperatures must be positive, got {temperatures}")
-    matches = [
-        i for i, (t, b) in enumerate(zip(temperatures, scales)) if abs(t - t0) < 1e-6 and b == 0
-    ]
+    matches = [i for i, t in enumerate(temperatures) if abs(t - t0) < 1e-6]
     if not matches:
         raise MDError(
-            f"the ladder {temperatures} (bias scales {scales}) must contain an unbiased replica "
-            f"at the system temperature {t0} K"
+            f"the ladder {temperatures} must contain a replica at the system temperature {t0} K"
         )
-    return matches[0]
+    return min(matches, key=lambda i: scales[i])
 
 
 def _ladders(
@@ -288,11 +291,14 @@ def run_md(
     frames: list[np.ndarray] = []
     energies: list[float] = []
     times: list[float] = []
+    log_ws: list[float] = []
     attempts = np.zeros(max(n_rep - 1, 0), dtype=np.int64)
     accepts = np.zeros_like(attempts)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():
-        step = _restore(ckpt, settings, contexts, frames, energies, times, attempts, accepts, rng)
+        step = _restore(
+            ckpt, settings, contexts, frames, energies, times, log_ws, attempts, accepts, rng
+        )
     else:
         for k, ctx in enumerate(contexts):
             ctx.setPositions(system.positions * u.nanometer)
@@ -324,14 +330,28 @@ def run_md(
         if step % save_interval == 0:
             state = contexts[target].getState(getPositions=True, getEnergy=True)
             frames.append(state.getPositions(asNumpy=True).value_in_unit(u.nanometer))
-            energies.append(state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole))
-            # The kept replica is unbiased (scale 0): this is the physical energy.
+            energy = state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
+            if scales[target] != 0.0:
+                b = float(bias.energy(frames[-1][None])[0]) * scales[target]
+                energy -= b  # the physical energy U(x)
+                log_ws.append(b / (_R * t0))
+            energies.append(energy)
             times.append(step * timestep)
             if not np.isfinite(energies[-1]):
                 raise MDError(f"the simulation blew up at step {step} (energy {energies[-1]})")
         if ckpt is not None and (step % checkpoint_interval == 0 or step == n_steps):
             _save_checkpoint(
-                ckpt, settings, step, contexts, frames, energies, times, attempts, accepts, rng
+                ckpt,
+                settings,
+                step,
+                contexts,
+                frames,
+                energies,
+                times,
+                log_ws,
+                attempts,
+                accepts,
+                rng,
             )
         if bar is not None:
             bar.update(n)
@@ -350,6 +370,7 @@ def run_md(
         bias_scales=scales,
         n_steps=step,
         settings=settings,
+        log_weights=np.asarray(log_ws) if scales[target] != 0.0 else None,
     )
 
 
@@ -399,6 +420,7 @@ def _save_checkpoint(
     frames: list[np.ndarray],
     energies: list[float],
     times: list[float],
+    log_ws: list[float],
     attempts: np.ndarray,
     accepts: np.ndarray,
     rng: np.random.Generator,
@@ -409,6 +431,7 @@ def _save_checkpoint(
         "positions": np.asarray(frames, dtype=np.float32),
         "energies": np.asarray(energies, dtype=np.float64),
         "time_ps": np.asarray(times, dtype=np.float64),
+        "log_weights": np.asarray(log_ws, dtype=np.float64),
         "attempts": attempts,
         "accepts": accepts,
         "rng_state": np.array(json.dumps(rng.bit_generator.state)),
@@ -425,6 +448,7 @@ def _restore(
     frames: list[np.ndarray],
     energies: list[float],
     times: list[float],
+    log_ws: list[float],
     attempts: np.ndarray,
     accepts: np.ndarray,
     rng: np.random.Generator,
@@ -456,6 +480,8 @@ def _restore(
     frames.extend(list(data["positions"]))
     energies.extend(data["energies"].tolist())
     times.extend(data["time_ps"].tolist())
+    if "log_weights" in data.files:
+        log_ws.extend(data["log_weights"].tolist())
     attempts[:] = data["attempts"]
     accepts[:] = data["accepts"]
     rng.bit_generator.state = json.loads(str(data["rng_state"]))
@@ -466,8 +492,8 @@ def write_outputs(system: Any, result: MDResult, prefix: str | os.PathLike) -> d
     """Write ``<prefix>.dcd`` + ``<prefix>.pdb`` (trajectory) and ``<prefix>.npz`` (samples file).
 
     The npz is a boltzgen samples file: ``positions`` (float32 nm), ``energies`` (kJ/mol),
-    ``temperature`` (K), ``system``, ``time_ps``, and ``phi``/``psi`` (radians) for peptides; no
-    ``log_weights`` (MD samples are Boltzmann-distributed, so their weights are uniform).
+    ``temperature`` (K), ``system``, ``time_ps``, and ``phi``/``psi`` (radians) for peptides;
+    ``log_weights`` only when the kept replica was biased (unbiased MD frames have equal weights).
 
     Returns:
         The written paths by kind (``dcd``, ``pdb``, ``npz``).
@@ -491,6 +517,8 @@ def write_outputs(system: Any, result: MDResult, prefix: str | os.PathLike) -> d
         "settings": np.array(json.dumps(result.settings)),
         "acceptance": result.acceptance,
     }
+    if result.log_weights is not None:
+        arrays["log_weights"] = result.log_weights
     if result.positions.shape[0] > 0:
         dihedrals = backbone_dihedrals(system, result.positions)
         if dihedrals is not None:

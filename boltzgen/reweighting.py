@@ -390,15 +390,15 @@ def free_energy_surface(
     err = np.full(p.shape, np.nan)
     if n_bootstrap > 1:
         reps = []
+        # Each replicate is shifted like the estimate: by the free energy of the estimate's
+        # minimum bin, so errors are relative to that reference bin.
+        ref = np.argmin(np.where(np.isfinite(f), f, np.inf))
         for idx in bootstrap_indices(
             cv.shape[0], n_bootstrap, np.random.default_rng(seed), block_length
         ):
             pb = _bin_probabilities(flat[idx], lw[idx], edges)
             with np.errstate(divide="ignore"):
                 fb = -kT * np.log(pb)
-            # Each replicate is shifted like the estimate: by the free energy of the estimate's
-            # minimum bin, so errors are relative to that reference bin.
-            ref = np.argmin(np.where(np.isfinite(f), f, np.inf))
             reps.append(fb - fb[:, ref : ref + 1])
         fb = np.concatenate(reps)
         ok = np.isfinite(fb)

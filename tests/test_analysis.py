@@ -221,12 +221,12 @@ def test_cli_reweight_table_json_and_errors(tmp_path, capsys, aldp, aldp_frames)
 
 
 def test_evaluate_reference_against_itself(tmp_path):
-    # A subsample of the shipped MD reference, evaluated against itself: KL 0, ESS 100 %.
+    # A subsample of the shipped MD reference, evaluated against itself: KL 0; ESS is that of the
+    # reference's own importance weights (100 % once the weights are dropped).
     ref = np.load(REFERENCE / "reference.npz")
     step = max(1, ref["frame_index"].shape[0] // 300)
     keep = ref["frame_index"][::step]
-    sub = _write(
-        tmp_path / "ref_sub.npz",
+    arrays = dict(
         phi=ref["phi"][keep],
         psi=ref["psi"][keep],
         energies=ref["energies"][keep],
@@ -235,20 +235,44 @@ def test_evaluate_reference_against_itself(tmp_path):
         temperature=ref["temperature"],
         system=str(ref["system"]),
     )
-    out = tmp_path / "eval"
-    rc = cli_results.main(
-        ["evaluate", sub, "--reference", sub, "--out-dir", str(out), "--n-bootstrap", "20"]
-    )
-    assert rc == 0
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["ess_fraction"] == 1.0
-    assert m["ramachandran_kl_raw"] < 1e-12 and m["ramachandran_kl_reweighted"] < 1e-12
-    assert m["torsion_marginal_kl"]["max"] < 1e-12
-    for row in m["states"]:
-        assert row["dF_difference_kJ_per_mol"] == 0.0
-    for name in ("ramachandran", "fes_phi", "fes_psi", "energies"):
-        assert (out / f"{name}.png").stat().st_size > 1000
-        assert (out / f"{name}.pdf").stat().st_size > 1000
+    weighted = "log_weights" in ref.files
+    if weighted:
+        arrays["log_weights"] = ref["log_weights"][keep]
+    log = tmp_path / "train.csv"
+    log.write_text("step,loss\n0,2.0\n1,1.0\n")
+    for name, extra in (("plain", {}), ("weighted", arrays if weighted else {})):
+        data = {k: v for k, v in arrays.items() if k != "log_weights"}
+        data.update({k: v for k, v in extra.items() if k == "log_weights"})
+        sub = _write(tmp_path / f"ref_{name}.npz", **data)
+        out = tmp_path / f"eval_{name}"
+        rc = cli_results.main(
+            [
+                "evaluate",
+                sub,
+                "--reference",
+                sub,
+                "--out-dir",
+                str(out),
+                "--n-bootstrap",
+                "20",
+                "--training-log",
+                str(log),
+            ]
+        )
+        assert rc == 0
+        m = json.loads((out / "metrics.json").read_text())
+        if "log_weights" in data:
+            assert m["ess_fraction"] == pytest.approx(reweighting.ess_fraction(data["log_weights"]))
+        else:
+            assert m["ess_fraction"] == 1.0
+        assert m["ramachandran_kl_raw"] < 1e-12 or "log_weights" in data
+        assert m["ramachandran_kl_reweighted"] < 1e-12
+        assert m["torsion_marginal_kl"]["max"] < 1e-12
+        for row in m["states"]:
+            assert row["dF_difference_kJ_per_mol"] == 0.0
+        for name in ("ramachandran", "fes_phi", "fes_psi", "energies", "training"):
+            assert (out / f"{name}.png").stat().st_size > 1000
+            assert (out / f"{name}.pdf").stat().st_size > 1000
 
 
 def test_shipped_reference_halves_agree_and_sample_phi_positive():
@@ -264,13 +288,14 @@ def test_shipped_reference_halves_agree_and_sample_phi_positive():
     )
     spec = yaml.safe_load((REFERENCE.parent / "states.yaml").read_text())
     states = reweighting.states_from_dict(spec, scale=np.pi / 180)
-    assert np.sum((phi > 0) & (phi < np.radians(120))) > 0  # the alpha_L / C7ax basin is visited
+    lw = ref["log_weights"] if "log_weights" in ref.files else None
+    assert np.sum((phi > 0) & (phi < np.radians(120))) > 100  # alpha_L / C7ax is sampled
     half = phi.shape[0] // 2
     res = [
         reweighting.state_free_energies(
             states,
             {"phi": phi[sl], "psi": psi[sl]},
-            None,
+            None if lw is None else lw[sl],
             n_bootstrap=300,
             block_length=half // 20,
             seed=k,

@@ -63,7 +63,7 @@ def test_replica_exchange_restart_is_exact(aldp, tmp_path):
 
 
 def test_invalid_settings(aldp):
-    with pytest.raises(md.MDError, match="unbiased replica at the system temperature"):
+    with pytest.raises(md.MDError, match="must contain a replica at the system temperature"):
         md.run_md(aldp, 10, temperatures=[350.0, 400.0], progress=False)
     with pytest.raises(md.MDError, match="positive"):
         md.run_md(aldp, 0, progress=False)
@@ -157,7 +157,31 @@ def test_torsion_bias_matches_openmm_and_hremd_keeps_unbiased_replica(aldp):
     assert np.all(res.acceptance > 0)
     # The frames kept are the unbiased replica's, with physical (unbiased) energies.
     np.testing.assert_allclose(res.energies, _energy(aldp, res.positions), atol=0.05)
-    with pytest.raises(md.MDError, match="unbiased replica"):
-        md.run_md(aldp, 10, bias=bias, bias_scales=[0.5, 1.0], progress=False)
+    # Without an unbiased replica the least biased one is kept, with importance weights.
+    res = md.run_md(
+        aldp,
+        100,
+        save_interval=50,
+        bias=bias,
+        bias_scales=[1.0, 0.5],
+        exchange_interval=50,
+        progress=False,
+    )
+    kT = 8.314462618e-3 * 300.0
+    np.testing.assert_allclose(res.log_weights, 0.5 * bias.energy(res.positions) / kT, atol=1e-4)
     with pytest.raises(md.MDError, match="need a bias"):
         md.run_md(aldp, 10, bias_scales=[0.0, 1.0], progress=False)
+
+
+def test_single_biased_replica_carries_importance_weights(aldp):
+    import math
+
+    bias = md.TorsionBias((4, 6, 8, 14), 28.0, math.radians(20.0), 2.0)
+    res = md.run_md(
+        aldp, 500, save_interval=100, bias=bias, bias_scales=[1.0], seed=1, progress=False
+    )
+    kT = 8.314462618e-3 * 300.0
+    # log w = +B(x) / kT turns the biased ensemble exp(-(U + B)/kT) into exp(-U/kT).
+    np.testing.assert_allclose(res.log_weights, bias.energy(res.positions) / kT, atol=1e-4)
+    np.testing.assert_allclose(res.energies, _energy(aldp, res.positions), atol=0.05)
+    assert md.run_md(aldp, 100, save_interval=100, progress=False).log_weights is None

@@ -38,11 +38,13 @@ def _states() -> list[rw.State]:
     return rw.states_from_dict(spec, scale=math.pi / 180.0)
 
 
-def _estimate(phi: np.ndarray, psi: np.ndarray, kT: float, block: int, seed: int = 0) -> dict:
+def _estimate(
+    phi: np.ndarray, psi: np.ndarray, lw: np.ndarray | None, kT: float, block: int, seed: int = 0
+) -> dict:
     res = rw.state_free_energies(
         _states(),
         {"phi": phi, "psi": psi},
-        None,
+        lw,
         kT,
         n_bootstrap=1000,
         block_length=block,
@@ -86,6 +88,8 @@ def main() -> None:
     n = phi.shape[0]
     dt = float(run["time_ps"][1] - run["time_ps"][0])
     keep = np.arange(0, n, args.stride)
+    lw = run["log_weights"].astype(np.float64) if "log_weights" in run.files else None
+    extra = {} if lw is None else {"log_weights": lw}
 
     np.savez_compressed(
         HERE / "reference.npz",
@@ -99,14 +103,15 @@ def main() -> None:
         system=np.array(str(run["system"])),
         settings=run["settings"],
         acceptance=run["acceptance"],
+        **extra,
     )
     system.to_mdtraj(run["positions"][:1]).save_pdb(str(HERE / "reference.pdb"))
 
-    whole = _estimate(phi, psi, kT, max(1, n // 20))
+    whole = _estimate(phi, psi, lw, kT, max(1, n // 20))
     h = n // 2
     halves = [
-        _estimate(phi[:h], psi[:h], kT, max(1, h // 20), 1),
-        _estimate(phi[h:], psi[h:], kT, max(1, h // 20), 2),
+        _estimate(phi[:h], psi[:h], None if lw is None else lw[:h], kT, max(1, h // 20), 1),
+        _estimate(phi[h:], psi[h:], None if lw is None else lw[h:], kT, max(1, h // 20), 2),
     ]
     agreement = {}
     for name in whole["states"]:
@@ -120,7 +125,7 @@ def main() -> None:
         }
     blocks = {}
     for frames in (1, 20, 100, 400, 1000, n // 20, n // 10):
-        est = _estimate(phi, psi, kT, max(1, frames), 3)["states"]
+        est = _estimate(phi, psi, lw, kT, max(1, frames), 3)["states"]
         blocks[int(frames)] = {k: v["dF_kJ_per_mol_error"] for k, v in est.items()}
     summary = {
         "n_frames": n,
@@ -129,6 +134,9 @@ def main() -> None:
         "temperature_K": temperature,
         "settings": settings,
         "exchange_acceptance": run["acceptance"].tolist(),
+        "weighted": lw is not None,
+        "ess_fraction": rw.ess_fraction(lw) if lw is not None else 1.0,
+        "khat": rw.pareto_khat(lw) if lw is not None else None,
         "whole": whole,
         "halves": halves,
         "half_agreement": agreement,
@@ -143,17 +151,28 @@ def _readme(s: dict, args: argparse.Namespace, n_pos: int, kT: float) -> str:
     st = s["settings"]
     temps = ", ".join(f"{t:g}" for t in dict.fromkeys(st["temperatures"]))
     swap = f"neighbour swaps every {st['exchange_interval'] * st['timestep_ps']:g} ps"
+    n_rep = len(st["temperatures"])
     if st.get("bias"):
         b = st["bias"]
-        method = (
-            f"Hamiltonian replica exchange ({len(st['bias_scales'])} replicas, all at {temps} K, "
-            f"{swap}): replica k feels U + s_k B(phi) with s_k = "
-            f"{', '.join(f'{x:g}' for x in st['bias_scales'])} and the well "
+        well = (
             f"B(phi) = -{b['height']:g} kJ/mol exp({b['kappa']:g} (cos(phi - "
             f"{math.degrees(b['center']):g} deg) - 1)) on phi (atoms {b['atoms']}), which lowers "
-            "the barrier to the phi > 0 basins. Only the unbiased replica (s = 0) is kept, so the "
-            "frames are plain Boltzmann samples with equal weights"
+            "the barrier to the phi > 0 basins"
         )
+        if n_rep == 1:
+            method = (
+                f"biased MD (umbrella sampling) at {temps} K on "
+                f"U + {st['bias_scales'][0]:g} B with "
+                f"the well {well}. Every frame carries the importance log-weight s B(x) / kT "
+                "(`log_weights`), so reweighted averages are unbiased Boltzmann averages of the "
+                "unbiased Hamiltonian"
+            )
+        else:
+            method = (
+                f"Hamiltonian replica exchange ({n_rep} replicas at {temps} K, {swap}; scales "
+                f"{', '.join(f'{x:g}' for x in st['bias_scales'])}) with the well {well}; the "
+                "least biased replica is kept"
+            )
     else:
         method = f"temperature replica exchange ({temps} K, {swap}; only the 300 K replica kept)"
     lines = [
@@ -169,13 +188,23 @@ def _readme(s: dict, args: argparse.Namespace, n_pos: int, kT: float) -> str:
         lines += ["", args.note]
     lines += [
         "",
-        f"* Length: **{s['length_ns']:.3f} ns** per replica "
+        f"* Length: **{s['length_ns']:.3f} ns**{' per replica' if n_rep > 1 else ''} "
         f"({s['n_frames']} frames at 300 K, one every {s['frame_interval_ps']:g} ps)"
         + (f"; wall time {args.wall_time}" if args.wall_time else "")
         + ".",
-        "* Exchange acceptance per neighbour pair: "
-        + ", ".join(f"{a:.2f}" for a in s["exchange_acceptance"])
-        + ".",
+        (
+            "* Exchange acceptance per neighbour pair: "
+            + ", ".join(f"{a:.2f}" for a in s["exchange_acceptance"])
+            + "."
+            if s["exchange_acceptance"]
+            else "* A single replica (no exchanges)."
+        ),
+        (
+            f"* Importance weights: Kish ESS {100 * s['ess_fraction']:.1f} % of the frames, "
+            f"PSIS k-hat {s['khat']:.2f} ({rw.khat_verdict(s['khat'], s['n_frames'])})."
+            if s["weighted"]
+            else "* Equal weights (unbiased frames)."
+        ),
         "",
         "Produced with (the run is checkpointed; re-running the command resumes it, and a "
         "resumed run is bit-identical to an uninterrupted one):",
@@ -191,7 +220,7 @@ def _readme(s: dict, args: argparse.Namespace, n_pos: int, kT: float) -> str:
         f"* `reference.npz`: `phi`, `psi` (radians) and `energies` (kJ/mol) of all {s['n_frames']}"
         f" frames, `time_ps`; `positions` (nm, float32) of {n_pos} frames (every "
         f"{args.stride}th, indices in `frame_index`); `temperature`, `system`, `settings`. It "
-        "is a boltzgen samples file (no `log_weights`: MD frames have equal weights), usable as "
+        "is a boltzgen samples file (with `log_weights` when the frames are biased), usable as "
         "`boltzgen evaluate samples.npz --reference systems/aldp/reference`.",
         "* `reference.pdb`: topology. `summary.json`: all numbers below.",
         "",
