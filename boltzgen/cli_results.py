@@ -54,10 +54,13 @@ def _load_states(path: str | None, system: str) -> list[Any]:
     from boltzgen.reweighting import states_from_dict
 
     if path is None:
-        default = Path(__file__).resolve().parent.parent / "systems" / system / "states.yaml"
-        if not default.is_file():
+        from boltzgen.systems import search_paths
+
+        found = [d / system / "states.yaml" for d in search_paths()]
+        found = [f for f in found if f.is_file()]
+        if not found:
             return []
-        path = str(default)
+        path = str(found[0])
     try:
         spec = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:

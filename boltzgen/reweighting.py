@@ -397,9 +397,9 @@ def free_energy_surface(
             cv.shape[0], n_bootstrap, np.random.default_rng(seed), block_length
         ):
             pb = _bin_probabilities(flat[idx], lw[idx], edges)
-            with np.errstate(divide="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore"):
                 fb = -kT * np.log(pb)
-            reps.append(fb - fb[:, ref : ref + 1])
+                reps.append(fb - fb[:, ref : ref + 1])  # nan where the reference bin is empty
         fb = np.concatenate(reps)
         ok = np.isfinite(fb)
         cnt = ok.sum(axis=0)
