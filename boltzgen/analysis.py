@@ -5,8 +5,8 @@ optional log-weights (see `boltzgen.reweighting`); ``log_w=None`` means equal we
 
 KL divergences are between binned distributions: ``KL(ref || sample) = sum_b r_b ln(r_b / s_b)``
 (the direction used for Ramachandran plots in the Boltzmann-generator literature, e.g. Midgley et
-al. 2023), with sample bins regularised by ``eps`` so that a bin the sample misses costs
-``ln(r_b / eps)`` instead of infinity.
+al. 2023), with sample bins floored at ``eps`` so that a bin the sample misses costs
+``r_b ln(r_b / eps)`` instead of infinity.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def ramachandran(
 def kl_divergence(reference: np.ndarray, sample: np.ndarray, eps: float = 1e-10) -> float:
     """``KL(reference || sample)`` in nats between two histograms of the same shape.
 
-    Both are normalised first; sample bins get `eps` added (then renormalised).
+    Both are normalised first; sample bins below `eps` are raised to `eps` (not renormalised,
+    so identical histograms give exactly 0).
     """
     r = np.asarray(reference, np.float64).ravel()
     s = np.asarray(sample, np.float64).ravel()
@@ -120,8 +121,7 @@ def kl_divergence(reference: np.ndarray, sample: np.ndarray, eps: float = 1e-10)
     if r.sum() <= 0 or s.sum() <= 0:
         raise SampleError("an empty histogram has no KL divergence")
     r = r / r.sum()
-    s = s / s.sum() + eps
-    s = s / s.sum()
+    s = np.maximum(s / s.sum(), eps)
     nz = r > 0
     return float(max(np.sum(r[nz] * np.log(r[nz] / s[nz])), 0.0))
 

@@ -100,6 +100,8 @@ def normalized_log_weights(log_w: np.ndarray) -> np.ndarray:
 def ess(log_w: np.ndarray) -> float:
     """Kish effective sample size ``(sum w)^2 / sum w^2`` (a count, between 1 and n)."""
     lw = _check_log_w(log_w)
+    if np.all(lw == lw[0]):
+        return float(lw.shape[0])  # equal weights: exactly n, free of rounding
     return float(np.exp(2.0 * _logsumexp(lw) - _logsumexp(2.0 * lw)))
 
 

@@ -124,7 +124,7 @@ def main() -> None:
             "z": abs(diff) / err if err > 0 else 0.0,
         }
     blocks = {}
-    for frames in (1, 20, 100, 400, 1000, n // 20, n // 10):
+    for frames in sorted({1, 20, 100, 400, 1000, n // 20, n // 10}):
         est = _estimate(phi, psi, lw, kT, max(1, frames), 3)["states"]
         blocks[int(frames)] = {k: v["dF_kJ_per_mol_error"] for k, v in est.items()}
     summary = {
