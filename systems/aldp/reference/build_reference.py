@@ -161,7 +161,7 @@ def _readme(s: dict, args: argparse.Namespace, n_pos: int, kT: float) -> str:
         )
         if n_rep == 1:
             method = (
-                f"biased MD (umbrella sampling) at {temps} K on "
+                f"biased MD (umbrella sampling) on "
                 f"U + {st['bias_scales'][0]:g} B with "
                 f"the well {well}. Every frame carries the importance log-weight s B(x) / kT "
                 "(`log_weights`), so reweighted averages are unbiased Boltzmann averages of the "
