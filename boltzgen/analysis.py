@@ -1,0 +1,359 @@
+"""Analysis of (reweighted) samples against a reference: dihedrals, Ramachandran, KL divergences.
+
+All functions take numpy arrays (positions in nm, angles in radians, energies in kJ/mol) and
+optional log-weights (see `boltzgen.reweighting`); ``log_w=None`` means equal weights.
+
+KL divergences are between binned distributions: ``KL(ref || sample) = sum_b r_b ln(r_b / s_b)``
+(the direction used for Ramachandran plots in the Boltzmann-generator literature, e.g. Midgley et
+al. 2023), with sample bins floored at ``eps`` so that a bin the sample misses costs
+``r_b ln(r_b / eps)`` instead of infinity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from boltzgen.errors import BoltzgenError
+from boltzgen.reweighting import WeightError, _check_log_w, histogram
+
+__all__ = [
+    "ALDP_PHI",
+    "ALDP_PSI",
+    "SampleError",
+    "SampleSet",
+    "SamplesFileError",
+    "dihedral",
+    "energy_histogram",
+    "kl_divergence",
+    "load_samples",
+    "marginal_kls",
+    "phi_psi",
+    "ramachandran",
+    "ramachandran_kl",
+    "torsion_quadruples",
+]
+
+#: Atom indices of the ALDP backbone dihedrals: phi = C(ACE)-N-CA-C, psi = N-CA-C-N(NME).
+ALDP_PHI = (4, 6, 8, 14)
+ALDP_PSI = (6, 8, 14, 16)
+
+_PERIOD = (-np.pi, np.pi)
+#: Molar gas constant, kJ/(mol K).
+_R = 8.314462618e-3
+
+
+class SampleError(BoltzgenError, ValueError):
+    """Sample arrays with the wrong shape or non-finite values."""
+
+
+def _positions(positions: np.ndarray) -> np.ndarray:
+    x = np.asarray(positions, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or x.shape[-1] != 3:
+        raise SampleError(f"positions must have shape (n, n_atoms, 3), got {x.shape}")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=(1, 2)).sum())
+        raise SampleError(f"{bad} of {x.shape[0]} configurations contain NaN or inf positions")
+    return x
+
+
+def dihedral(positions: np.ndarray, indices: Sequence[int]) -> np.ndarray:
+    """Dihedral angle of atoms ``(i, j, k, l)`` in every frame, radians in [-pi, pi].
+
+    Uses the IUPAC sign convention (as mdtraj and OpenMM): ``atan2(|b2| b1 . (n2), n1 . n2)``
+    with ``n1 = b1 x b2`` and ``n2 = b2 x b3``.
+
+    Args:
+        positions: `(n, n_atoms, 3)` nm.
+        indices: Four atom indices.
+
+    Returns:
+        `(n,)` radians.
+    """
+    x = _positions(positions)
+    i, j, k, m = indices
+    b1, b2, b3 = x[:, j] - x[:, i], x[:, k] - x[:, j], x[:, m] - x[:, k]
+    n1, n2 = np.cross(b1, b2), np.cross(b2, b3)
+    y = np.linalg.norm(b2, axis=-1) * np.einsum("nd,nd->n", b1, n2)
+    return np.arctan2(y, np.einsum("nd,nd->n", n1, n2))
+
+
+def phi_psi(
+    positions: np.ndarray,
+    phi: Sequence[int] = ALDP_PHI,
+    psi: Sequence[int] = ALDP_PSI,
+) -> np.ndarray:
+    """Backbone phi and psi (radians) of every frame, `(n, 2)`; ALDP atom indices by default."""
+    return np.stack([dihedral(positions, phi), dihedral(positions, psi)], axis=1)
+
+
+def ramachandran(
+    phi: np.ndarray,
+    psi: np.ndarray,
+    log_w: np.ndarray | None = None,
+    bins: int = 60,
+) -> np.ndarray:
+    """Reweighted Ramachandran histogram: bin probabilities on ``[-pi, pi)^2``, `(bins, bins)`.
+
+    Axis 0 is phi, axis 1 psi; the probabilities sum to one.
+    """
+    cv = np.stack([np.asarray(phi, np.float64), np.asarray(psi, np.float64)], axis=1)
+    hist, _ = histogram(cv, log_w, bins=bins, ranges=[_PERIOD, _PERIOD])
+    return hist
+
+
+def kl_divergence(reference: np.ndarray, sample: np.ndarray, eps: float = 1e-10) -> float:
+    """``KL(reference || sample)`` in nats between two histograms of the same shape.
+
+    Both are normalised first; sample bins below `eps` are raised to `eps` (not renormalised,
+    so identical histograms give exactly 0).
+    """
+    r = np.asarray(reference, np.float64).ravel()
+    s = np.asarray(sample, np.float64).ravel()
+    if r.shape != s.shape:
+        raise SampleError(f"histograms differ in shape: {reference.shape} vs {sample.shape}")
+    if r.sum() <= 0 or s.sum() <= 0:
+        raise SampleError("an empty histogram has no KL divergence")
+    r = r / r.sum()
+    s = np.maximum(s / s.sum(), eps)
+    nz = r > 0
+    return float(max(np.sum(r[nz] * np.log(r[nz] / s[nz])), 0.0))
+
+
+def ramachandran_kl(
+    sample_phi_psi: np.ndarray,
+    reference_phi_psi: np.ndarray,
+    log_w: np.ndarray | None = None,
+    bins: int = 60,
+    eps: float = 1e-10,
+    reference_log_w: np.ndarray | None = None,
+) -> float:
+    """``KL(reference || reweighted sample)`` of Ramachandran histograms, nats.
+
+    Args:
+        sample_phi_psi: `(n, 2)` radians; reference_phi_psi: `(m, 2)` radians.
+        log_w: `(n,)` log-weights of the sample or None.
+        bins: Bins per angle; eps: regularisation of empty sample bins.
+        reference_log_w: `(m,)` log-weights of the reference (biased MD) or None.
+    """
+    s = np.asarray(sample_phi_psi)
+    r = np.asarray(reference_phi_psi)
+    hs = ramachandran(s[:, 0], s[:, 1], log_w, bins)
+    hr = ramachandran(r[:, 0], r[:, 1], reference_log_w, bins)
+    return kl_divergence(hr, hs, eps)
+
+
+def marginal_kls(
+    sample: np.ndarray,
+    reference: np.ndarray,
+    log_w: np.ndarray | None = None,
+    bins: int = 50,
+    periodic: np.ndarray | Sequence[bool] | None = None,
+    eps: float = 1e-10,
+    reference_log_w: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-coordinate ``KL(reference || sample)`` of 1-D marginals, `(D,)` nats.
+
+    Args:
+        sample: `(n, D)` coordinates; reference: `(m, D)`.
+        log_w: `(n,)` log-weights of the sample or None.
+        bins: Bins per coordinate; the range is the reference's (periodic ones: [-pi, pi)).
+        periodic: `(D,)` flags of angular coordinates.
+        eps: Regularisation of empty sample bins.
+        reference_log_w: `(m,)` log-weights of the reference or None.
+    """
+    s = np.asarray(sample, np.float64)
+    r = np.asarray(reference, np.float64)
+    if s.ndim != 2 or r.ndim != 2 or s.shape[1] != r.shape[1]:
+        raise SampleError(f"need (n, D) and (m, D) arrays, got {s.shape} and {r.shape}")
+    lw = _check_log_w(log_w, s.shape[0])
+    lw_ref = _check_log_w(reference_log_w, r.shape[0])
+    per = np.zeros(s.shape[1], bool) if periodic is None else np.asarray(periodic, bool)
+    out = np.empty(s.shape[1])
+    for d in range(s.shape[1]):
+        lo, hi = _PERIOD if per[d] else (r[:, d].min(), r[:, d].max())
+        if hi <= lo:
+            hi = lo + 1e-9
+        hs, _ = histogram(s[:, d], lw, bins=bins, ranges=(lo, hi))
+        hr, _ = histogram(r[:, d], lw_ref, bins=bins, ranges=(lo, hi))
+        out[d] = kl_divergence(hr, hs, eps) if hs.sum() > 0 else np.inf
+    return out
+
+
+def torsion_quadruples(bonds: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """All proper torsions ``(i, j, k, l)`` of a bond graph, one per (j, k) bond and end atoms.
+
+    Args:
+        bonds: Pairs of bonded atom indices.
+
+    Returns:
+        Sorted list of quadruples with ``i < l`` canonical orientation dropped duplicates.
+    """
+    nbrs: dict[int, set[int]] = {}
+    for a, b in bonds:
+        nbrs.setdefault(a, set()).add(b)
+        nbrs.setdefault(b, set()).add(a)
+    quads = set()
+    for j, k in bonds:
+        for i in nbrs[j] - {k}:
+            for m in nbrs[k] - {j, i}:
+                q = (i, j, k, m)
+                quads.add(min(q, q[::-1]))
+    return sorted(quads)
+
+
+def energy_histogram(
+    energies: np.ndarray,
+    log_w: np.ndarray | None = None,
+    bins: int = 60,
+    ranges: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reweighted probability density of potential energies.
+
+    Args:
+        energies: `(n,)` kJ/mol; non-finite energies are an error.
+        log_w: `(n,)` log-weights or None.
+        bins: Number of bins; ranges: `(lo, hi)` kJ/mol, default the data range.
+
+    Returns:
+        `(density, edges)`: density in 1/(kJ/mol), shape `(bins,)`, and `(bins + 1,)` edges.
+    """
+    e = np.asarray(energies, np.float64)
+    if e.ndim != 1 or not np.isfinite(e).all():
+        raise SampleError("energies must be a finite (n,) array")
+    hist, edges = histogram(e, log_w, bins=bins, ranges=ranges, density=True)
+    return hist, edges[0]
+
+
+class SamplesFileError(SampleError):
+    """A samples file that cannot be read or has inconsistent arrays."""
+
+
+@dataclass
+class SampleSet:
+    """The contents of a samples ``.npz`` file, validated.
+
+    Attributes:
+        path: The file.
+        n: Number of samples.
+        system: System name.
+        temperature: K.
+        log_w: `(n,)` unnormalised log-weights, or None (equal weights, e.g. MD).
+        energies: `(n,)` kJ/mol or None.
+        phi_psi: `(n, 2)` radians or None.
+        positions: `(m, n_atoms, 3)` nm or None; `position_index` `(m,)` their sample indices.
+        time_series: True for MD frames (``time_ps`` present: correlated in time, so errors use
+            a block bootstrap).
+    """
+
+    path: str
+    n: int
+    system: str
+    temperature: float
+    log_w: np.ndarray | None
+    energies: np.ndarray | None
+    phi_psi: np.ndarray | None
+    positions: np.ndarray | None
+    position_index: np.ndarray | None
+    time_series: bool
+
+    @property
+    def kT(self) -> float:  # noqa: N802
+        """k_B T in kJ/mol."""
+        return _R * self.temperature
+
+
+def _array(data: Any, key: str, path: str, ndim: int, n: int | None) -> np.ndarray:
+    a = np.asarray(data[key])
+    if a.ndim != ndim or (n is not None and a.shape[0] != n):
+        want = f"({n if n is not None else 'n'}{', ...' if ndim > 1 else ','})"
+        raise SamplesFileError(f"{path}: {key!r} has shape {a.shape}, expected {want}")
+    return a
+
+
+def load_samples(path: str | Path) -> SampleSet:
+    """Read and validate a samples file (``boltzgen sample`` or ``boltzgen md`` output).
+
+    Keys: ``positions`` `(n, n_atoms, 3)` nm, ``log_weights`` `(n,)` (or ``log_q`` and
+    ``energies``, giving ``-U/kT - log_q``; absent: equal weights), ``energies`` kJ/mol,
+    ``temperature`` K, ``system``; optional ``phi``/``psi`` radians for every sample, and
+    ``frame_index`` when ``positions`` holds only a subsample of the frames.
+
+    Raises:
+        SamplesFileError: unreadable file, inconsistent shapes, NaN positions or weights, all
+            weights zero.
+    """
+    path = str(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+        keys = set(data.files)
+    except Exception as exc:
+        raise SamplesFileError(f"cannot read samples file {path}: {exc}") from exc
+    n = None
+    for key in ("log_weights", "phi", "energies", "log_q"):
+        if key in keys:
+            n = int(np.asarray(data[key]).shape[0]) if np.asarray(data[key]).ndim else None
+            break
+    pos = idx = None
+    if "positions" in keys:
+        pos = np.asarray(data["positions"], dtype=np.float64)
+        if pos.ndim != 3 or pos.shape[-1] != 3:
+            raise SamplesFileError(
+                f"{path}: 'positions' has shape {pos.shape}, expected (n, n_atoms, 3)"
+            )
+        if not np.isfinite(pos).all():
+            bad = int((~np.isfinite(pos)).any(axis=(1, 2)).sum())
+            raise SamplesFileError(f"{path}: {bad} configurations have NaN/inf positions")
+        if "frame_index" in keys:
+            idx = _array(data, "frame_index", path, 1, pos.shape[0]).astype(np.int64)
+        else:
+            idx = np.arange(pos.shape[0])
+            n = pos.shape[0] if n is None else n
+            if n != pos.shape[0]:
+                raise SamplesFileError(f"{path}: {pos.shape[0]} positions but {n} other entries")
+    if n is None or n == 0:
+        raise SamplesFileError(f"{path}: no samples (need positions, phi/psi or log_weights)")
+    if idx is not None and (idx.min() < 0 or idx.max() >= n):
+        raise SamplesFileError(f"{path}: frame_index outside [0, {n})")
+    system = str(data["system"]) if "system" in keys else "unknown"
+    temperature = float(data["temperature"]) if "temperature" in keys else 300.0
+    energies = (
+        _array(data, "energies", path, 1, n).astype(np.float64) if "energies" in keys else None
+    )
+    log_w = None
+    try:
+        if "log_weights" in keys:
+            log_w = _check_log_w(_array(data, "log_weights", path, 1, n), n)
+        elif "log_q" in keys:
+            if energies is None:
+                raise SamplesFileError(f"{path}: 'log_q' without 'energies' gives no weights")
+            log_q = _array(data, "log_q", path, 1, n).astype(np.float64)
+            log_w = _check_log_w(-energies / (_R * temperature) - log_q, n)
+    except WeightError as exc:
+        raise SamplesFileError(f"{path}: {exc}") from exc
+    if "phi" in keys and "psi" in keys:
+        pp = np.stack([_array(data, k, path, 1, n) for k in ("phi", "psi")], 1).astype(np.float64)
+    elif pos is not None and system == "aldp" and idx.shape[0] == n:
+        pp = phi_psi(pos)
+    else:
+        pp = None
+    if pp is not None and not np.isfinite(pp).all():
+        raise SamplesFileError(f"{path}: phi/psi contain NaN")
+    return SampleSet(
+        path,
+        n,
+        system,
+        temperature,
+        log_w,
+        energies,
+        pp,
+        pos,
+        idx,
+        time_series="time_ps" in keys,
+    )

@@ -1,0 +1,577 @@
+"""CLI subcommands for results: ``boltzgen reweight`` and ``boltzgen evaluate``.
+
+Each subcommand is a pair ``add_<name>_parser(subparsers)`` / ``run_<name>(args) -> int`` that
+`boltzgen.cli` wires in (``boltzgen md`` lives in `boltzgen.cli_md`).
+``python -m boltzgen.cli_results {md,reweight,evaluate} ...`` runs all three standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from boltzgen.analysis import SampleSet, load_samples
+from boltzgen.cli_md import add_md_parser, run_md
+from boltzgen.errors import BoltzgenError
+
+_R = 8.314462618e-3  # kJ/(mol K)
+
+__all__ = [
+    "add_evaluate_parser",
+    "add_reweight_parser",
+    "main",
+    "run_evaluate",
+    "run_reweight",
+]
+
+
+def _block_length(samples: SampleSet, requested: int | None) -> int:
+    """Bootstrap block: as requested; else 1 for independent samples, n/20 for MD frames."""
+    if requested is not None:
+        if requested < 1 or requested > samples.n:
+            raise BoltzgenError(f"--block-length must be in [1, {samples.n}], got {requested}")
+        return requested
+    return max(1, samples.n // 20) if samples.time_series else 1
+
+
+def _cvs(samples: SampleSet) -> dict[str, np.ndarray]:
+    if samples.phi_psi is None:
+        raise BoltzgenError(
+            f"{samples.path}: no phi/psi (store 'phi'/'psi' or positions of system aldp)"
+        )
+    return {"phi": samples.phi_psi[:, 0], "psi": samples.phi_psi[:, 1]}
+
+
+def _load_states(path: str | None, system: str) -> list[Any]:
+    import yaml
+
+    from boltzgen.reweighting import states_from_dict
+
+    if path is None:
+        from boltzgen.systems import search_paths
+
+        found = [d / system / "states.yaml" for d in search_paths()]
+        found = [f for f in found if f.is_file()]
+        if not found:
+            return []
+        path = str(found[0])
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise BoltzgenError(f"cannot read states file {path}: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise BoltzgenError(f"{path}: expected a mapping with a 'states' key")
+    units = spec.get("units", "degrees")
+    if units not in ("degrees", "radians"):
+        raise BoltzgenError(f"{path}: units must be 'degrees' or 'radians', got {units!r}")
+    return states_from_dict(spec, scale=math.pi / 180.0 if units == "degrees" else 1.0)
+
+
+def _states_json(res: Any, kT: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "population": float(p),
+            "population_error": float(pe),
+            "dF_kJ_per_mol": float(f) + 0.0,
+            "dF_kJ_per_mol_error": float(fe),
+            "dF_kT": float(f / kT) + 0.0,
+            "dF_kT_error": float(fe / kT),
+        }
+        for name, p, pe, f, fe in zip(
+            res.names,
+            res.population,
+            res.population_error,
+            res.free_energy,
+            res.free_energy_error,
+        )
+    ]
+
+
+def _finite(x: Any) -> Any:
+    """JSON-safe: non-finite floats become strings ("inf", "-inf", "nan")."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _finite(x.tolist())
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else str(float(x))
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _write_json(obj: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(_finite(obj), indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- reweight
+
+
+def add_reweight_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``reweight``: ESS, k-hat, state populations and free energies of samples."""
+    p = subparsers.add_parser(
+        "reweight",
+        help="importance-reweight samples: ESS, k-hat, state free energies with errors",
+        description="Reweight samples to the Boltzmann distribution and report free energies.",
+    )
+    p.add_argument("samples", help="samples .npz")
+    p.add_argument(
+        "--states", default=None, help="states YAML (default: systems/<system>/states.yaml)"
+    )
+    p.add_argument(
+        "--cv",
+        default="phi,psi",
+        help="CV(s) of the free-energy surface written to JSON: phi, psi or phi,psi",
+    )
+    p.add_argument("--bins", type=int, default=60)
+    p.add_argument("--n-bootstrap", type=int, default=200)
+    p.add_argument(
+        "--block-length",
+        type=int,
+        default=None,
+        help="bootstrap block in samples (default 1; n/20 for MD trajectories)",
+    )
+    p.add_argument(
+        "--target-temperature",
+        type=float,
+        default=None,
+        help="also reweight to this temperature (K) and report f(T2) - f(T)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON output (default <samples>.reweight.json)")
+    return p
+
+
+def reweight_report(
+    samples: SampleSet,
+    states: list[Any],
+    cv: str = "phi,psi",
+    bins: int = 60,
+    n_bootstrap: int = 200,
+    block_length: int | None = None,
+    target_temperature: float | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The numbers ``boltzgen reweight`` prints and writes, as a JSON-ready dict."""
+    from boltzgen import reweighting as rw
+
+    n = samples.n
+    lw = samples.log_w if samples.log_w is not None else np.zeros(n)
+    block = _block_length(samples, block_length)
+    report: dict[str, Any] = {
+        "samples": samples.path,
+        "system": samples.system,
+        "temperature_K": samples.temperature,
+        "n_samples": n,
+        "weighted": samples.log_w is not None,
+        "ess": rw.ess(lw),
+        "ess_fraction": rw.ess_fraction(lw),
+        "block_length": block,
+    }
+    khat = rw.pareto_khat(lw) if n >= 10 else float("nan")
+    report["khat"] = khat
+    report["khat_verdict"] = rw.khat_verdict(khat, n) if np.isfinite(khat) or khat < 0 else ""
+    if samples.log_w is not None:
+        report["log_z"], report["log_z_error"] = rw.log_z(lw)
+    kT = samples.kT
+    if states:
+        res = rw.state_free_energies(states, _cvs(samples), lw, kT, n_bootstrap, block, seed)
+        report["reference_state"] = res.names[0]
+        report["states"] = _states_json(res, kT)
+    names = [c.strip() for c in cv.split(",") if c.strip()]
+    if names:
+        cvs = _cvs(samples)
+        if any(c not in cvs for c in names) or len(names) > 2:
+            raise BoltzgenError(f"--cv must be one or two of {sorted(cvs)}, got {cv!r}")
+        fes = rw.free_energy_surface(
+            np.stack([cvs[c] for c in names], 1),
+            lw,
+            bins=bins,
+            ranges=[(-math.pi, math.pi)] * len(names),
+            kT=kT,
+            n_bootstrap=min(n_bootstrap, 100),
+            block_length=block,
+            seed=seed,
+        )
+        report["fes"] = {
+            "cvs": names,
+            "units": "radians; free energy kJ/mol (minimum 0; inf: empty bin)",
+            "edges": [e.tolist() for e in fes.edges],
+            "free_energy": fes.free_energy.tolist(),
+            "error": fes.error.tolist(),
+        }
+    if target_temperature is not None:
+        if samples.energies is None:
+            raise BoltzgenError("--target-temperature needs 'energies' in the samples file")
+        t2 = float(target_temperature)
+        du = samples.energies / (_R * t2) - samples.energies / kT
+        df, df_err = rw.free_energy_difference(lw, du, n_bootstrap, block, seed)
+        lw2 = rw.reweight_to(lw, du)
+        block_t2: dict[str, Any] = {
+            "temperature_K": t2,
+            "delta_f_reduced": df,
+            "delta_f_reduced_error": df_err,
+            "ess": rw.ess(lw2),
+            "ess_fraction": rw.ess_fraction(lw2),
+        }
+        if states:
+            kT2 = _R * t2
+            res2 = rw.state_free_energies(states, _cvs(samples), lw2, kT2, n_bootstrap, block, seed)
+            block_t2["states"] = _states_json(res2, kT2)
+        report["target_temperature"] = block_t2
+    return report
+
+
+def _print_states(rows: list[dict[str, Any]], out: Any) -> None:
+    print(f"  {'state':<16} {'population':>18} {'dF (kJ/mol)':>18} {'dF (kT)':>16}", file=out)
+    for r in rows:
+        print(
+            f"  {r['name']:<16} {r['population']:>9.4f} +- {r['population_error']:<6.4f}"
+            f" {r['dF_kJ_per_mol']:>8.2f} +- {r['dF_kJ_per_mol_error']:<6.2f}"
+            f" {r['dF_kT']:>7.2f} +- {r['dF_kT_error']:<5.2f}",
+            file=out,
+        )
+
+
+def print_report(report: dict[str, Any], out: Any = None) -> None:
+    """The human-readable table of a `reweight_report`."""
+    out = out or sys.stdout
+    print(
+        f"{report['samples']}: {report['n_samples']} samples of {report['system']} "
+        f"at {report['temperature_K']:g} K ({'weighted' if report['weighted'] else 'unweighted'})",
+        file=out,
+    )
+    print(
+        f"  ESS    {report['ess']:.1f} of {report['n_samples']} "
+        f"({100 * report['ess_fraction']:.1f} %)",
+        file=out,
+    )
+    print(f"  k-hat  {report['khat']:.2f}  {report['khat_verdict']}", file=out)
+    if "log_z" in report:
+        print(f"  log Z  {report['log_z']:.3f} +- {report['log_z_error']:.3f}", file=out)
+    if "states" in report:
+        print(
+            f"  free energies relative to {report['reference_state']} "
+            f"(bootstrap errors, block = {report['block_length']} samples):",
+            file=out,
+        )
+        _print_states(report["states"], out)
+    if "target_temperature" in report:
+        t = report["target_temperature"]
+        print(
+            f"  reweighted to {t['temperature_K']:g} K: f(T2) - f(T) = "
+            f"{t['delta_f_reduced']:.3f} +- {t['delta_f_reduced_error']:.3f} "
+            f"(reduced); ESS {100 * t['ess_fraction']:.1f} %",
+            file=out,
+        )
+        if "states" in t:
+            _print_states(t["states"], out)
+
+
+def run_reweight(args: argparse.Namespace) -> int:
+    """Run ``boltzgen reweight``."""
+    samples = load_samples(args.samples)
+    states = _load_states(args.states, samples.system)
+    report = reweight_report(
+        samples,
+        states,
+        cv=args.cv,
+        bins=args.bins,
+        n_bootstrap=args.n_bootstrap,
+        block_length=args.block_length,
+        target_temperature=args.target_temperature,
+        seed=args.seed,
+    )
+    print_report(report)
+    out = args.out or str(Path(args.samples).with_suffix("")) + ".reweight.json"
+    _write_json(report, out)
+    print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``evaluate``: metrics and plots of samples against a reference."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="compare (reweighted) samples with an MD reference: KL, ESS, free energies, plots",
+        description="Metrics JSON and plots of samples against a reference samples file.",
+    )
+    p.add_argument("samples", help="samples .npz")
+    p.add_argument(
+        "--reference",
+        required=True,
+        help="reference .npz, or a directory holding reference.npz (e.g. systems/aldp/reference)",
+    )
+    p.add_argument(
+        "--states", default=None, help="states YAML (default: systems/<system>/states.yaml)"
+    )
+    p.add_argument("--bins", type=int, default=60, help="Ramachandran bins per angle")
+    p.add_argument("--n-bootstrap", type=int, default=100)
+    p.add_argument(
+        "--block-length",
+        type=int,
+        default=None,
+        help="bootstrap block of the samples (default 1; n/20 for MD)",
+    )
+    p.add_argument("--training-log", default=None, help="CSV training log to plot as well")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help="default <samples>_eval/")
+    return p
+
+
+def _reference_path(ref: str) -> str:
+    p = Path(ref)
+    if p.is_dir():
+        p = p / "reference.npz"
+    if not p.is_file():
+        raise BoltzgenError(
+            f"reference {ref!r} not found (an .npz or a directory with reference.npz)"
+        )
+    return str(p)
+
+
+def _bond_graph(system: str, positions: np.ndarray) -> list[tuple[int, int]]:
+    """Bonds of the system's topology; by distance (< 0.19 nm) if it cannot be loaded."""
+    from boltzgen import systems
+
+    try:
+        top = systems.load(system).mdtraj_topology
+        if top.n_atoms == positions.shape[1]:
+            return [(b[0].index, b[1].index) for b in top.bonds]
+    except BoltzgenError:
+        pass
+    d = np.linalg.norm(positions[0][:, None] - positions[0][None], axis=-1)
+    i, j = np.nonzero(np.triu(d < 0.19, k=1))
+    return list(zip(i.tolist(), j.tolist()))
+
+
+def evaluate_samples(
+    samples: SampleSet,
+    reference: SampleSet,
+    states: list[Any],
+    out_dir: str | Path | None = None,
+    bins: int = 60,
+    n_bootstrap: int = 100,
+    block_length: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics of `samples` against `reference`; plots into `out_dir` when given.
+
+    Metrics: ESS, k-hat, Ramachandran ``KL(reference || sample)`` raw and reweighted, per-torsion
+    marginal KLs (from positions), state free energies of both with errors and their
+    difference, mean potential energies.
+    """
+    from boltzgen import analysis
+    from boltzgen import reweighting as rw
+
+    n = samples.n
+    lw = samples.log_w if samples.log_w is not None else np.zeros(n)
+    block = _block_length(samples, block_length)
+    block_ref = _block_length(reference, None)
+    m: dict[str, Any] = {
+        "samples": samples.path,
+        "reference": reference.path,
+        "n_samples": n,
+        "n_reference": reference.n,
+        "ess": rw.ess(lw),
+        "ess_fraction": rw.ess_fraction(lw),
+        "khat": rw.pareto_khat(lw) if n >= 10 else float("nan"),
+        "bins": bins,
+    }
+    m["khat_verdict"] = rw.khat_verdict(m["khat"], n)
+    pp, ref_pp = samples.phi_psi, reference.phi_psi
+    if pp is not None and ref_pp is not None:
+        m["ramachandran_kl_raw"] = analysis.ramachandran_kl(
+            pp, ref_pp, None, bins, reference_log_w=reference.log_w
+        )
+        m["ramachandran_kl_reweighted"] = analysis.ramachandran_kl(
+            pp, ref_pp, lw, bins, reference_log_w=reference.log_w
+        )
+    if samples.positions is not None and reference.positions is not None:
+        if samples.positions.shape[1] != reference.positions.shape[1]:
+            raise BoltzgenError(
+                f"samples have {samples.positions.shape[1]} atoms, the reference "
+                f"{reference.positions.shape[1]}"
+            )
+        quads = analysis.torsion_quadruples(_bond_graph(samples.system, reference.positions))
+        if quads:
+            ts = np.stack([analysis.dihedral(samples.positions, q) for q in quads], 1)
+            tr = np.stack([analysis.dihedral(reference.positions, q) for q in quads], 1)
+            kls = analysis.marginal_kls(
+                ts,
+                tr,
+                lw[samples.position_index],
+                bins=50,
+                periodic=np.ones(len(quads), bool),
+                reference_log_w=None
+                if reference.log_w is None
+                else reference.log_w[reference.position_index],
+            )
+            m["torsion_marginal_kl"] = {
+                "mean": float(np.mean(kls)),
+                "max": float(np.max(kls)),
+                "per_torsion": [{"atoms": list(q), "kl": float(k)} for q, k in zip(quads, kls)],
+            }
+    if states and pp is not None and ref_pp is not None:
+        kT = samples.kT
+        res = rw.state_free_energies(states, _cvs(samples), lw, kT, n_bootstrap, block, seed)
+        ref = rw.state_free_energies(
+            states, _cvs(reference), reference.log_w, reference.kT, n_bootstrap, block_ref, seed
+        )
+        rows = []
+        for s, r in zip(_states_json(res, kT), _states_json(ref, reference.kT)):
+            diff = s["dF_kJ_per_mol"] - r["dF_kJ_per_mol"]
+            err = math.hypot(s["dF_kJ_per_mol_error"], r["dF_kJ_per_mol_error"])
+            rows.append(
+                {
+                    "name": s["name"],
+                    "sample": s,
+                    "reference": r,
+                    "dF_difference_kJ_per_mol": diff,
+                    "dF_difference_error_kJ_per_mol": err,
+                }
+            )
+        m["states"] = rows
+    if samples.energies is not None and reference.energies is not None:
+        m["mean_energy_kJ_per_mol"] = float(rw.expectation(samples.energies, lw))
+        m["reference_mean_energy_kJ_per_mol"] = float(
+            rw.expectation(reference.energies, reference.log_w)
+        )
+    if out_dir is not None:
+        m["plots"] = _evaluate_plots(
+            samples, reference, lw, block, block_ref, Path(out_dir), bins, n_bootstrap, seed
+        )
+    return m
+
+
+def _evaluate_plots(
+    samples: SampleSet,
+    reference: SampleSet,
+    lw: np.ndarray,
+    block: int,
+    block_ref: int,
+    out: Path,
+    bins: int,
+    n_bootstrap: int,
+    seed: int,
+) -> list[str]:
+    from boltzgen import plots
+
+    written: list[str] = []
+
+    def both(stem: str) -> list[Path]:
+        paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+        written.extend(str(p) for p in paths)
+        return paths
+
+    kT = reference.kT
+    if samples.phi_psi is not None and reference.phi_psi is not None:
+        plots.plot_ramachandran(
+            [
+                ("samples (raw)", samples.phi_psi, None),
+                ("samples (reweighted)", samples.phi_psi, lw),
+                ("MD reference", reference.phi_psi, reference.log_w),
+            ],
+            both("ramachandran"),
+            bins=bins,
+            kT=kT,
+        )
+        for k, name in enumerate(("phi", "psi")):
+            plots.plot_fes_1d(
+                [
+                    ("reweighted samples", samples.phi_psi[:, k], lw, block),
+                    ("MD reference", reference.phi_psi[:, k], reference.log_w, block_ref),
+                ],
+                both(f"fes_{name}"),
+                xlabel=rf"$\{name}$ (deg)",
+                bins=bins,
+                kT=kT,
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+            )
+    if samples.energies is not None and reference.energies is not None:
+        plots.plot_energy_distributions(
+            [
+                ("samples (raw)", samples.energies, None),
+                ("samples (reweighted)", samples.energies, lw),
+                ("MD reference", reference.energies, reference.log_w),
+            ],
+            both("energies"),
+        )
+    return written
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run ``boltzgen evaluate``."""
+    samples = load_samples(args.samples)
+    reference = load_samples(_reference_path(args.reference))
+    states = _load_states(args.states, samples.system)
+    out_dir = Path(args.out_dir or str(Path(args.samples).with_suffix("")) + "_eval")
+    metrics = evaluate_samples(
+        samples,
+        reference,
+        states,
+        None if args.no_plots else out_dir,
+        bins=args.bins,
+        n_bootstrap=args.n_bootstrap,
+        block_length=args.block_length,
+        seed=args.seed,
+    )
+    if args.training_log and not args.no_plots:
+        from boltzgen import plots
+
+        paths = [out_dir / "training.png", out_dir / "training.pdf"]
+        plots.plot_training_curves(args.training_log, paths)
+        metrics.setdefault("plots", []).extend(str(p) for p in paths)
+    _write_json(metrics, out_dir / "metrics.json")
+    print(f"ESS {100 * metrics['ess_fraction']:.1f} %, k-hat {metrics['khat']:.2f}")
+    if "ramachandran_kl_reweighted" in metrics:
+        print(
+            f"Ramachandran KL(reference || samples): raw {metrics['ramachandran_kl_raw']:.4f}, "
+            f"reweighted {metrics['ramachandran_kl_reweighted']:.4f} nats"
+        )
+    if "torsion_marginal_kl" in metrics:
+        t = metrics["torsion_marginal_kl"]
+        print(f"torsion marginal KLs: mean {t['mean']:.4f}, max {t['max']:.4f} nats")
+    for row in metrics.get("states", []):
+        print(
+            f"  {row['name']:<16} dF sample {row['sample']['dF_kJ_per_mol']:7.2f} +- "
+            f"{row['sample']['dF_kJ_per_mol_error']:.2f}, reference "
+            f"{row['reference']['dF_kJ_per_mol']:7.2f} +- "
+            f"{row['reference']['dF_kJ_per_mol_error']:.2f} kJ/mol"
+        )
+    print(f"wrote {out_dir / 'metrics.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: ``python -m boltzgen.cli_results {md,reweight,evaluate} ...``."""
+    parser = argparse.ArgumentParser(prog="boltzgen")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_md_parser(sub).set_defaults(func=run_md)
+    add_reweight_parser(sub).set_defaults(func=run_reweight)
+    add_evaluate_parser(sub).set_defaults(func=run_evaluate)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BoltzgenError as exc:
+        print(f"boltzgen: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

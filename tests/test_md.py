@@ -1,0 +1,187 @@
+"""Tests of boltzgen.md: Langevin MD and replica exchange with checkpoint/restart."""
+
+import numpy as np
+import pytest
+
+from boltzgen import analysis, cli_results, md
+
+
+@pytest.fixture(scope="module")
+def aldp():
+    from boltzgen import systems
+
+    return systems.load("aldp")
+
+
+def _energy(system, positions):
+    import openmm
+    import openmm.unit as u
+
+    ctx = openmm.Context(
+        system.system,
+        openmm.VerletIntegrator(0.001),
+        openmm.Platform.getPlatformByName("Reference"),
+    )
+    out = []
+    for x in positions:
+        ctx.setPositions(x.astype(np.float64) * u.nanometer)
+        out.append(
+            ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
+        )
+    return np.array(out)
+
+
+def test_plain_md_frames_and_energies(aldp):
+    res = md.run_md(aldp, 1000, save_interval=100, seed=1, progress=False)
+    assert res.positions.shape == (10, aldp.n_atoms, 3)
+    assert res.positions.dtype == np.float32
+    np.testing.assert_allclose(res.time_ps, 0.1 * np.arange(1, 11))
+    # Energies recorded during the run are those of the saved frames (independent OpenMM context).
+    np.testing.assert_allclose(res.energies, _energy(aldp, res.positions), atol=0.05)
+    assert res.acceptance.shape == (0,)
+
+
+def test_replica_exchange_restart_is_exact(aldp, tmp_path):
+    kw = dict(
+        save_interval=50,
+        temperatures=[300.0, 400.0],
+        exchange_interval=100,
+        seed=3,
+        checkpoint_interval=200,
+        progress=False,
+    )
+    straight = md.run_md(aldp, 800, checkpoint=tmp_path / "a.npz", **kw)
+    md.run_md(aldp, 400, checkpoint=tmp_path / "b.npz", **kw)  # "interrupted" half-way
+    resumed = md.run_md(aldp, 800, checkpoint=tmp_path / "b.npz", **kw)
+    assert resumed.positions.shape == (16, aldp.n_atoms, 3)
+    np.testing.assert_array_equal(resumed.positions, straight.positions)
+    np.testing.assert_array_equal(resumed.energies, straight.energies)
+    assert 0.0 <= straight.acceptance[0] <= 1.0
+    assert resumed.n_steps == 800
+    with pytest.raises(md.MDError, match="seed"):
+        md.run_md(aldp, 1000, checkpoint=tmp_path / "b.npz", **{**kw, "seed": 4})
+
+
+def test_invalid_settings(aldp):
+    with pytest.raises(md.MDError, match="must contain a replica at the system temperature"):
+        md.run_md(aldp, 10, temperatures=[350.0, 400.0], progress=False)
+    with pytest.raises(md.MDError, match="positive"):
+        md.run_md(aldp, 0, progress=False)
+    with pytest.raises(md.MDError, match="not available"):
+        md.run_md(aldp, 10, platform="NoSuchPlatform", progress=False)
+
+
+def test_cli_md_writes_trajectory_and_samples_file(tmp_path, capsys):
+    import mdtraj
+
+    out = tmp_path / "run"
+    rc = cli_results.main(
+        [
+            "md",
+            "aldp",
+            "--length-ns",
+            "0.0006",
+            "--save-interval-ps",
+            "0.1",
+            "--replica-temperatures",
+            "300,450",
+            "--exchange-interval-ps",
+            "0.2",
+            "--checkpoint",
+            str(tmp_path / "ck.npz"),
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    assert "6 frames at 300.0 K" in capsys.readouterr().out
+    traj = mdtraj.load_dcd(str(out) + ".dcd", top=str(out) + ".pdb")
+    assert traj.n_frames == 6
+    samples = analysis.load_samples(str(out) + ".npz")
+    assert samples.n == 6 and samples.log_w is None and samples.time_series
+    np.testing.assert_allclose(samples.phi_psi, analysis.phi_psi(traj.xyz), atol=1e-5)
+    assert (
+        cli_results.main(
+            [
+                "md",
+                "aldp",
+                "--length-ns",
+                "0.0001",
+                "--save-interval-ps",
+                "0.00015",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+
+
+def test_torsion_bias_matches_openmm_and_hremd_keeps_unbiased_replica(aldp):
+    import math
+
+    import openmm
+    import openmm.unit as u
+
+    bias = md.TorsionBias((4, 6, 8, 14), 35.0, math.radians(30.0), 1.5)
+    frames = aldp.positions[None] + np.random.default_rng(0).normal(0, 0.02, (5, aldp.n_atoms, 3))
+    system = openmm.XmlSerializer.clone(aldp.system)
+    force = bias.force()
+    force.setForceGroup(31)
+    system.addForce(force)
+    ctx = openmm.Context(
+        system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference")
+    )
+    ctx.setParameter("bias_scale", 1.0)
+    for x in frames:
+        ctx.setPositions(x * u.nanometer)
+        e = ctx.getState(getEnergy=True, groups={31}).getPotentialEnergy()
+        assert e.value_in_unit(u.kilojoule_per_mole) == pytest.approx(bias.energy(x[None])[0])
+    phi = analysis.dihedral(frames, (4, 6, 8, 14))
+    np.testing.assert_allclose(
+        bias.energy(frames), -35.0 * np.exp(1.5 * (np.cos(phi - math.radians(30.0)) - 1.0))
+    )
+
+    res = md.run_md(
+        aldp,
+        600,
+        save_interval=100,
+        bias=bias,
+        bias_scales=[0.0, 0.5, 1.0],
+        exchange_interval=50,
+        seed=2,
+        progress=False,
+    )
+    assert res.bias_scales == [0.0, 0.5, 1.0] and res.acceptance.shape == (2,)
+    assert np.all(res.acceptance > 0)
+    # The frames kept are the unbiased replica's, with physical (unbiased) energies.
+    np.testing.assert_allclose(res.energies, _energy(aldp, res.positions), atol=0.05)
+    # Without an unbiased replica the least biased one is kept, with importance weights.
+    res = md.run_md(
+        aldp,
+        100,
+        save_interval=50,
+        bias=bias,
+        bias_scales=[1.0, 0.5],
+        exchange_interval=50,
+        progress=False,
+    )
+    kT = 8.314462618e-3 * 300.0
+    np.testing.assert_allclose(res.log_weights, 0.5 * bias.energy(res.positions) / kT, atol=1e-4)
+    with pytest.raises(md.MDError, match="need a bias"):
+        md.run_md(aldp, 10, bias_scales=[0.0, 1.0], progress=False)
+
+
+def test_single_biased_replica_carries_importance_weights(aldp):
+    import math
+
+    bias = md.TorsionBias((4, 6, 8, 14), 28.0, math.radians(20.0), 2.0)
+    res = md.run_md(
+        aldp, 500, save_interval=100, bias=bias, bias_scales=[1.0], seed=1, progress=False
+    )
+    kT = 8.314462618e-3 * 300.0
+    # log w = +B(x) / kT turns the biased ensemble exp(-(U + B)/kT) into exp(-U/kT).
+    np.testing.assert_allclose(res.log_weights, bias.energy(res.positions) / kT, atol=1e-4)
+    np.testing.assert_allclose(res.energies, _energy(aldp, res.positions), atol=0.05)
+    assert md.run_md(aldp, 100, save_interval=100, progress=False).log_weights is None
