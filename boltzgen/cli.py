@@ -2,6 +2,9 @@
 
 Subcommands:
     systems    list the shipped molecular systems
+    md         OpenMM Langevin MD / replica exchange of a system (trajectory + samples npz)
+    reweight   ESS, k-hat, state populations and free-energy differences of a samples file
+    evaluate   metrics against a reference (KL, ESS) and plots
     pipeline   the main job on a system (now: load it, run a short MD, evaluate OpenMM and the
                torch-native energy on the frames and report agreement and speed)
 
@@ -115,8 +118,17 @@ def _short_md(s: object, n_frames: int, seed: int) -> object:
     return np.array(frames)
 
 
+def _add_result_parsers(sub: argparse._SubParsersAction) -> None:
+    from boltzgen import cli_md, cli_results
+
+    cli_md.add_md_parser(sub).set_defaults(func=cli_md.run_md)
+    cli_results.add_reweight_parser(sub).set_defaults(func=cli_results.run_reweight)
+    cli_results.add_evaluate_parser(sub).set_defaults(func=cli_results.run_evaluate)
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_pipeline_parser,
+    _add_result_parsers,
     _add_systems_parser,
 ]
 

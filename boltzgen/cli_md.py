@@ -1,7 +1,7 @@
 """CLI subcommand ``boltzgen md``: Langevin MD or replica exchange of a system (see boltzgen.md).
 
 ``add_md_parser(subparsers)`` / ``run_md(args) -> int`` are wired into `boltzgen.cli`;
-``python -m boltzgen.cli_results md ...`` runs it standalone.
+Wired into ``boltzgen`` by `boltzgen.cli`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each subcommand is a pair ``add_<name>_parser(subparsers)`` / ``run_<name>(args) -> int`` that
 `boltzgen.cli` wires in (``boltzgen md`` lives in `boltzgen.cli_md`).
-``python -m boltzgen.cli_results {md,reweight,evaluate} ...`` runs all three standalone.
+They are wired into ``boltzgen`` by `boltzgen.cli`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from boltzgen.analysis import SampleSet, load_samples
-from boltzgen.cli_md import add_md_parser, run_md
 from boltzgen.errors import BoltzgenError
 
 _R = 8.314462618e-3  # kJ/(mol K)
@@ -25,7 +24,6 @@ _R = 8.314462618e-3  # kJ/(mol K)
 __all__ = [
     "add_evaluate_parser",
     "add_reweight_parser",
-    "main",
     "run_evaluate",
     "run_reweight",
 ]
@@ -556,22 +554,3 @@ def run_evaluate(args: argparse.Namespace) -> int:
         )
     print(f"wrote {out_dir / 'metrics.json'}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m boltzgen.cli_results {md,reweight,evaluate} ...``."""
-    parser = argparse.ArgumentParser(prog="boltzgen")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_md_parser(sub).set_defaults(func=run_md)
-    add_reweight_parser(sub).set_defaults(func=run_reweight)
-    add_evaluate_parser(sub).set_defaults(func=run_evaluate)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except BoltzgenError as exc:
-        print(f"boltzgen: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

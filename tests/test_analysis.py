@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from boltzgen import analysis, cli_results, plots, reweighting
+from boltzgen import analysis, cli, plots, reweighting
 from boltzgen.errors import BoltzgenError
 
 REFERENCE = Path(__file__).resolve().parent.parent / "systems" / "aldp" / "reference"
@@ -188,7 +188,7 @@ def test_cli_reweight_table_json_and_errors(tmp_path, capsys, aldp, aldp_frames)
         f"  hi:\n    psi: [[{cut}, 180]]\n"
     )
     out = tmp_path / "r.json"
-    rc = cli_results.main(
+    rc = cli.main(
         [
             "reweight",
             path,
@@ -216,7 +216,7 @@ def test_cli_reweight_table_json_and_errors(tmp_path, capsys, aldp, aldp_frames)
     assert rep["fes"]["cvs"] == ["phi", "psi"]
 
     bad = _write(tmp_path / "bad.npz", positions=pos, log_weights=np.full(n, np.nan))
-    assert cli_results.main(["reweight", bad]) == 2
+    assert cli.main(["reweight", bad]) == 2
     assert "NaN" in capsys.readouterr().err
 
 
@@ -245,7 +245,7 @@ def test_evaluate_reference_against_itself(tmp_path):
         data.update({k: v for k, v in extra.items() if k == "log_weights"})
         sub = _write(tmp_path / f"ref_{name}.npz", **data)
         out = tmp_path / f"eval_{name}"
-        rc = cli_results.main(
+        rc = cli.main(
             [
                 "evaluate",
                 sub,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from boltzgen import analysis, cli_results, md
+from boltzgen import analysis, cli, md
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_cli_md_writes_trajectory_and_samples_file(tmp_path, capsys):
     import mdtraj
 
     out = tmp_path / "run"
-    rc = cli_results.main(
+    rc = cli.main(
         [
             "md",
             "aldp",
@@ -102,7 +102,7 @@ def test_cli_md_writes_trajectory_and_samples_file(tmp_path, capsys):
     assert samples.n == 6 and samples.log_w is None and samples.time_series
     np.testing.assert_allclose(samples.phi_psi, analysis.phi_psi(traj.xyz), atol=1e-5)
     assert (
-        cli_results.main(
+        cli.main(
             [
                 "md",
                 "aldp",
