@@ -26,7 +26,14 @@ def _jac_logdet(fn, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tens
     out = []
     for i in range(x.shape[0]):
         c = None if context is None else context[i : i + 1]
-        jac = torch.autograd.functional.jacobian(lambda v, c=c: fn(v[None], c)[0][0], x[i])
+
+        def f(v, c=c):
+            return fn(v[None], c)[0][0]
+
+        try:
+            jac = torch.autograd.functional.jacobian(f, x[i], vectorize=True)
+        except RuntimeError:  # an op without a batching rule: row by row
+            jac = torch.autograd.functional.jacobian(f, x[i])
         out.append(torch.linalg.slogdet(jac)[1])
     return torch.stack(out)
 

@@ -64,7 +64,7 @@ class LULinear(Transform):
     """Invertible linear map ``x_u = W z_u + b`` of the unbounded dims, ``W = L U``.
 
     ``L`` is unit lower triangular, ``U`` upper triangular with a positive,
-    ``softplus``-parametrised diagonal (combine with a `Permutation` for a full PLU).
+    ``exp``-parametrised diagonal (combine with a `Permutation` for a full PLU).
     Other dims pass through. Initialised to the identity unless ``random_init``.
 
     Args:
@@ -83,7 +83,7 @@ class LULinear(Transform):
         g = torch.Generator().manual_seed(seed)
         self.lower = nn.Parameter(torch.zeros(n, n))
         self.upper = nn.Parameter(torch.zeros(n, n))
-        self.raw_diag = nn.Parameter(torch.full((n,), math.log(math.e - 1.0)))
+        self.raw_diag = nn.Parameter(torch.zeros(n))
         self.bias = nn.Parameter(torch.zeros(n))
         if random_init:
             with torch.no_grad():
@@ -96,7 +96,7 @@ class LULinear(Transform):
     def _lu(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         eye = torch.eye(self.lower.shape[0], dtype=dtype, device=self.lower.device)
         m = self.tril_mask.to(dtype)
-        diag = nn.functional.softplus(self.raw_diag.to(dtype)) + 1e-5
+        diag = torch.exp(self.raw_diag.to(dtype))
         low = self.lower.to(dtype) * m + eye
         up = self.upper.to(dtype) * m.T + torch.diag(diag)
         return low, up, diag
@@ -104,21 +104,21 @@ class LULinear(Transform):
     def forward_and_log_det(
         self, z: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        low, up, diag = self._lu(z.dtype)
+        low, up, _ = self._lu(z.dtype)
         zu = z[:, self.idx]
         xu = (zu @ up.T) @ low.T + self.bias.to(z.dtype)
         x = z.index_copy(1, self.idx, xu)
-        return x, torch.log(diag).sum().expand(z.shape[0])
+        return x, self.raw_diag.to(z.dtype).sum().expand(z.shape[0])
 
     def inverse_and_log_det(
         self, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        low, up, diag = self._lu(x.dtype)
+        low, up, _ = self._lu(x.dtype)
         r = (x[:, self.idx] - self.bias.to(x.dtype)).T
         y = torch.linalg.solve_triangular(low, r, upper=False, unitriangular=True)
         zu = torch.linalg.solve_triangular(up, y, upper=True).T
         z = x.index_copy(1, self.idx, zu)
-        return z, (-torch.log(diag).sum()).expand(x.shape[0])
+        return z, (-self.raw_diag.to(x.dtype).sum()).expand(x.shape[0])
 
 
 class CircularShift(Transform):

@@ -253,6 +253,8 @@ class DomainSpline(nn.Module):
         return v.clamp(low, high), outside
 
     def _finish(self, v: Tensor, out: Tensor, ld: Tensor, outside: Tensor | None) -> tuple:
+        # Round-off in the knots must not push outputs out of the interval.
+        out = out.clamp(self.low.to(v.dtype), self.high.to(v.dtype))
         if outside is not None:
             out = torch.where(outside, v, out)
             ld = ld.masked_fill(outside, 0.0)
