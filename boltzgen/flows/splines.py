@@ -44,6 +44,12 @@ def wrap_angle(x: Tensor) -> Tensor:
     return torch.remainder(x + math.pi, _TWO_PI) - math.pi
 
 
+def _clamp(v: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    """Clamp to per-dimension bounds with a pass-through gradient (cheap backward)."""
+    vd = v.detach()
+    return v + (vd.clamp(low, high) - vd)
+
+
 def _bin_params(v: Tensor, xk: Tensor, yk: Tensor, dk: Tensor, on_y: bool) -> tuple[Tensor, ...]:
     """Gather the bin of each ``v`` (searched in ``yk`` if ``on_y`` else ``xk``)."""
     knots = yk if on_y else xk
@@ -215,8 +221,9 @@ class DomainSpline(nn.Module):
         self.min_bin_width = min_bin_width
         self.min_bin_height = min_bin_height
         self.min_derivative = min_derivative
-        self.register_buffer("low", torch.tensor(low, dtype=torch.float64))
-        self.register_buffer("high", torch.tensor(high, dtype=torch.float64))
+        # Buffers follow the module's dtype (.double() / .float()); cast at use if they differ.
+        self.register_buffer("low", torch.tensor(low))
+        self.register_buffer("high", torch.tensor(high))
         self.register_buffer("unbounded", torch.tensor(unb, dtype=torch.bool))
         self.register_buffer("circular", torch.tensor(circ, dtype=torch.bool))
         self.any_unbounded = any(unb)
@@ -250,11 +257,11 @@ class DomainSpline(nn.Module):
         outside = None
         if self.any_unbounded:
             outside = self.unbounded & ((v < low) | (v > high))
-        return v.clamp(low, high), outside
+        return _clamp(v, low, high), outside
 
     def _finish(self, v: Tensor, out: Tensor, ld: Tensor, outside: Tensor | None) -> tuple:
         # Round-off in the knots must not push outputs out of the interval.
-        out = out.clamp(self.low.to(v.dtype), self.high.to(v.dtype))
+        out = _clamp(out, self.low.to(v.dtype), self.high.to(v.dtype))
         if outside is not None:
             out = torch.where(outside, v, out)
             ld = ld.masked_fill(outside, 0.0)
