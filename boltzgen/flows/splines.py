@@ -41,7 +41,8 @@ _TWO_PI = 2.0 * math.pi
 
 def wrap_angle(x: Tensor) -> Tensor:
     """Wrap angles (radians) to [-pi, pi)."""
-    return torch.remainder(x + math.pi, _TWO_PI) - math.pi
+    r = torch.remainder(x + math.pi, _TWO_PI) - math.pi
+    return torch.where(r >= math.pi, r - _TWO_PI, r)  # round-off can give exactly pi
 
 
 def _clamp(v: Tensor, low: Tensor, high: Tensor) -> Tensor:
@@ -221,9 +222,10 @@ class DomainSpline(nn.Module):
         self.min_bin_width = min_bin_width
         self.min_bin_height = min_bin_height
         self.min_derivative = min_derivative
-        # Buffers follow the module's dtype (.double() / .float()); cast at use if they differ.
-        self.register_buffer("low", torch.tensor(low))
-        self.register_buffer("high", torch.tensor(high))
+        # Bounds are exact in every dtype (float32 pi must not leak into float64 use), so they
+        # are kept as Python floats and materialised per (dtype, device) on first use.
+        self._low, self._high = low, high
+        self._bounds_cache: dict = {}
         self.register_buffer("unbounded", torch.tensor(unb, dtype=torch.bool))
         self.register_buffer("circular", torch.tensor(circ, dtype=torch.bool))
         self.any_unbounded = any(unb)
@@ -234,10 +236,19 @@ class DomainSpline(nn.Module):
         """Number of unconstrained parameters per dimension, 3K + 1."""
         return 3 * self.n_bins + 1
 
+    def bounds(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(low, high)`` of the spline intervals, ``(D,)`` each, in ``like``'s dtype/device."""
+        key = (like.dtype, like.device)
+        if key not in self._bounds_cache:
+            self._bounds_cache[key] = (
+                torch.tensor(self._low, dtype=like.dtype, device=like.device),
+                torch.tensor(self._high, dtype=like.dtype, device=like.device),
+            )
+        return self._bounds_cache[key]
+
     def knots(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Knots for parameters ``(..., D, 3K + 1)``; see `rqs_knots`."""
-        low = self.low.to(params.dtype)
-        high = self.high.to(params.dtype)
+        low, high = self.bounds(params)
         return rqs_knots(
             params,
             low,
@@ -252,8 +263,7 @@ class DomainSpline(nn.Module):
     def _prepare(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.any_circular:
             v = torch.where(self.circular, wrap_angle(v), v)
-        low = self.low.to(v.dtype)
-        high = self.high.to(v.dtype)
+        low, high = self.bounds(v)
         outside = None
         if self.any_unbounded:
             outside = self.unbounded & ((v < low) | (v > high))
@@ -261,7 +271,7 @@ class DomainSpline(nn.Module):
 
     def _finish(self, v: Tensor, out: Tensor, ld: Tensor, outside: Tensor | None) -> tuple:
         # Round-off in the knots must not push outputs out of the interval.
-        out = _clamp(out, self.low.to(v.dtype), self.high.to(v.dtype))
+        out = _clamp(out, *self.bounds(v))
         if outside is not None:
             out = torch.where(outside, v, out)
             ld = ld.masked_fill(outside, 0.0)
