@@ -151,33 +151,32 @@ def rqs_knots(
     n_bins = (params.shape[-1] - 1) // 3
     if min_bin_width * n_bins >= 1.0 or min_bin_height * n_bins >= 1.0:
         raise ValueError("minimal bin size too large for the number of bins")
-    uw, uh, ud = params.split([n_bins, n_bins, n_bins + 1], dim=-1)
-    span = (high - low).unsqueeze(-1)
-    lo = low.unsqueeze(-1)
+    dt, dev = params.dtype, params.device
+    # Widths and heights together: (..., D, 2, K). Softmax and cumulative sum in one matmul
+    # with a triangular 0/1 matrix (much faster on CPU than softmax + cumsum over a short last
+    # axis): c_j = sum_{i<j} e_i / sum_i e_i.
+    wh = params[..., : 2 * n_bins].unflatten(-1, (2, n_bins))
+    tri = torch.ones(n_bins, n_bins + 1, dtype=dt, device=dev).triu(1)
+    min_size = torch.tensor([[min_bin_width], [min_bin_height]], dtype=dt, device=dev)
+    offset = min_size * torch.arange(n_bins + 1, dtype=dt, device=dev)  # (2, K + 1)
+    e = torch.exp(wh - wh.amax(-1, keepdim=True))
+    c = (e @ tri) / e.sum(-1, keepdim=True)
+    frac = offset + (1.0 - min_size * n_bins) * c
+    span = (high - low)[:, None, None]
+    xk, yk = (low[:, None, None] + span * frac).unbind(-2)
 
-    # Softmax and cumulative sum in one matmul with a triangular 0/1 matrix (much faster on
-    # CPU than softmax + cumsum over a short last axis): c_j = sum_{i<j} e_i / sum_i e_i.
-    tri = torch.ones(n_bins, n_bins + 1, dtype=params.dtype, device=params.device).triu(1)
-    ramp = torch.arange(n_bins + 1, dtype=params.dtype, device=params.device)
-
-    def cum(u: Tensor, min_size: float) -> Tensor:
-        e = torch.exp(u - u.amax(-1, keepdim=True))
-        c = (e @ tri) / e.sum(-1, keepdim=True)
-        return lo + span * (min_size * ramp + (1.0 - min_size * n_bins) * c)
-
-    xk = cum(uw, min_bin_width)
-    yk = cum(uh, min_bin_height)
     shift = math.log(math.expm1(1.0 - min_derivative))  # softplus(shift) + min_d = 1
-    dk = min_derivative + F.softplus(ud + shift)
-    if unit_ends is not None or periodic is not None:
-        first, inner, last = dk[..., :1], dk[..., 1:-1], dk[..., -1:]
-        if periodic is not None:
-            last = torch.where(periodic.unsqueeze(-1), first, last)
-        if unit_ends is not None:
-            one = torch.ones_like(first)
-            first = torch.where(unit_ends.unsqueeze(-1), one, first)
-            last = torch.where(unit_ends.unsqueeze(-1), one, last)
-        dk = torch.cat([first, inner, last], dim=-1)
+    dk = min_derivative + F.softplus(params[..., 2 * n_bins :] + shift)
+    n_dim = params.shape[-2]
+    if periodic is not None:
+        last = torch.zeros(n_dim, n_bins + 1, dtype=torch.bool, device=dev)
+        last[:, -1] = periodic
+        dk = torch.where(last, dk[..., :1], dk)
+    if unit_ends is not None:
+        ends = torch.zeros(n_dim, n_bins + 1, dtype=torch.bool, device=dev)
+        ends[:, 0] = unit_ends
+        ends[:, -1] = unit_ends
+        dk = torch.where(ends, 1.0, dk)
     return xk, yk, dk
 
 
