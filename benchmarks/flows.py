@@ -8,7 +8,8 @@ and prints JSON with medians, the normflows/boltzgen ratios and peak memory.
 
 Run (quick default):  nice -n 10 python benchmarks/flows.py [--reps 7] [--device cpu]
 Peak memory: CUDA peak allocation on GPU; on CPU the growth of the peak resident set size
-during one call, measured in a fresh child process per library.
+(VmHWM, reset through /proc/self/clear_refs) during one call after a warm-up call, measured in a
+fresh child process per library and operation.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import resource
+import os
 import statistics
 import time
 
@@ -111,6 +112,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _memory_child(lib: str, op: str, n: int, device: str, q) -> None:
     torch.manual_seed(0)
     bg = build_boltzgen(device)
@@ -128,17 +137,31 @@ def _memory_child(lib: str, op: str, n: int, device: str, q) -> None:
         torch.cuda.synchronize()
         q.put((torch.cuda.max_memory_allocated() - base) / 2**20)
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        f()  # warm-up: lazily allocated buffers are not counted
+        import gc
+
+        gc.collect()
+        before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak resident set size (VmHWM), Linux >= 4.0
         f()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        q.put((after - before) / 1024)  # ru_maxrss is in KiB on Linux
+        q.put((_status_kib("VmHWM") - before) / 1024)
 
 
 def peak_memory_mib(lib: str, op: str, n: int, device: str) -> float:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_memory_child, args=(lib, op, n, device, q))
-    p.start()
+    # Large blocks straight from mmap, returned to the OS on free: RSS then tracks live memory.
+    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        p.start()
+    finally:
+        if old is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
     value = q.get()
     p.join()
     return float(value)
