@@ -196,9 +196,13 @@ def test_inputs_at_and_beyond_bounds_are_finite(dtype):
         ],
         dtype=dtype,
     )
+    params.requires_grad_(True)
+    x.requires_grad_(True)
     for fn in (spline.forward_and_log_det, spline.inverse_and_log_det):
         y, ld = fn(x, params)
         assert torch.isfinite(y).all() and torch.isfinite(ld).all()
+        gx, gp = torch.autograd.grad((y.sum() + ld.sum()), (x, params))
+        assert torch.isfinite(gx).all() and torch.isfinite(gp).all()
         assert y[2, 0] == x[2, 0] and ld[2, 0] == 0  # identity tail
         assert 0.0 <= y[:, 1].min() and y[:, 1].max() <= 1.0
 

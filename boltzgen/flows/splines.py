@@ -48,7 +48,7 @@ def wrap_angle(x: Tensor) -> Tensor:
 def _clamp(v: Tensor, low: Tensor, high: Tensor) -> Tensor:
     """Clamp to per-dimension bounds with a pass-through gradient (cheap backward)."""
     vd = v.detach()
-    return v + (vd.clamp(low, high) - vd)
+    return vd.clamp(low, high) + (v - vd)  # v - vd is exactly 0: the value is the clamp
 
 
 def _bin_params(v: Tensor, xk: Tensor, yk: Tensor, dk: Tensor, on_y: bool) -> tuple[Tensor, ...]:
@@ -106,14 +106,14 @@ def rqs_inverse(y: Tensor, xk: Tensor, yk: Tensor, dk: Tensor) -> tuple[Tensor, 
     w = x1 - x0
     h = y1 - y0
     s = h / w
-    dy = (y - y0).clamp(min=0.0)
-    dy = torch.minimum(dy, h)
+    dy = y - y0
     c2 = d0 + d1 - 2.0 * s
-    a = h * (s - d0) + dy * c2
-    b = h * d0 - dy * c2
-    c = -s * dy
-    disc = (b * b - 4.0 * a * c).clamp(min=0.0)
-    t = (2.0 * c) / (-b - torch.sqrt(disc))
+    dyc2 = dy * c2
+    a = h * (s - d0) + dyc2
+    b = h * d0 - dyc2
+    sdy = s * dy
+    disc = (b * b + 4.0 * a * sdy).clamp(min=0.0)
+    t = (2.0 * sdy) / (b + torch.sqrt(disc))  # root of a t^2 + b t - s dy = 0 in [0, 1]
     t = t.clamp(0.0, 1.0)
     x = x0 + t * w
     t2 = t * t
@@ -228,6 +228,7 @@ class DomainSpline(nn.Module):
         self.register_buffer("unbounded", torch.tensor(unb, dtype=torch.bool))
         self.register_buffer("circular", torch.tensor(circ, dtype=torch.bool))
         self.any_unbounded = any(unb)
+        self.any_bounded = not all(u or c for u, c in zip(unb, circ))
         self.any_circular = any(circ)
 
     @property
@@ -259,18 +260,16 @@ class DomainSpline(nn.Module):
             self.min_derivative,
         )
 
-    def _prepare(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _prepare(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.any_circular:
             v = torch.where(self.circular, wrap_angle(v), v)
-        low, high = self.bounds(v)
-        outside = None
-        if self.any_unbounded:
-            outside = self.unbounded & ((v < low) | (v > high))
-        return _clamp(v, low, high), outside
+        vc = _clamp(v, *self.bounds(v))
+        outside = (vc != v) & self.unbounded if self.any_unbounded else None
+        return v, vc, outside
 
     def _finish(self, v: Tensor, out: Tensor, ld: Tensor, outside: Tensor | None) -> tuple:
-        # Round-off in the knots must not push outputs out of the interval.
-        out = _clamp(out, *self.bounds(v))
+        if self.any_bounded:  # round-off in the knots must not leave the interval
+            out = _clamp(out, *self.bounds(v))
         if outside is not None:
             out = torch.where(outside, v, out)
             ld = ld.masked_fill(outside, 0.0)
@@ -284,13 +283,13 @@ class DomainSpline(nn.Module):
         Returns ``(y, log|dy/dx|)`` with the log-det per element, ``(batch, D)``.
         """
         xk, yk, dk = self.knots(params)
-        xc, outside = self._prepare(x)
+        x, xc, outside = self._prepare(x)
         y, ld = rqs_forward(xc, xk, yk, dk)
         return self._finish(x, y, ld, outside)
 
     def inverse_and_log_det(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """Inverse map; returns ``(x, log|dx/dy|)`` per element, ``(batch, D)``."""
         xk, yk, dk = self.knots(params)
-        yc, outside = self._prepare(y)
+        y, yc, outside = self._prepare(y)
         x, ld = rqs_inverse(yc, xk, yk, dk)
         return self._finish(y, x, ld, outside)
