@@ -152,15 +152,14 @@ def rqs_knots(
     if min_bin_width * n_bins >= 1.0 or min_bin_height * n_bins >= 1.0:
         raise ValueError("minimal bin size too large for the number of bins")
     dt, dev = params.dtype, params.device
-    # Widths and heights together: (..., D, 2, K). Softmax and cumulative sum in one matmul
-    # with a triangular 0/1 matrix (much faster on CPU than softmax + cumsum over a short last
-    # axis): c_j = sum_{i<j} e_i / sum_i e_i.
+    # Widths and heights together: (..., D, 2, K); softmax and cumulative sum in one pass,
+    # normalised by the last cumulative sum so that the end knot is exact.
     wh = params[..., : 2 * n_bins].unflatten(-1, (2, n_bins))
-    tri = torch.ones(n_bins, n_bins + 1, dtype=dt, device=dev).triu(1)
     min_size = torch.tensor([[min_bin_width], [min_bin_height]], dtype=dt, device=dev)
     offset = min_size * torch.arange(n_bins + 1, dtype=dt, device=dev)  # (2, K + 1)
-    e = torch.exp(wh - wh.amax(-1, keepdim=True))
-    c = (e @ tri) / e.sum(-1, keepdim=True)
+    e = torch.exp(wh - wh.detach().amax(-1, keepdim=True))
+    cs = F.pad(e.cumsum(-1), (1, 0))
+    c = cs / cs[..., -1:]
     frac = offset + (1.0 - min_size * n_bins) * c
     span = (high - low)[:, None, None]
     xk, yk = (low[:, None, None] + span * frac).unbind(-2)
