@@ -159,10 +159,11 @@ def rqs_knots(
     offset = min_size * torch.arange(n_bins + 1, dtype=dt, device=dev)  # (2, K + 1)
     e = torch.exp(wh - wh.detach().amax(-1, keepdim=True))
     cs = F.pad(e.cumsum(-1), (1, 0))
-    c = cs / cs[..., -1:]
-    frac = offset + (1.0 - min_size * n_bins) * c
+    # knots = low + span * (offset + (1 - K min_size) * cs / cs[-1]), as one fused addcmul.
     span = (high - low)[:, None, None]
-    xk, yk = (low[:, None, None] + span * frac).unbind(-2)
+    base = low[:, None, None] + span * offset  # (D, 2, K + 1)
+    scale = span * (1.0 - min_size * n_bins) / cs[..., -1:]
+    xk, yk = torch.addcmul(base, scale, cs).unbind(-2)
 
     shift = math.log(math.expm1(1.0 - min_derivative))  # softplus(shift) + min_d = 1
     dk = min_derivative + F.softplus(params[..., 2 * n_bins :] + shift)
