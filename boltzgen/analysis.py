@@ -64,10 +64,9 @@ def _positions(positions: np.ndarray) -> np.ndarray:
 
 
 def dihedral(positions: np.ndarray, indices: Sequence[int]) -> np.ndarray:
-    """Dihedral angle of atoms ``(i, j, k, l)`` in every frame, radians in [-pi, pi].
+    """Dihedral angle of atoms ``(i, j, k, l)`` in every frame, radians in [-pi, pi).
 
-    Uses the IUPAC sign convention (as mdtraj and OpenMM): ``atan2(|b2| b1 . (n2), n1 . n2)``
-    with ``n1 = b1 x b2`` and ``n2 = b2 x b3``.
+    IUPAC sign convention (as mdtraj and OpenMM), computed by `boltzgen.geometry.dihedrals`.
 
     Args:
         positions: `(n, n_atoms, 3)` nm.
@@ -76,12 +75,12 @@ def dihedral(positions: np.ndarray, indices: Sequence[int]) -> np.ndarray:
     Returns:
         `(n,)` radians.
     """
-    x = _positions(positions)
-    i, j, k, m = indices
-    b1, b2, b3 = x[:, j] - x[:, i], x[:, k] - x[:, j], x[:, m] - x[:, k]
-    n1, n2 = np.cross(b1, b2), np.cross(b2, b3)
-    y = np.linalg.norm(b2, axis=-1) * np.einsum("nd,nd->n", b1, n2)
-    return np.arctan2(y, np.einsum("nd,nd->n", n1, n2))
+    import torch
+
+    from boltzgen.geometry import dihedrals
+
+    x = torch.as_tensor(_positions(positions), dtype=torch.float64)
+    return dihedrals(x, [list(indices)])[:, 0].numpy()
 
 
 def phi_psi(
