@@ -2,8 +2,8 @@
 
 Oracle: chains started from exact samples of the target stay exactly distributed as the target
 after any number of moves of an invariant kernel; chains are independent, so the sample mean of
-``x`` has standard error ``σ / sqrt(N)`` and the sample variance ``σ² sqrt(2 / N)`` (Gaussian) or the
-empirical SE of ``x²`` (double well). We require agreement within 4 standard errors.
+``x`` has standard error ``σ / sqrt(N)`` and the sample variance ``σ² sqrt(2 / N)`` (Gaussian)
+or the empirical SE of ``x²`` (double well). We require agreement within 4 standard errors.
 """
 
 import math
