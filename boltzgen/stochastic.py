@@ -65,7 +65,10 @@ __all__ = [
     "MALALayer",
     "MetropolisLayer",
     "StochasticLayer",
+    "acceptance_rates",
+    "adapt_step_sizes",
     "linear_lambdas",
+    "stochastic_layers",
 ]
 
 LogDensity = nn.Module | Callable[[Tensor], Tensor]
@@ -281,3 +284,18 @@ class HMCLayer(StochasticLayer):
             self.generator,
         )
         return res, log_p - res.log_prob
+
+
+def stochastic_layers(module: nn.Module) -> list[StochasticLayer]:
+    """All `StochasticLayer` submodules of ``module`` (e.g. a `Flow`), in registration order."""
+    return [m for m in module.modules() if isinstance(m, StochasticLayer)]
+
+
+def acceptance_rates(module: nn.Module) -> list[float]:
+    """``last_acceptance`` of every stochastic layer in ``module`` (NaN before the first call)."""
+    return [layer.last_acceptance for layer in stochastic_layers(module)]
+
+
+def adapt_step_sizes(module: nn.Module) -> list[float]:
+    """Call `StochasticLayer.adapt` on every stochastic layer; return the new step sizes."""
+    return [layer.adapt() for layer in stochastic_layers(module)]

@@ -19,7 +19,10 @@ from boltzgen.stochastic import (
     MALALayer,
     MetropolisLayer,
     StochasticLayer,
+    acceptance_rates,
+    adapt_step_sizes,
     linear_lambdas,
+    stochastic_layers,
 )
 from boltzgen.toys import DoubleWell1D, gmm_2d
 
@@ -156,3 +159,50 @@ def test_invalid_arguments() -> None:
     with pytest.raises(ValueError):
         MALALayer(t, t, n_steps=0)
     assert issubclass(HMCLayer, StochasticLayer)
+
+
+def test_flow_level_helpers() -> None:
+    target = DoubleWell1D()
+    flow = make_snf(target, 1, 1.5, "mala", seed=0)
+    assert len(stochastic_layers(flow)) == 8
+    assert all(math.isnan(a) for a in acceptance_rates(flow))
+    with torch.no_grad():
+        flow.sample_and_log_prob(500)
+    rates = acceptance_rates(flow)
+    assert all(0.0 < a <= 1.0 for a in rates)
+    before = [layer.step_size.item() for layer in stochastic_layers(flow)]
+    after = adapt_step_sizes(flow)
+    for a, b, r in zip(after, before, rates):
+        assert (a > b) == (r > 0.57)
+
+
+def test_toy_normalisers_against_independent_quadrature() -> None:
+    from scipy.integrate import quad
+
+    dw = DoubleWell1D(a=0.5, b=3.0, c=-0.7)
+    val, _ = quad(
+        lambda x: math.exp(-(0.5 * x**4 - 3.0 * x**2 - 0.7 * x)),
+        -math.inf,
+        math.inf,
+        epsabs=1e-13,
+        epsrel=1e-13,
+    )
+    assert abs(dw.log_z - math.log(val)) < 1e-9
+    mean, _ = quad(
+        lambda x: x * math.exp(-(0.5 * x**4 - 3.0 * x**2 - 0.7 * x) - dw.log_z),
+        -math.inf,
+        math.inf,
+        epsabs=1e-13,
+    )
+    assert abs(dw.moment(1) - mean) < 1e-8
+    xs = dw.sample(40000, generator=torch.Generator().manual_seed(0))
+    assert abs(xs.mean().item() - mean) < 4 * xs.std().item() / 200
+    gmm = gmm_2d(n_modes=5, radius=2.0, scale=0.7)
+    g = torch.linspace(-7, 7, 561, dtype=torch.float64)
+    gx, gy = torch.meshgrid(g, g, indexing="ij")
+    lp = gmm.log_prob(torch.stack([gx.flatten(), gy.flatten()], 1))
+    log_z_grid = torch.logsumexp(lp, 0).item() + 2 * math.log(g[1] - g[0])
+    assert abs(gmm.log_z - log_z_grid) < 1e-8
+    assert abs(gmm.log_z - math.log(15.0)) < 1e-12
+    s = gmm.sample(40000, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(s.mean(0), gmm.mean(), atol=4 * 2.0 / 200)
