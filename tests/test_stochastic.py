@@ -235,3 +235,14 @@ def test_inverse_direction_gives_unbiased_marginal_density() -> None:
         x, _ = flow.sample_and_log_prob(40000)
     assert abs(x.mean().item() - mean) < 4 * math.sqrt(var / 40000)
     assert abs(x.var().item() - var) < 4 * var * math.sqrt(2 / 40000)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_float32_flow_keeps_dtype(kind: str) -> None:
+    target = gmm_2d()
+    cls, kw = LAYERS[kind]
+    base = DiagonalGaussian(2, scale=3.0)  # float32
+    flow = Flow(base, Compose([cls(target, base, lam, **kw) for lam in linear_lambdas(3)]))
+    x, log_q = flow.sample_and_log_prob(256)
+    assert x.dtype == torch.float32 and log_q.dtype == torch.float32
+    assert torch.isfinite(x).all() and torch.isfinite(log_q).all()
