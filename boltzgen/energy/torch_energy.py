@@ -209,11 +209,7 @@ class NonbondedTerm(nn.Module):
         return cls(_i64(pairs, (-1, 2)), _f64(qq), _f64(sigma), _f64(epsilon))
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        r = _pair_distances(x, self.pairs[:, 0], self.pairs[:, 1])
-        coulomb = ONE_4PI_EPS0 * self.qq / r
-        sr6 = (self.sigma / r) ** 6
-        lj = 4.0 * self.epsilon * (sr6 * sr6 - sr6)
-        return (coulomb + lj).sum(-1)
+        return _AnalyticEnergy.apply(x, _nonbonded_energy_and_grad, self)
 
 
 class GBSAOBCTerm(nn.Module):
@@ -319,41 +315,163 @@ class GBSAOBCTerm(nn.Module):
         """Effective Born radii, shape ``(B, n_atoms)``, nm (``r2``: squared distances)."""
         if r2 is None:
             r2 = _squared_distance_matrix(x)
+        return self._born(r2)[0]
+
+    def _born(self, r2: Tensor) -> tuple[Tensor, ...]:
+        """Born radii from squared distances, with the intermediates the analytic gradient uses."""
         eye = self.eye
         r = torch.sqrt(r2 + eye)  # 1 on the diagonal: no 0/0 in the backward pass
         or_i = self.offset_radius[:, None]
         sr_j = self.scaled_radius[None, :]
         active = (r + sr_j > or_i) & (eye == 0)
-        r_safe = torch.where(active, r, torch.full_like(r, 10.0))
-        upper = r_safe + sr_j
-        lower = torch.maximum(or_i.expand_as(r_safe), (r_safe - sr_j).abs())
-        inv_l, inv_u, inv_r = 1 / lower, 1 / upper, 1 / r_safe
-        term = (
-            inv_l
-            - inv_u
-            + 0.25 * (r_safe - sr_j**2 * inv_r) * (inv_u**2 - inv_l**2)
-            + 0.5 * torch.log(lower * inv_u) * inv_r
-        )
+        r = torch.where(active, r, 10.0)
+        upper_inv = 1 / (r + sr_j)
+        diff = r - sr_j
+        use_diff = diff.abs() > or_i
+        lower = torch.where(use_diff, diff.abs(), or_i)
+        inv_l, inv_r = 1 / lower, 1 / r
+        inv_l2, inv_u2 = inv_l * inv_l, upper_inv * upper_inv
+        a = r - sr_j**2 * inv_r
+        log_lu = torch.log(lower * upper_inv)
+        term = inv_l - upper_inv + 0.25 * a * (inv_u2 - inv_l2) + 0.5 * log_lu * inv_r
+        engulfed = None
         if self.engulfed_term:
-            engulfed = or_i < sr_j - r_safe
-            term = term + torch.where(engulfed, 2 * (1 / or_i - inv_l), torch.zeros_like(term))
-        integral = 0.5 * torch.where(active, term, torch.zeros_like(term)).sum(-1)
-        psi = integral * self.offset_radius
-        t = torch.tanh(self.alpha * psi - self.beta * psi**2 + self.gamma * psi**3)
-        return 1 / (1 / self.offset_radius - t / self.radius)
+            engulfed = (or_i < sr_j - r) & active
+            term = term + torch.where(engulfed, 2 * (1 / or_i - inv_l), 0.0)
+        active_f = active.to(r2.dtype)
+        psi = (0.5 * self.offset_radius) * (term * active_f).sum(-1)
+        t = torch.tanh(psi * (self.alpha + psi * (self.gamma * psi - self.beta)))
+        born = 1 / (1 / self.offset_radius - t / self.radius)
+        return (
+            born,
+            psi,
+            t,
+            active_f,
+            diff,
+            use_diff,
+            engulfed,
+            inv_l,
+            inv_l2,
+            upper_inv,
+            inv_u2,
+            inv_r,
+            a,
+            log_lu,
+        )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        r2 = _squared_distance_matrix(x)
-        born = self.born_radii(x, r2)
-        # polar energy over the full matrix: the diagonal (r = 0, f = B_i) is the Born self
-        # energy, each off-diagonal pair appears twice
-        bb = born[:, :, None] * born[:, None, :]
-        f = torch.sqrt(r2 + bb * torch.exp(-r2 / (4 * bb)))
-        energy = self.prefactor * (self.qq / f).sum((-1, -2))
-        if self.surface_area_energy:
-            sa = (self.radius + self.probe_radius) ** 2 * (self.radius / born) ** 6
-            energy = energy + self.surface_area_energy * sa.sum(-1)
+        return _AnalyticEnergy.apply(x, _gb_energy_and_grad, self)
+
+
+def _pair_matrix(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Centred positions ``(B, N, 3)`` and squared distances ``(B, N, N)`` (0 on the diagonal)."""
+    xc = x - x.mean(1, keepdim=True)
+    d = xc[:, :, None, :] - xc[:, None, :, :]
+    return xc, (d * d).sum(-1)
+
+
+def _grad_from_r2(xc: Tensor, g: Tensor) -> Tensor:
+    """``dE/dx`` ``(B, N, 3)`` of an energy with ``dE/d r2_ij = g`` ``(B, N, N)``."""
+    gs = g + g.transpose(1, 2)
+    return 2 * (gs.sum(-1, keepdim=True) * xc - gs @ xc)
+
+
+def _gb_energy_and_grad(
+    term: GBSAOBCTerm, x: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """OBC energy ``(B,)`` and, if ``need_grad``, its analytic gradient ``(B, N, 3)``."""
+    xc, r2 = _pair_matrix(x)
+    (
+        born,
+        psi,
+        t,
+        active_f,
+        diff,
+        use_diff,
+        engulfed,
+        inv_l,
+        inv_l2,
+        inv_u,
+        inv_u2,
+        inv_r,
+        a,
+        log_lu,
+    ) = term._born(r2)
+    # polar energy over the full matrix: the diagonal (r = 0, f = B_i) is the Born self
+    # energy, each off-diagonal pair appears twice
+    bb = born[:, :, None] * born[:, None, :]
+    q = r2 / (4 * bb)
+    e = torch.exp(-q)
+    inv_f = torch.rsqrt(r2 + bb * e)
+    pair = term.qq * inv_f
+    energy = term.prefactor * pair.sum((-1, -2))
+    sa = None
+    if term.surface_area_energy:
+        sa = (term.surface_area_energy * (term.radius + term.probe_radius) ** 2) * (
+            term.radius / born
+        ) ** 6
+        energy = energy + sa.sum(-1)
+    if not need_grad:
+        return energy, None
+    g_f2 = (-0.5 * term.prefactor) * pair * inv_f * inv_f  # dE / d f^2
+    g = g_f2 * (1 - 0.25 * e)  # explicit dE / d r^2
+    g_bb = g_f2 * e * (1 + q)  # dE / d(B_i B_j)
+    d_born = 2 * (g_bb @ born[..., None]).squeeze(-1)
+    if sa is not None:
+        d_born = d_born - 6 * sa / born
+    d_psi = term.alpha + psi * (3 * term.gamma * psi - 2 * term.beta)
+    d_integral = d_born * born**2 * (1 - t * t) * d_psi * (term.offset_radius / term.radius)
+    lp = torch.where(use_diff, torch.sign(diff), 0.0)  # d lower / dr
+    lp_inv_l2 = lp * inv_l2
+    sr2 = term.scaled_radius[None, :] ** 2
+    d_term = (
+        inv_u2
+        - lp_inv_l2
+        + 0.25 * (1 + sr2 * inv_r * inv_r) * (inv_u2 - inv_l2)
+        + 0.5 * a * (lp_inv_l2 * inv_l - inv_u2 * inv_u)
+        + 0.5 * inv_r * (lp * inv_l - inv_u - log_lu * inv_r)
+    )
+    if engulfed is not None:
+        d_term = d_term + torch.where(engulfed, 2 * lp_inv_l2, 0.0)
+    # dI_i/dr_ij = 0.5 d_term; dr/dr^2 = 1 / (2 r)
+    g = g + (0.25 * d_integral)[:, :, None] * (active_f * d_term * inv_r)
+    return energy, _grad_from_r2(xc, g)
+
+
+def _nonbonded_energy_and_grad(
+    term: NonbondedTerm, x: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Coulomb + LJ energy ``(B,)`` and, if ``need_grad``, its analytic gradient ``(B, N, 3)``."""
+    i, j = term.pairs[:, 0], term.pairs[:, 1]
+    d = x[:, j] - x[:, i]
+    inv_r2 = 1 / (d * d).sum(-1)
+    coulomb = (ONE_4PI_EPS0 * term.qq) * torch.sqrt(inv_r2)
+    sr6 = (term.sigma**2 * inv_r2) ** 3
+    eps4 = 4.0 * term.epsilon
+    lj12, lj6 = eps4 * sr6 * sr6, eps4 * sr6
+    energy = (coulomb + lj12 - lj6).sum(-1)
+    if not need_grad:
+        return energy, None
+    g = inv_r2 * (-0.5 * coulomb - 6 * lj12 + 3 * lj6)  # dE / d r^2
+    w = (2 * g)[..., None] * d  # dE / d x_j
+    grad = torch.zeros_like(x).index_add_(1, j, w).index_add_(1, i, -w)
+    return energy, grad
+
+
+class _AnalyticEnergy(torch.autograd.Function):
+    """An energy whose gradient is computed analytically alongside it (once-differentiable)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fn: Any, term: nn.Module) -> Tensor:  # noqa: D102
+        energy, grad = fn(term, x, ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad)
         return energy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        (grad,) = ctx.saved_tensors
+        return grad_out[:, None, None] * grad, None, None
 
 
 def _squared_distance_matrix(x: Tensor) -> Tensor:
