@@ -81,9 +81,7 @@ class HarmonicBondTerm(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        d = x[:, self.pairs[:, 1]] - x[:, self.pairs[:, 0]]
-        r = torch.linalg.vector_norm(d, dim=-1)
-        return (0.5 * self.k * (r - self.r0) ** 2).sum(-1)
+        return _AnalyticEnergy.apply(x, _bond_energy_and_grad, self)
 
 
 class HarmonicAngleTerm(nn.Module):
@@ -106,22 +104,7 @@ class HarmonicAngleTerm(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        t = self.triples
-        a = x[:, t[:, 0]] - x[:, t[:, 1]]
-        b = x[:, t[:, 2]] - x[:, t[:, 1]]
-        cross = torch.linalg.vector_norm(torch.linalg.cross(a, b, dim=-1), dim=-1)
-        theta = torch.atan2(cross, (a * b).sum(-1))
-        return (0.5 * self.k * (theta - self.theta0) ** 2).sum(-1)
-
-
-def _dihedral(x: Tensor, quads: Tensor) -> Tensor:
-    """Dihedral angles in (-pi, pi] of atom quadruples, IUPAC sign convention (as OpenMM)."""
-    p0, p1, p2, p3 = (x[:, quads[:, i]] for i in range(4))
-    b0, b1, b2 = p1 - p0, p2 - p1, p3 - p2
-    n1 = torch.linalg.cross(b0, b1, dim=-1)
-    n2 = torch.linalg.cross(b1, b2, dim=-1)
-    y = torch.linalg.vector_norm(b1, dim=-1) * (b0 * n2).sum(-1)
-    return torch.atan2(y, (n1 * n2).sum(-1))
+        return _AnalyticEnergy.apply(x, _angle_energy_and_grad, self)
 
 
 class PeriodicTorsionTerm(nn.Module):
@@ -130,6 +113,10 @@ class PeriodicTorsionTerm(nn.Module):
     def __init__(self, quads: Tensor, periodicity: Tensor, phase: Tensor, k: Tensor) -> None:
         super().__init__()
         self.register_buffer("quads", quads.reshape(-1, 4))
+        # each distinct quadruple's dihedral is computed once
+        unique, index = torch.unique(self.quads, dim=0, return_inverse=True)
+        self.register_buffer("unique_quads", unique)
+        self.register_buffer("quad_index", index)
         self.register_buffer("periodicity", periodicity)
         self.register_buffer("phase", phase)
         self.register_buffer("k", k)
@@ -146,12 +133,95 @@ class PeriodicTorsionTerm(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        phi = _dihedral(x, self.quads)
-        return (self.k * (1 + torch.cos(self.periodicity * phi - self.phase))).sum(-1)
+        return _AnalyticEnergy.apply(x, _torsion_energy_and_grad, self)
 
 
-def _pair_distances(x: Tensor, i: Tensor, j: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x[:, j] - x[:, i], dim=-1)
+def _components(x: Tensor) -> Tensor:
+    """Component-major view ``(3, B, N)`` of positions ``(B, N, 3)``."""
+    return x.permute(2, 0, 1)
+
+
+def _cross(a: Tensor, b: Tensor) -> Tensor:
+    """Cross product of component-major vectors ``(3, ...)``."""
+    return torch.stack(
+        (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+    )
+
+
+def _scatter(x: Tensor, *parts: tuple[Tensor, Tensor]) -> Tensor:
+    """Sum component-major per-term gradients ``(3, B, T)`` onto atoms: ``(B, N, 3)``."""
+    grad = x.new_zeros(3, x.shape[0], x.shape[1])
+    for index, value in parts:
+        grad.index_add_(2, index, value)
+    return grad.permute(1, 2, 0)
+
+
+def _bond_energy_and_grad(
+    term: HarmonicBondTerm, x: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    xt = _components(x)
+    i, j = term.pairs[:, 0], term.pairs[:, 1]
+    d = xt[:, :, j] - xt[:, :, i]
+    r = torch.sqrt((d * d).sum(0))
+    k_dr = term.k * (r - term.r0)
+    energy = (0.5 * k_dr * (r - term.r0)).sum(-1)
+    if not need_grad:
+        return energy, None
+    w = (k_dr / r) * d
+    return energy, _scatter(x, (j, w), (i, -w))
+
+
+def _angle_energy_and_grad(
+    term: HarmonicAngleTerm, x: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    xt = _components(x)
+    t = term.triples
+    p1 = xt[:, :, t[:, 1]]
+    a = xt[:, :, t[:, 0]] - p1
+    b = xt[:, :, t[:, 2]] - p1
+    ab = (a * b).sum(0)
+    cn = torch.sqrt((_cross(a, b) ** 2).sum(0))
+    dtheta = torch.atan2(cn, ab) - term.theta0
+    energy = (0.5 * term.k * dtheta * dtheta).sum(-1)
+    if not need_grad:
+        return energy, None
+    # d theta / d a = -(b - (a.b / a.a) a) / |a x b|, and likewise for b
+    s = -(term.k * dtheta) / cn.clamp_min(torch.finfo(x.dtype).tiny)
+    ga = s * (b - (ab / (a * a).sum(0)) * a)
+    gb = s * (a - (ab / (b * b).sum(0)) * b)
+    return energy, _scatter(x, (t[:, 0], ga), (t[:, 2], gb), (t[:, 1], -(ga + gb)))
+
+
+def _torsion_energy_and_grad(
+    term: PeriodicTorsionTerm, x: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    xt = _components(x)
+    q = term.unique_quads
+    p1, p2 = xt[:, :, q[:, 1]], xt[:, :, q[:, 2]]
+    f, g, h = xt[:, :, q[:, 0]] - p1, p1 - p2, xt[:, :, q[:, 3]] - p2
+    a, b = _cross(f, g), _cross(h, g)
+    g2 = (g * g).sum(0)
+    g_norm = torch.sqrt(g2)
+    # IUPAC sign convention, as OpenMM (Blondel & Karplus, J. Comput. Chem. 17, 1132 (1996))
+    phi = torch.atan2(-g_norm * (f * b).sum(0), (a * b).sum(0))
+    arg = term.periodicity * phi[:, term.quad_index] - term.phase
+    energy = (term.k * (1 + torch.cos(arg))).sum(-1)
+    if not need_grad:
+        return energy, None
+    d_phi = x.new_zeros(phi.shape).index_add_(
+        1, term.quad_index, -(term.k * term.periodicity) * torch.sin(arg)
+    )
+    s0 = d_phi * g_norm / (a * a).sum(0)
+    s3 = d_phi * g_norm / (b * b).sum(0)
+    fg, hg = (f * g).sum(0) / g2, (h * g).sum(0) / g2
+    sa, sb = s0 * a, s3 * b
+    return energy, _scatter(
+        x,
+        (q[:, 0], -sa),
+        (q[:, 3], sb),
+        (q[:, 1], (1 + fg) * sa - hg * sb),
+        (q[:, 2], (hg - 1) * sb - fg * sa),
+    )
 
 
 class NonbondedTerm(nn.Module):
