@@ -321,6 +321,11 @@ class GBSAOBCTerm(nn.Module):
         self.register_buffer("scaled_radius", scale * (radius - offset))
         self.register_buffer("qq", charge[:, None] * charge[None, :])
         self.register_buffer("eye", torch.eye(n, dtype=charge.dtype))
+        # pair (i, j) descreens i iff r_ij > or_i - sr_j (never on the diagonal); inactive pairs
+        # are evaluated at a harmless r (the threshold itself, 1 nm on the diagonal), masked out
+        threshold = self.offset_radius[:, None] - self.scaled_radius[None, :]
+        self.register_buffer("threshold", threshold + torch.diag(torch.full((n,), math.inf)))
+        self.register_buffer("r_floor", threshold * (1 - self.eye) + self.eye)
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.prefactor = -0.5 * coulomb_constant * (1 / solute_dielectric - 1 / solvent_dielectric)
         self.surface_area_energy = surface_area_energy  # includes the 4 pi
@@ -389,21 +394,20 @@ class GBSAOBCTerm(nn.Module):
 
     def _born(self, r2: Tensor) -> tuple[Tensor, ...]:
         """Born radii from squared distances, with the intermediates the analytic gradient uses."""
-        eye = self.eye
-        r = torch.sqrt(r2 + eye)  # 1 on the diagonal: no 0/0 in the backward pass
+        r = torch.sqrt(r2)
+        active = r > self.threshold
+        r = torch.maximum(r, self.r_floor)
         or_i = self.offset_radius[:, None]
         sr_j = self.scaled_radius[None, :]
-        active = (r + sr_j > or_i) & (eye == 0)
-        r = torch.where(active, r, 10.0)
-        upper_inv = 1 / (r + sr_j)
+        inv_u = 1 / (r + sr_j)
         diff = r - sr_j
         use_diff = diff.abs() > or_i
-        lower = torch.where(use_diff, diff.abs(), or_i)
+        lower = torch.maximum(diff.abs(), or_i)
         inv_l, inv_r = 1 / lower, 1 / r
-        inv_l2, inv_u2 = inv_l * inv_l, upper_inv * upper_inv
+        inv_l2, inv_u2 = inv_l * inv_l, inv_u * inv_u
         a = r - sr_j**2 * inv_r
-        log_lu = torch.log(lower * upper_inv)
-        term = inv_l - upper_inv + 0.25 * a * (inv_u2 - inv_l2) + 0.5 * log_lu * inv_r
+        log_lu = torch.log(lower * inv_u)
+        term = inv_l - inv_u + 0.25 * a * (inv_u2 - inv_l2) + 0.5 * log_lu * inv_r
         engulfed = None
         if self.engulfed_term:
             engulfed = (or_i < sr_j - r) & active
@@ -422,7 +426,7 @@ class GBSAOBCTerm(nn.Module):
             engulfed,
             inv_l,
             inv_l2,
-            upper_inv,
+            inv_u,
             inv_u2,
             inv_r,
             a,
@@ -436,8 +440,9 @@ class GBSAOBCTerm(nn.Module):
 def _pair_matrix(x: Tensor) -> tuple[Tensor, Tensor]:
     """Centred positions ``(B, N, 3)`` and squared distances ``(B, N, N)`` (0 on the diagonal)."""
     xc = x - x.mean(1, keepdim=True)
-    d = xc[:, :, None, :] - xc[:, None, :, :]
-    return xc, (d * d).sum(-1)
+    xt = xc.transpose(1, 2)
+    d = xt[:, :, :, None] - xt[:, :, None, :]
+    return xc, (d * d).sum(1)
 
 
 def _grad_from_r2(xc: Tensor, g: Tensor) -> Tensor:
@@ -450,6 +455,10 @@ def _gb_energy_and_grad(
     term: GBSAOBCTerm, x: Tensor, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
     """OBC energy ``(B,)`` and, if ``need_grad``, its analytic gradient ``(B, N, 3)``."""
+    if x.shape[0] > _GB_CHUNK:  # keep the (chunk, N, N) temporaries cache-sized
+        parts = [_gb_energy_and_grad(term, xs, need_grad) for xs in x.split(_GB_CHUNK)]
+        energy = torch.cat([e for e, _ in parts])
+        return energy, torch.cat([g for _, g in parts]) if need_grad else None
     xc, r2 = _pair_matrix(x)
     (
         born,
@@ -506,6 +515,10 @@ def _gb_energy_and_grad(
     # dI_i/dr_ij = 0.5 d_term; dr/dr^2 = 1 / (2 r)
     g = g + (0.25 * d_integral)[:, :, None] * (active_f * d_term * inv_r)
     return energy, _grad_from_r2(xc, g)
+
+
+#: batch chunk of the dense GB pair maths (~256 x 22 x 22 temporaries stay in cache)
+_GB_CHUNK = 256
 
 
 def _nonbonded_energy_and_grad(
