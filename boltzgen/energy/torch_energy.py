@@ -81,7 +81,7 @@ class HarmonicBondTerm(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return _AnalyticEnergy.apply(x, _bond_energy_and_grad, self)
+        return _analytic(x, _bond_energy_and_grad, self)
 
 
 class HarmonicAngleTerm(nn.Module):
@@ -104,7 +104,7 @@ class HarmonicAngleTerm(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return _AnalyticEnergy.apply(x, _angle_energy_and_grad, self)
+        return _analytic(x, _angle_energy_and_grad, self)
 
 
 class PeriodicTorsionTerm(nn.Module):
@@ -133,12 +133,7 @@ class PeriodicTorsionTerm(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return _AnalyticEnergy.apply(x, _torsion_energy_and_grad, self)
-
-
-def _components(x: Tensor) -> Tensor:
-    """Component-major view ``(3, B, N)`` of positions ``(B, N, 3)``."""
-    return x.permute(2, 0, 1)
+        return _analytic(x, _torsion_energy_and_grad, self)
 
 
 def _cross(a: Tensor, b: Tensor) -> Tensor:
@@ -148,37 +143,51 @@ def _cross(a: Tensor, b: Tensor) -> Tensor:
     )
 
 
-def _scatter(x: Tensor, *parts: tuple[Tensor, Tensor]) -> Tensor:
-    """Sum component-major per-term gradients ``(3, B, T)`` onto atoms: ``(B, N, 3)``."""
-    grad = x.new_zeros(3, x.shape[0], x.shape[1])
-    for index, value in parts:
-        grad.index_add_(2, index, value)
-    return grad.permute(1, 2, 0)
+def _incidence(term: nn.Module, x: Tensor, plus: Tensor, minus: Tensor) -> Tensor:
+    """``(N, K)`` matrix mapping positions to the ``K`` vectors ``x[plus] - x[minus]``.
+
+    Gathers and gradient scatters then become small matrix products. Cached per shape/dtype.
+    """
+    cache = term.__dict__.setdefault("_incidence_cache", {})
+    key = (x.shape[1], x.dtype, x.device)  # one incidence matrix per term
+    if key not in cache:
+        cols = torch.arange(plus.shape[0], device=x.device)
+        m = torch.zeros(x.shape[1], plus.shape[0], dtype=x.dtype, device=x.device)
+        m.index_put_((plus, cols), torch.ones_like(cols, dtype=x.dtype), accumulate=True)
+        m.index_put_((minus, cols), -torch.ones_like(cols, dtype=x.dtype), accumulate=True)
+        cache[key] = m
+    return cache[key]
+
+
+def _vectors(x: Tensor, m: Tensor) -> Tensor:
+    """Difference vectors ``(3, B, K)`` (component-major) of positions ``(B, N, 3)``."""
+    return torch.matmul(x.transpose(1, 2), m).transpose(0, 1)
+
+
+def _vectors_grad(g: Tensor, m: Tensor) -> Tensor:
+    """Gradient ``(B, N, 3)`` from ``dE/dvector`` ``(3, B, K)`` (the adjoint of `_vectors`)."""
+    return torch.matmul(g.transpose(0, 1), m.T).transpose(1, 2)
 
 
 def _bond_energy_and_grad(
     term: HarmonicBondTerm, x: Tensor, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    xt = _components(x)
-    i, j = term.pairs[:, 0], term.pairs[:, 1]
-    d = xt[:, :, j] - xt[:, :, i]
+    m = _incidence(term, x, term.pairs[:, 1], term.pairs[:, 0])
+    d = _vectors(x, m)
     r = torch.sqrt((d * d).sum(0))
     k_dr = term.k * (r - term.r0)
     energy = (0.5 * k_dr * (r - term.r0)).sum(-1)
     if not need_grad:
         return energy, None
-    w = (k_dr / r) * d
-    return energy, _scatter(x, (j, w), (i, -w))
+    return energy, _vectors_grad((k_dr / r) * d, m)
 
 
 def _angle_energy_and_grad(
     term: HarmonicAngleTerm, x: Tensor, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    xt = _components(x)
     t = term.triples
-    p1 = xt[:, :, t[:, 1]]
-    a = xt[:, :, t[:, 0]] - p1
-    b = xt[:, :, t[:, 2]] - p1
+    m = _incidence(term, x, torch.cat([t[:, 0], t[:, 2]]), torch.cat([t[:, 1], t[:, 1]]))
+    a, b = _vectors(x, m).chunk(2, dim=-1)
     ab = (a * b).sum(0)
     cn = torch.sqrt((_cross(a, b) ** 2).sum(0))
     dtheta = torch.atan2(cn, ab) - term.theta0
@@ -189,16 +198,16 @@ def _angle_energy_and_grad(
     s = -(term.k * dtheta) / cn.clamp_min(torch.finfo(x.dtype).tiny)
     ga = s * (b - (ab / (a * a).sum(0)) * a)
     gb = s * (a - (ab / (b * b).sum(0)) * b)
-    return energy, _scatter(x, (t[:, 0], ga), (t[:, 2], gb), (t[:, 1], -(ga + gb)))
+    return energy, _vectors_grad(torch.cat([ga, gb], -1), m)
 
 
 def _torsion_energy_and_grad(
     term: PeriodicTorsionTerm, x: Tensor, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    xt = _components(x)
     q = term.unique_quads
-    p1, p2 = xt[:, :, q[:, 1]], xt[:, :, q[:, 2]]
-    f, g, h = xt[:, :, q[:, 0]] - p1, p1 - p2, xt[:, :, q[:, 3]] - p2
+    plus, minus = torch.cat([q[:, 0], q[:, 1], q[:, 3]]), torch.cat([q[:, 1], q[:, 2], q[:, 2]])
+    m = _incidence(term, x, plus, minus)
+    f, g, h = _vectors(x, m).chunk(3, dim=-1)
     a, b = _cross(f, g), _cross(h, g)
     g2 = (g * g).sum(0)
     g_norm = torch.sqrt(g2)
@@ -215,13 +224,8 @@ def _torsion_energy_and_grad(
     s3 = d_phi * g_norm / (b * b).sum(0)
     fg, hg = (f * g).sum(0) / g2, (h * g).sum(0) / g2
     sa, sb = s0 * a, s3 * b
-    return energy, _scatter(
-        x,
-        (q[:, 0], -sa),
-        (q[:, 3], sb),
-        (q[:, 1], (1 + fg) * sa - hg * sb),
-        (q[:, 2], (hg - 1) * sb - fg * sa),
-    )
+    # dE/df, dE/dg, dE/dh (the atom gradients are -sa, (1 + fg) sa - hg sb, ..., sb)
+    return energy, _vectors_grad(torch.cat([-sa, fg * sa - hg * sb, sb], -1), m)
 
 
 class NonbondedTerm(nn.Module):
@@ -279,7 +283,7 @@ class NonbondedTerm(nn.Module):
         return cls(_i64(pairs, (-1, 2)), _f64(qq), _f64(sigma), _f64(epsilon))
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return _AnalyticEnergy.apply(x, _nonbonded_energy_and_grad, self)
+        return _analytic(x, _nonbonded_energy_and_grad, self)
 
 
 class GBSAOBCTerm(nn.Module):
@@ -394,7 +398,7 @@ class GBSAOBCTerm(nn.Module):
 
     def _born(self, r2: Tensor) -> tuple[Tensor, ...]:
         """Born radii from squared distances, with the intermediates the analytic gradient uses."""
-        r = torch.sqrt(r2)
+        r = torch.sqrt(r2 + self.eye)  # no infinite sqrt'(0) on the diagonal under autograd
         active = r > self.threshold
         r = torch.maximum(r, self.r_floor)
         or_i = self.offset_radius[:, None]
@@ -434,7 +438,7 @@ class GBSAOBCTerm(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return _AnalyticEnergy.apply(x, _gb_energy_and_grad, self)
+        return _analytic(x, _gb_energy_and_grad, self)
 
 
 def _pair_matrix(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -525,9 +529,9 @@ def _nonbonded_energy_and_grad(
     term: NonbondedTerm, x: Tensor, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
     """Coulomb + LJ energy ``(B,)`` and, if ``need_grad``, its analytic gradient ``(B, N, 3)``."""
-    i, j = term.pairs[:, 0], term.pairs[:, 1]
-    d = x[:, j] - x[:, i]
-    inv_r2 = 1 / (d * d).sum(-1)
+    m = _incidence(term, x, term.pairs[:, 1], term.pairs[:, 0])
+    d = _vectors(x, m)
+    inv_r2 = 1 / (d * d).sum(0)
     coulomb = (ONE_4PI_EPS0 * term.qq) * torch.sqrt(inv_r2)
     sr6 = (term.sigma**2 * inv_r2) ** 3
     eps4 = 4.0 * term.epsilon
@@ -536,9 +540,18 @@ def _nonbonded_energy_and_grad(
     if not need_grad:
         return energy, None
     g = inv_r2 * (-0.5 * coulomb - 6 * lj12 + 3 * lj6)  # dE / d r^2
-    w = (2 * g)[..., None] * d  # dE / d x_j
-    grad = torch.zeros_like(x).index_add_(1, j, w).index_add_(1, i, -w)
-    return energy, grad
+    return energy, _vectors_grad((2 * g) * d, m)
+
+
+def _analytic(x: Tensor, fn: Any, term: nn.Module) -> Tensor:
+    """Energy ``fn(term, x, need_grad)[0]`` with its analytic gradient in the backward pass.
+
+    Under `torch.compile` the plain differentiable expression is traced instead (inductor
+    fuses it and derives the gradient itself).
+    """
+    if torch.compiler.is_compiling():
+        return fn(term, x, False)[0]
+    return _AnalyticEnergy.apply(x, fn, term)
 
 
 class _AnalyticEnergy(torch.autograd.Function):
