@@ -403,15 +403,18 @@ class GBSAOBCTerm(nn.Module):
         r = torch.maximum(r, self.r_floor)
         or_i = self.offset_radius[:, None]
         sr_j = self.scaled_radius[None, :]
-        inv_u = 1 / (r + sr_j)
+        inv_u = torch.reciprocal(r + sr_j)
         diff = r - sr_j
-        use_diff = diff.abs() > or_i
-        lower = torch.maximum(diff.abs(), or_i)
-        inv_l, inv_r = 1 / lower, 1 / r
+        abs_diff = diff.abs()
+        use_diff = abs_diff > or_i
+        lower = torch.maximum(abs_diff, or_i)
+        inv_l, inv_r = torch.reciprocal(lower), torch.reciprocal(r)
         inv_l2, inv_u2 = inv_l * inv_l, inv_u * inv_u
-        a = r - sr_j**2 * inv_r
+        diff_ul = inv_u2 - inv_l2
+        a = torch.addcmul(r, -(sr_j**2), inv_r)  # r - sr_j^2 / r
         log_lu = torch.log(lower * inv_u)
-        term = inv_l - inv_u + 0.25 * a * (inv_u2 - inv_l2) + 0.5 * log_lu * inv_r
+        term = torch.addcmul(inv_l - inv_u, a, diff_ul, value=0.25)
+        term = torch.addcmul(term, log_lu, inv_r, value=0.5)
         engulfed = None
         if self.engulfed_term:
             engulfed = (or_i < sr_j - r) & active
@@ -435,6 +438,7 @@ class GBSAOBCTerm(nn.Module):
             inv_r,
             a,
             log_lu,
+            diff_ul,
         )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
@@ -479,45 +483,51 @@ def _gb_energy_and_grad(
         inv_r,
         a,
         log_lu,
+        diff_ul,
     ) = term._born(r2)
     # polar energy over the full matrix: the diagonal (r = 0, f = B_i) is the Born self
     # energy, each off-diagonal pair appears twice
+    inv_born = torch.reciprocal(born)
     bb = born[:, :, None] * born[:, None, :]
-    q = r2 / (4 * bb)
-    e = torch.exp(-q)
-    inv_f = torch.rsqrt(r2 + bb * e)
+    neg_q = r2 * ((-0.25 * inv_born)[:, :, None] * inv_born[:, None, :])  # -r^2 / (4 B_i B_j)
+    e = torch.exp(neg_q)
+    inv_f = torch.rsqrt(torch.addcmul(r2, bb, e))
     pair = term.qq * inv_f
     energy = term.prefactor * pair.sum((-1, -2))
     sa = None
     if term.surface_area_energy:
         sa = (term.surface_area_energy * (term.radius + term.probe_radius) ** 2) * (
-            term.radius / born
+            term.radius * inv_born
         ) ** 6
         energy = energy + sa.sum(-1)
     if not need_grad:
         return energy, None
-    g_f2 = (-0.5 * term.prefactor) * pair * inv_f * inv_f  # dE / d f^2
-    g = g_f2 * (1 - 0.25 * e)  # explicit dE / d r^2
-    g_bb = g_f2 * e * (1 + q)  # dE / d(B_i B_j)
-    d_born = 2 * (g_bb @ born[..., None]).squeeze(-1)
+    # h = qq / f^3: dE/d f^2 = -0.5 prefactor h
+    h = pair * inv_f
+    h.mul_(inv_f)
+    he = h * e
+    g_bb = torch.addcmul(he, he, neg_q, value=-1.0)  # h e (1 + q): dE/d(B_i B_j) / (-P/2)
+    d_born = (-term.prefactor) * torch.bmm(g_bb, born[..., None]).squeeze(-1)
     if sa is not None:
-        d_born = d_born - 6 * sa / born
+        d_born = d_born - 6 * sa * inv_born
     d_psi = term.alpha + psi * (3 * term.gamma * psi - 2 * term.beta)
     d_integral = d_born * born**2 * (1 - t * t) * d_psi * (term.offset_radius / term.radius)
-    lp = torch.where(use_diff, torch.sign(diff), 0.0)  # d lower / dr
-    lp_inv_l2 = lp * inv_l2
-    sr2 = term.scaled_radius[None, :] ** 2
-    d_term = (
-        inv_u2
-        - lp_inv_l2
-        + 0.25 * (1 + sr2 * inv_r * inv_r) * (inv_u2 - inv_l2)
-        + 0.5 * a * (lp_inv_l2 * inv_l - inv_u2 * inv_u)
-        + 0.5 * inv_r * (lp * inv_l - inv_u - log_lu * inv_r)
+    # d(term)/dr with lower' = sign(diff) where lower = |diff|, else 0; inv_d = lower' / lower
+    inv_d = torch.where(use_diff, torch.reciprocal(diff), 0.0)
+    lp_inv_l2 = inv_d * inv_l
+    d_term = inv_u2 - lp_inv_l2
+    # 1 + sr^2 / r^2 = 2 - a / r
+    d_term = torch.addcmul(d_term, 2 - a * inv_r, diff_ul, value=0.25)
+    d_term = torch.addcmul(d_term, a, lp_inv_l2 * inv_l - inv_u2 * inv_u, value=0.5)
+    d_term = torch.addcmul(
+        d_term, inv_r, torch.addcmul(inv_d - inv_u, log_lu, inv_r, value=-1.0), value=0.5
     )
     if engulfed is not None:
         d_term = d_term + torch.where(engulfed, 2 * lp_inv_l2, 0.0)
-    # dI_i/dr_ij = 0.5 d_term; dr/dr^2 = 1 / (2 r)
-    g = g + (0.25 * d_integral)[:, :, None] * (active_f * d_term * inv_r)
+    # explicit dE/dr^2 = -0.5 P h (1 - e/4); via I_i: dI_i/dr_ij = 0.5 d_term, dr/dr^2 = 1/(2r)
+    g = torch.add(h, he, alpha=-0.25).mul_(-0.5 * term.prefactor)
+    d_term.mul_(active_f).mul_(inv_r)
+    g = torch.addcmul(g, d_term, (0.25 * d_integral)[:, :, None])
     return energy, _grad_from_r2(xc, g)
 
 
