@@ -448,9 +448,16 @@ class GBSAOBCTerm(nn.Module):
 def _pair_matrix(x: Tensor) -> tuple[Tensor, Tensor]:
     """Centred positions ``(B, N, 3)`` and squared distances ``(B, N, N)`` (0 on the diagonal)."""
     xc = x - x.mean(1, keepdim=True)
-    xt = xc.transpose(1, 2)
-    d = xt[:, :, :, None] - xt[:, :, None, :]
-    return xc, (d * d).sum(1)
+    # |x_i|^2 + |x_j|^2 - 2 x_i.x_j on centred positions (rounding ~eps |x|^2), diagonal exact
+    n2 = (xc * xc).sum(-1)
+    r2 = torch.baddbmm(n2[:, :, None] + n2[:, None, :], xc, xc.transpose(1, 2), alpha=-2.0)
+    r2 = r2.clamp_min_(0.0) * _off_diagonal(x)
+    return xc, r2
+
+
+def _off_diagonal(x: Tensor) -> Tensor:
+    n = x.shape[1]
+    return 1 - torch.eye(n, dtype=x.dtype, device=x.device)
 
 
 def _grad_from_r2(xc: Tensor, g: Tensor) -> Tensor:
