@@ -538,8 +538,8 @@ def _gb_energy_and_grad(
     return energy, _grad_from_r2(xc, g)
 
 
-#: batch chunk of the dense GB pair maths (~256 x 22 x 22 temporaries stay in cache)
-_GB_CHUNK = 256
+#: batch chunk of the dense GB pair maths (~128 x 22 x 22 temporaries stay in cache)
+_GB_CHUNK = 128
 
 
 def _nonbonded_energy_and_grad(
