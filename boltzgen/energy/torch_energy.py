@@ -161,12 +161,14 @@ def _incidence(term: nn.Module, x: Tensor, plus: Tensor, minus: Tensor) -> Tenso
 
 def _vectors(x: Tensor, m: Tensor) -> Tensor:
     """Difference vectors ``(3, B, K)`` (component-major) of positions ``(B, N, 3)``."""
-    return torch.matmul(x.transpose(1, 2), m).transpose(0, 1)
+    b, n = x.shape[0], x.shape[1]
+    return torch.mm(x.transpose(1, 2).reshape(b * 3, n), m).view(b, 3, -1).transpose(0, 1)
 
 
 def _vectors_grad(g: Tensor, m: Tensor) -> Tensor:
     """Gradient ``(B, N, 3)`` from ``dE/dvector`` ``(3, B, K)`` (the adjoint of `_vectors`)."""
-    return torch.matmul(g.transpose(0, 1), m.T).transpose(1, 2)
+    b, k = g.shape[1], g.shape[2]
+    return torch.mm(g.transpose(0, 1).reshape(b * 3, k), m.T).view(b, 3, -1).transpose(1, 2)
 
 
 def _bond_energy_and_grad(
