@@ -81,9 +81,7 @@ class HarmonicBondTerm(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        d = x[:, self.pairs[:, 1]] - x[:, self.pairs[:, 0]]
-        r = torch.linalg.vector_norm(d, dim=-1)
-        return (0.5 * self.k * (r - self.r0) ** 2).sum(-1)
+        return _analytic(x, _bond_energy_and_grad, self)
 
 
 class HarmonicAngleTerm(nn.Module):
@@ -106,22 +104,7 @@ class HarmonicAngleTerm(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        t = self.triples
-        a = x[:, t[:, 0]] - x[:, t[:, 1]]
-        b = x[:, t[:, 2]] - x[:, t[:, 1]]
-        cross = torch.linalg.vector_norm(torch.linalg.cross(a, b, dim=-1), dim=-1)
-        theta = torch.atan2(cross, (a * b).sum(-1))
-        return (0.5 * self.k * (theta - self.theta0) ** 2).sum(-1)
-
-
-def _dihedral(x: Tensor, quads: Tensor) -> Tensor:
-    """Dihedral angles in (-pi, pi] of atom quadruples, IUPAC sign convention (as OpenMM)."""
-    p0, p1, p2, p3 = (x[:, quads[:, i]] for i in range(4))
-    b0, b1, b2 = p1 - p0, p2 - p1, p3 - p2
-    n1 = torch.linalg.cross(b0, b1, dim=-1)
-    n2 = torch.linalg.cross(b1, b2, dim=-1)
-    y = torch.linalg.vector_norm(b1, dim=-1) * (b0 * n2).sum(-1)
-    return torch.atan2(y, (n1 * n2).sum(-1))
+        return _analytic(x, _angle_energy_and_grad, self)
 
 
 class PeriodicTorsionTerm(nn.Module):
@@ -130,6 +113,10 @@ class PeriodicTorsionTerm(nn.Module):
     def __init__(self, quads: Tensor, periodicity: Tensor, phase: Tensor, k: Tensor) -> None:
         super().__init__()
         self.register_buffer("quads", quads.reshape(-1, 4))
+        # each distinct quadruple's dihedral is computed once
+        unique, index = torch.unique(self.quads, dim=0, return_inverse=True)
+        self.register_buffer("unique_quads", unique)
+        self.register_buffer("quad_index", index)
         self.register_buffer("periodicity", periodicity)
         self.register_buffer("phase", phase)
         self.register_buffer("k", k)
@@ -146,12 +133,101 @@ class PeriodicTorsionTerm(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        phi = _dihedral(x, self.quads)
-        return (self.k * (1 + torch.cos(self.periodicity * phi - self.phase))).sum(-1)
+        return _analytic(x, _torsion_energy_and_grad, self)
 
 
-def _pair_distances(x: Tensor, i: Tensor, j: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x[:, j] - x[:, i], dim=-1)
+def _cross(a: Tensor, b: Tensor) -> Tensor:
+    """Cross product of component-major vectors ``(3, ...)``."""
+    return torch.stack(
+        (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+    )
+
+
+def _incidence(term: nn.Module, x: Tensor, plus: Tensor, minus: Tensor) -> Tensor:
+    """``(N, K)`` matrix mapping positions to the ``K`` vectors ``x[plus] - x[minus]``.
+
+    Gathers and gradient scatters then become small matrix products. Cached per shape/dtype.
+    """
+    cache = term.__dict__.setdefault("_incidence_cache", {})
+    key = (x.shape[1], x.dtype, x.device)  # one incidence matrix per term
+    if key not in cache:
+        cols = torch.arange(plus.shape[0], device=x.device)
+        m = torch.zeros(x.shape[1], plus.shape[0], dtype=x.dtype, device=x.device)
+        m.index_put_((plus, cols), torch.ones_like(cols, dtype=x.dtype), accumulate=True)
+        m.index_put_((minus, cols), -torch.ones_like(cols, dtype=x.dtype), accumulate=True)
+        cache[key] = m
+    return cache[key]
+
+
+def _vectors(x: Tensor, m: Tensor) -> Tensor:
+    """Difference vectors ``(3, B, K)`` (component-major) of positions ``(B, N, 3)``."""
+    b, n = x.shape[0], x.shape[1]
+    return torch.mm(x.transpose(1, 2).reshape(b * 3, n), m).view(b, 3, -1).transpose(0, 1)
+
+
+def _vectors_grad(g: Tensor, m: Tensor) -> Tensor:
+    """Gradient ``(B, N, 3)`` from ``dE/dvector`` ``(3, B, K)`` (the adjoint of `_vectors`)."""
+    b, k = g.shape[1], g.shape[2]
+    return torch.mm(g.transpose(0, 1).reshape(b * 3, k), m.T).view(b, 3, -1).transpose(1, 2)
+
+
+def _bond_energy_and_grad(
+    term: HarmonicBondTerm, x: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    m = _incidence(term, x, term.pairs[:, 1], term.pairs[:, 0])
+    d = _vectors(x, m)
+    r = torch.sqrt((d * d).sum(0))
+    k_dr = term.k * (r - term.r0)
+    energy = (0.5 * k_dr * (r - term.r0)).sum(-1)
+    if not need_grad:
+        return energy, None
+    return energy, _vectors_grad((k_dr / r) * d, m)
+
+
+def _angle_energy_and_grad(
+    term: HarmonicAngleTerm, x: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    t = term.triples
+    m = _incidence(term, x, torch.cat([t[:, 0], t[:, 2]]), torch.cat([t[:, 1], t[:, 1]]))
+    a, b = _vectors(x, m).chunk(2, dim=-1)
+    ab = (a * b).sum(0)
+    cn = torch.sqrt((_cross(a, b) ** 2).sum(0))
+    dtheta = torch.atan2(cn, ab) - term.theta0
+    energy = (0.5 * term.k * dtheta * dtheta).sum(-1)
+    if not need_grad:
+        return energy, None
+    # d theta / d a = -(b - (a.b / a.a) a) / |a x b|, and likewise for b
+    s = -(term.k * dtheta) / cn.clamp_min(torch.finfo(x.dtype).tiny)
+    ga = s * (b - (ab / (a * a).sum(0)) * a)
+    gb = s * (a - (ab / (b * b).sum(0)) * b)
+    return energy, _vectors_grad(torch.cat([ga, gb], -1), m)
+
+
+def _torsion_energy_and_grad(
+    term: PeriodicTorsionTerm, x: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    q = term.unique_quads
+    plus, minus = torch.cat([q[:, 0], q[:, 1], q[:, 3]]), torch.cat([q[:, 1], q[:, 2], q[:, 2]])
+    m = _incidence(term, x, plus, minus)
+    f, g, h = _vectors(x, m).chunk(3, dim=-1)
+    a, b = _cross(f, g), _cross(h, g)
+    g2 = (g * g).sum(0)
+    g_norm = torch.sqrt(g2)
+    # IUPAC sign convention, as OpenMM (Blondel & Karplus, J. Comput. Chem. 17, 1132 (1996))
+    phi = torch.atan2(-g_norm * (f * b).sum(0), (a * b).sum(0))
+    arg = term.periodicity * phi[:, term.quad_index] - term.phase
+    energy = (term.k * (1 + torch.cos(arg))).sum(-1)
+    if not need_grad:
+        return energy, None
+    d_phi = x.new_zeros(phi.shape).index_add_(
+        1, term.quad_index, -(term.k * term.periodicity) * torch.sin(arg)
+    )
+    s0 = d_phi * g_norm / (a * a).sum(0)
+    s3 = d_phi * g_norm / (b * b).sum(0)
+    fg, hg = (f * g).sum(0) / g2, (h * g).sum(0) / g2
+    sa, sb = s0 * a, s3 * b
+    # dE/df, dE/dg, dE/dh (the atom gradients are -sa, (1 + fg) sa - hg sb, ..., sb)
+    return energy, _vectors_grad(torch.cat([-sa, fg * sa - hg * sb, sb], -1), m)
 
 
 class NonbondedTerm(nn.Module):
@@ -209,11 +285,7 @@ class NonbondedTerm(nn.Module):
         return cls(_i64(pairs, (-1, 2)), _f64(qq), _f64(sigma), _f64(epsilon))
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        r = _pair_distances(x, self.pairs[:, 0], self.pairs[:, 1])
-        coulomb = ONE_4PI_EPS0 * self.qq / r
-        sr6 = (self.sigma / r) ** 6
-        lj = 4.0 * self.epsilon * (sr6 * sr6 - sr6)
-        return (coulomb + lj).sum(-1)
+        return _analytic(x, _nonbonded_energy_and_grad, self)
 
 
 class GBSAOBCTerm(nn.Module):
@@ -255,6 +327,11 @@ class GBSAOBCTerm(nn.Module):
         self.register_buffer("scaled_radius", scale * (radius - offset))
         self.register_buffer("qq", charge[:, None] * charge[None, :])
         self.register_buffer("eye", torch.eye(n, dtype=charge.dtype))
+        # pair (i, j) descreens i iff r_ij > or_i - sr_j (never on the diagonal); inactive pairs
+        # are evaluated at a harmless r (the threshold itself, 1 nm on the diagonal), masked out
+        threshold = self.offset_radius[:, None] - self.scaled_radius[None, :]
+        self.register_buffer("threshold", threshold + torch.diag(torch.full((n,), math.inf)))
+        self.register_buffer("r_floor", threshold * (1 - self.eye) + self.eye)
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.prefactor = -0.5 * coulomb_constant * (1 / solute_dielectric - 1 / solvent_dielectric)
         self.surface_area_energy = surface_area_energy  # includes the 4 pi
@@ -319,41 +396,197 @@ class GBSAOBCTerm(nn.Module):
         """Effective Born radii, shape ``(B, n_atoms)``, nm (``r2``: squared distances)."""
         if r2 is None:
             r2 = _squared_distance_matrix(x)
-        eye = self.eye
-        r = torch.sqrt(r2 + eye)  # 1 on the diagonal: no 0/0 in the backward pass
+        return self._born(r2)[0]
+
+    def _born(self, r2: Tensor) -> tuple[Tensor, ...]:
+        """Born radii from squared distances, with the intermediates the analytic gradient uses."""
+        r = torch.sqrt(r2 + self.eye)  # no infinite sqrt'(0) on the diagonal under autograd
+        active = r > self.threshold
+        r = torch.maximum(r, self.r_floor)
         or_i = self.offset_radius[:, None]
         sr_j = self.scaled_radius[None, :]
-        active = (r + sr_j > or_i) & (eye == 0)
-        r_safe = torch.where(active, r, torch.full_like(r, 10.0))
-        upper = r_safe + sr_j
-        lower = torch.maximum(or_i.expand_as(r_safe), (r_safe - sr_j).abs())
-        inv_l, inv_u, inv_r = 1 / lower, 1 / upper, 1 / r_safe
-        term = (
-            inv_l
-            - inv_u
-            + 0.25 * (r_safe - sr_j**2 * inv_r) * (inv_u**2 - inv_l**2)
-            + 0.5 * torch.log(lower * inv_u) * inv_r
-        )
+        inv_u = torch.reciprocal(r + sr_j)
+        diff = r - sr_j
+        abs_diff = diff.abs()
+        use_diff = abs_diff > or_i
+        lower = torch.maximum(abs_diff, or_i)
+        inv_l, inv_r = torch.reciprocal(lower), torch.reciprocal(r)
+        inv_l2, inv_u2 = inv_l * inv_l, inv_u * inv_u
+        diff_ul = inv_u2 - inv_l2
+        a = torch.addcmul(r, -(sr_j**2), inv_r)  # r - sr_j^2 / r
+        log_lu = torch.log(lower * inv_u)
+        term = torch.addcmul(inv_l - inv_u, a, diff_ul, value=0.25)
+        term = torch.addcmul(term, log_lu, inv_r, value=0.5)
+        engulfed = None
         if self.engulfed_term:
-            engulfed = or_i < sr_j - r_safe
-            term = term + torch.where(engulfed, 2 * (1 / or_i - inv_l), torch.zeros_like(term))
-        integral = 0.5 * torch.where(active, term, torch.zeros_like(term)).sum(-1)
-        psi = integral * self.offset_radius
-        t = torch.tanh(self.alpha * psi - self.beta * psi**2 + self.gamma * psi**3)
-        return 1 / (1 / self.offset_radius - t / self.radius)
+            engulfed = (or_i < sr_j - r) & active
+            term = term + torch.where(engulfed, 2 * (1 / or_i - inv_l), 0.0)
+        active_f = active.to(r2.dtype)
+        psi = (0.5 * self.offset_radius) * (term * active_f).sum(-1)
+        t = torch.tanh(psi * (self.alpha + psi * (self.gamma * psi - self.beta)))
+        born = 1 / (1 / self.offset_radius - t / self.radius)
+        return (
+            born,
+            psi,
+            t,
+            active_f,
+            diff,
+            use_diff,
+            engulfed,
+            inv_l,
+            inv_l2,
+            inv_u,
+            inv_u2,
+            inv_r,
+            a,
+            log_lu,
+            diff_ul,
+        )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        r2 = _squared_distance_matrix(x)
-        born = self.born_radii(x, r2)
-        # polar energy over the full matrix: the diagonal (r = 0, f = B_i) is the Born self
-        # energy, each off-diagonal pair appears twice
-        bb = born[:, :, None] * born[:, None, :]
-        f = torch.sqrt(r2 + bb * torch.exp(-r2 / (4 * bb)))
-        energy = self.prefactor * (self.qq / f).sum((-1, -2))
-        if self.surface_area_energy:
-            sa = (self.radius + self.probe_radius) ** 2 * (self.radius / born) ** 6
-            energy = energy + self.surface_area_energy * sa.sum(-1)
+        return _analytic(x, _gb_energy_and_grad, self)
+
+
+def _pair_matrix(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Centred positions ``(B, N, 3)`` and squared distances ``(B, N, N)`` (0 on the diagonal)."""
+    xc = x - x.mean(1, keepdim=True)
+    # |x_i|^2 + |x_j|^2 - 2 x_i.x_j on centred positions (rounding ~eps |x|^2), diagonal exact
+    n2 = (xc * xc).sum(-1)
+    r2 = torch.baddbmm(n2[:, :, None] + n2[:, None, :], xc, xc.transpose(1, 2), alpha=-2.0)
+    r2 = r2.clamp_min_(0.0) * _off_diagonal(x)
+    return xc, r2
+
+
+def _off_diagonal(x: Tensor) -> Tensor:
+    n = x.shape[1]
+    return 1 - torch.eye(n, dtype=x.dtype, device=x.device)
+
+
+def _grad_from_r2(xc: Tensor, g: Tensor) -> Tensor:
+    """``dE/dx`` ``(B, N, 3)`` of an energy with ``dE/d r2_ij = g`` ``(B, N, N)``."""
+    gs = g + g.transpose(1, 2)
+    return 2 * (gs.sum(-1, keepdim=True) * xc - gs @ xc)
+
+
+def _gb_energy_and_grad(
+    term: GBSAOBCTerm, x: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """OBC energy ``(B,)`` and, if ``need_grad``, its analytic gradient ``(B, N, 3)``."""
+    if x.shape[0] > _GB_CHUNK:  # keep the (chunk, N, N) temporaries cache-sized
+        parts = [_gb_energy_and_grad(term, xs, need_grad) for xs in x.split(_GB_CHUNK)]
+        energy = torch.cat([e for e, _ in parts])
+        return energy, torch.cat([g for _, g in parts]) if need_grad else None
+    xc, r2 = _pair_matrix(x)
+    (
+        born,
+        psi,
+        t,
+        active_f,
+        diff,
+        use_diff,
+        engulfed,
+        inv_l,
+        inv_l2,
+        inv_u,
+        inv_u2,
+        inv_r,
+        a,
+        log_lu,
+        diff_ul,
+    ) = term._born(r2)
+    # polar energy over the full matrix: the diagonal (r = 0, f = B_i) is the Born self
+    # energy, each off-diagonal pair appears twice
+    inv_born = torch.reciprocal(born)
+    bb = born[:, :, None] * born[:, None, :]
+    neg_q = r2 * ((-0.25 * inv_born)[:, :, None] * inv_born[:, None, :])  # -r^2 / (4 B_i B_j)
+    e = torch.exp(neg_q)
+    inv_f = torch.rsqrt(torch.addcmul(r2, bb, e))
+    pair = term.qq * inv_f
+    energy = term.prefactor * pair.sum((-1, -2))
+    sa = None
+    if term.surface_area_energy:
+        sa = (term.surface_area_energy * (term.radius + term.probe_radius) ** 2) * (
+            term.radius * inv_born
+        ) ** 6
+        energy = energy + sa.sum(-1)
+    if not need_grad:
+        return energy, None
+    # h = qq / f^3: dE/d f^2 = -0.5 prefactor h
+    h = pair * inv_f
+    h.mul_(inv_f)
+    he = h * e
+    g_bb = torch.addcmul(he, he, neg_q, value=-1.0)  # h e (1 + q): dE/d(B_i B_j) / (-P/2)
+    d_born = (-term.prefactor) * torch.bmm(g_bb, born[..., None]).squeeze(-1)
+    if sa is not None:
+        d_born = d_born - 6 * sa * inv_born
+    d_psi = term.alpha + psi * (3 * term.gamma * psi - 2 * term.beta)
+    d_integral = d_born * born**2 * (1 - t * t) * d_psi * (term.offset_radius / term.radius)
+    # d(term)/dr with lower' = sign(diff) where lower = |diff|, else 0; inv_d = lower' / lower
+    inv_d = torch.where(use_diff, torch.reciprocal(diff), 0.0)
+    lp_inv_l2 = inv_d * inv_l
+    d_term = inv_u2 - lp_inv_l2
+    # 1 + sr^2 / r^2 = 2 - a / r
+    d_term = torch.addcmul(d_term, 2 - a * inv_r, diff_ul, value=0.25)
+    d_term = torch.addcmul(d_term, a, lp_inv_l2 * inv_l - inv_u2 * inv_u, value=0.5)
+    d_term = torch.addcmul(
+        d_term, inv_r, torch.addcmul(inv_d - inv_u, log_lu, inv_r, value=-1.0), value=0.5
+    )
+    if engulfed is not None:
+        d_term = d_term + torch.where(engulfed, 2 * lp_inv_l2, 0.0)
+    # explicit dE/dr^2 = -0.5 P h (1 - e/4); via I_i: dI_i/dr_ij = 0.5 d_term, dr/dr^2 = 1/(2r)
+    g = torch.add(h, he, alpha=-0.25).mul_(-0.5 * term.prefactor)
+    d_term.mul_(active_f).mul_(inv_r)
+    g = torch.addcmul(g, d_term, (0.25 * d_integral)[:, :, None])
+    return energy, _grad_from_r2(xc, g)
+
+
+#: batch chunk of the dense GB pair maths (~128 x 22 x 22 temporaries stay in cache)
+_GB_CHUNK = 128
+
+
+def _nonbonded_energy_and_grad(
+    term: NonbondedTerm, x: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Coulomb + LJ energy ``(B,)`` and, if ``need_grad``, its analytic gradient ``(B, N, 3)``."""
+    m = _incidence(term, x, term.pairs[:, 1], term.pairs[:, 0])
+    d = _vectors(x, m)
+    inv_r2 = 1 / (d * d).sum(0)
+    coulomb = (ONE_4PI_EPS0 * term.qq) * torch.sqrt(inv_r2)
+    sr6 = (term.sigma**2 * inv_r2) ** 3
+    eps4 = 4.0 * term.epsilon
+    lj12, lj6 = eps4 * sr6 * sr6, eps4 * sr6
+    energy = (coulomb + lj12 - lj6).sum(-1)
+    if not need_grad:
+        return energy, None
+    g = inv_r2 * (-0.5 * coulomb - 6 * lj12 + 3 * lj6)  # dE / d r^2
+    return energy, _vectors_grad((2 * g) * d, m)
+
+
+def _analytic(x: Tensor, fn: Any, term: nn.Module) -> Tensor:
+    """Energy ``fn(term, x, need_grad)[0]`` with its analytic gradient in the backward pass.
+
+    Under `torch.compile` the plain differentiable expression is traced instead (inductor
+    fuses it and derives the gradient itself).
+    """
+    if torch.compiler.is_compiling():
+        return fn(term, x, False)[0]
+    return _AnalyticEnergy.apply(x, fn, term)
+
+
+class _AnalyticEnergy(torch.autograd.Function):
+    """An energy whose gradient is computed analytically alongside it (once-differentiable)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fn: Any, term: nn.Module) -> Tensor:  # noqa: D102
+        energy, grad = fn(term, x, ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad)
         return energy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        (grad,) = ctx.saved_tensors
+        return grad_out[:, None, None] * grad, None, None
 
 
 def _squared_distance_matrix(x: Tensor) -> Tensor:
