@@ -273,3 +273,23 @@ def test_analytic_forces_per_term_in_crowded_geometries():
             ref = ctx.getState(getForces=True, groups={k}).getForces(asNumpy=True)._value
             err = np.sqrt(((-grad[b].numpy() - ref) ** 2).mean())
             assert err <= 1e-6 * max(np.sqrt((ref**2).mean()), 1.0), (name, b)
+
+
+def test_plain_autograd_path_is_twice_differentiable():
+    s = systems.load("aldp")
+    g = torch.Generator().manual_seed(8)
+    x = torch.tensor(s.positions) + 0.01 * torch.randn(4, 22, 3, generator=g, dtype=torch.float64)
+    fast = TorchEnergy.from_openmm(s.system)
+    plain = TorchEnergy.from_openmm(s.system).set_analytic_gradients(False)
+    e0, f0 = fast.energy_and_forces(x)
+    e1, f1 = plain.energy_and_forces(x)
+    torch.testing.assert_close(e1, e0, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(f1, f0, rtol=1e-9, atol=1e-7)
+    # Hessian-vector product by double backward equals a finite difference of the forces
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(plain(xr).sum(), xr, create_graph=True)
+    (hv,) = torch.autograd.grad((grad * v).sum(), xr)
+    h = 1e-6
+    fd = -(plain.energy_and_forces(x + h * v)[1] - plain.energy_and_forces(x - h * v)[1]) / (2 * h)
+    torch.testing.assert_close(hv, fd, rtol=1e-5, atol=1e-3)

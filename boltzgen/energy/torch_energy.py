@@ -565,10 +565,11 @@ def _nonbonded_energy_and_grad(
 def _analytic(x: Tensor, fn: Any, term: nn.Module) -> Tensor:
     """Energy ``fn(term, x, need_grad)[0]`` with its analytic gradient in the backward pass.
 
-    Under `torch.compile` the plain differentiable expression is traced instead (inductor
-    fuses it and derives the gradient itself).
+    Under `torch.compile`, or when ``term.analytic_gradients`` is False (see
+    `TorchEnergy.set_analytic_gradients`), the plain differentiable expression is used instead:
+    slower, but differentiable any number of times.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not getattr(term, "analytic_gradients", True):
         return fn(term, x, False)[0]
     return _AnalyticEnergy.apply(x, fn, term)
 
@@ -701,6 +702,18 @@ class TorchEnergy(Energy):
         super().__init__(n_atoms)
         self.terms = nn.ModuleDict(terms)
         self._compiled: Any = None
+
+    def set_analytic_gradients(self, enabled: bool = True) -> TorchEnergy:
+        """Choose analytic, once-differentiable gradients (default, fast) or plain autograd.
+
+        Plain autograd (``enabled=False``) is needed for second derivatives, e.g. training
+        through MALA/HMC proposals that use forces. Returns ``self``.
+        """
+        for term in self.terms.values():
+            term.analytic_gradients = bool(enabled)
+            for cached in term.__dict__.get("_cast_cache", {}).values():
+                cached.analytic_gradients = bool(enabled)
+        return self
 
     def compile_energy(self, **kwargs: Any) -> TorchEnergy:
         """Use `torch.compile` for the total energy (fuses the elementwise pair maths).
