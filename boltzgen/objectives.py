@@ -52,27 +52,26 @@ def _rows_finite(x: Tensor) -> Tensor:
 
 
 def _target_log_prob(target: Any, x: Tensor) -> tuple[Tensor, Tensor, int]:
-    """``(log_p, ok, n_evals)``: bad rows (non-finite or regularised) are re-evaluated away.
+    """``(log_p, ok, n_evals)`` with ``ok`` False for rows to drop (their log_p set to 0).
 
-    A row is bad if its log density is not finite or, for a target with an ``energy_cut``
+    A row is dropped if its log density is not finite or, for a target with an ``energy_cut``
     (`BoltzmannTarget`), its reduced energy reached the cut (NaN energies and overlapping atoms
-    end up there). When some row is bad and ``x`` carries gradients, the good rows are evaluated
-    again on their own so that no NaN enters the backward pass.
+    end up there). If some log density is not finite and ``x`` carries gradients, the finite
+    rows are evaluated again on their own so that no NaN enters the backward pass.
     """
     log_p = target.log_prob(x)
     evals = x.shape[0]
-    ok = torch.isfinite(log_p)
+    finite = torch.isfinite(log_p)
+    if not bool(finite.all()) and bool(finite.any()) and x.requires_grad:
+        keep = finite.nonzero().flatten()
+        sub = target.log_prob(x[keep])
+        evals += keep.numel()
+        log_p = torch.zeros_like(log_p).index_put((keep,), sub)
+    ok = finite
     cut = getattr(target, "energy_cut", None)
     if cut is not None:
-        ok = ok & (-log_p < cut)
-    if not bool(ok.all()):
-        if bool(ok.any()) and x.requires_grad:
-            keep = ok.nonzero().flatten()
-            sub = target.log_prob(x[keep])
-            evals += keep.numel()
-            log_p = torch.zeros_like(log_p).index_put((keep,), sub)
-        log_p = torch.where(ok, log_p, torch.zeros_like(log_p))
-    return log_p, ok, evals
+        ok = ok & (-log_p.detach() < cut)
+    return torch.where(ok, log_p, torch.zeros_like(log_p)), ok, evals
 
 
 def reverse_kl(
