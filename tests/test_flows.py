@@ -62,7 +62,6 @@ def mixed_points(n, dtype=torch.float64, seed=0, domains=DOMAINS):
 
 def test_rqs_matches_zuko_unbounded():
     import zuko
-
     torch.manual_seed(0)
     k, n = 8, 400
     w, h = torch.randn(n, k, dtype=torch.float64) * 2, torch.randn(n, k, dtype=torch.float64) * 2
@@ -87,7 +86,6 @@ def test_rqs_matches_zuko_unbounded():
 def test_rqs_matches_zuko_bounded_knots():
     """Zuko's knots affinely moved to [a, b]: values move the same way, log-dets are unchanged."""
     import zuko
-
     torch.manual_seed(1)
     k, n, a, b = 6, 300, -1.0, 2.0
     w, h = torch.randn(n, k, dtype=torch.float64), torch.randn(n, k, dtype=torch.float64)
@@ -109,7 +107,6 @@ def test_rqs_matches_zuko_bounded_knots():
 def test_domain_spline_matches_normflows(kind):
     """Parametrisation + evaluation against normflows' (nflows') spline functions."""
     from normflows.utils import splines
-
     torch.manual_seed(2)
     k, n = 8, 500
     params = torch.randn(n, 1, 3 * k + 1, dtype=torch.float64) * 1.5
