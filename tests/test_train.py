@@ -175,3 +175,123 @@ def test_options_validation():
     with pytest.raises(BoltzgenError, match="optimizer"):
         TrainOptions(optimizer="sgd")
     assert options_from_dict({"optimizer": "adamw"}).optimizer == "adamw"
+
+
+# ---------------------------------------------------------------------------- CLI, ALDP
+TINY = """\
+system: {name: aldp, solvent: implicit, temperature: 300.0, energy: torch}
+coordinates: {minimise: true}
+flow: {n_blocks: 2, n_bins: 4, hidden: 16}
+train: {max_iter: 4, batch_size: 32, lr: 1.0e-3, warmup_iters: 1, checkpoint_every: 2,
+        progress: false, dtype: float32}
+chirality_filter: true
+output_dir: OUT
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.replace("OUT", str(tmp_path / "run")))
+    return path
+
+
+def test_cli_train_sample_and_reweight(tiny_config, tmp_path, capsys):
+    import numpy as np
+
+    from boltzgen.analysis import load_samples
+    from boltzgen.cli import main
+
+    assert main(["train", str(tiny_config)]) == 0
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    assert state["iteration"] == 4 and state["metadata"]["system"] == "aldp"
+    assert state["counters"]["target_evals"] + state["counters"]["filtered"] <= 4 * 32
+    # resume to a longer run
+    assert main(["train", str(tiny_config), "--resume", "--max-iter", "6"]) == 0
+    assert load_checkpoint(ckpt)["iteration"] == 6
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(ckpt), "-n", "40", "-o", str(out), "--batch-size", "16"]) == 0
+    data = np.load(out)
+    assert data["positions"].shape == (40, 22, 3) and data["positions"].dtype == np.float32
+    assert str(data["system"]) == "aldp" and float(data["temperature"]) == 300.0
+    kT = 0.0083144626 * 300.0
+    np.testing.assert_allclose(
+        data["log_weights"], -data["energies"] / kT - data["log_q"], rtol=1e-6, atol=1e-6
+    )
+    # energies agree with OpenMM on the written (float32) positions
+    from boltzgen import systems
+    from boltzgen.energy import OpenMMEnergy
+
+    sys_ = systems.load("aldp")
+    u_ref = OpenMMEnergy(sys_.system)(torch.tensor(data["positions"][:5], dtype=torch.float64))
+    np.testing.assert_allclose(data["energies"][:5], u_ref.numpy(), rtol=1e-3, atol=0.5)
+    samples = load_samples(out)
+    assert samples.n == 40 and samples.system == "aldp"
+    assert main(["reweight", str(out)]) == 0
+    pdb = tmp_path / "s.pdb"
+    assert main(["sample", str(ckpt), "-n", "3", "-o", str(pdb)]) == 0
+    import mdtraj
+
+    assert mdtraj.load(str(pdb)).xyz.shape == (3, 22, 3)
+    capsys.readouterr()
+
+
+def _exit_code_and_message(argv, capsys):
+    from boltzgen.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_cli_errors_are_one_line_exit_2(tiny_config, tmp_path, capsys):
+    code, err = _exit_code_and_message(["train", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and "does not exist" in err and "Traceback" not in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.replace("hidden: 16", "hidden: 16, hiden: 3").replace("OUT", "x"))
+    code, err = _exit_code_and_message(["train", str(bad)], capsys)
+    assert code == 2 and "flow.hiden" in err
+    bad.write_text(TINY.replace("name: aldp", "name: nosuchmolecule").replace("OUT", "x"))
+    code, err = _exit_code_and_message(["train", str(bad)], capsys)
+    assert code == 2 and "nosuchmolecule" in err
+    code, err = _exit_code_and_message(
+        ["sample", str(tmp_path / "no.pt"), "-n", "2", "-o", str(tmp_path / "a.npz")], capsys
+    )
+    assert code == 2 and "does not exist" in err
+    # a checkpoint of another system
+    from boltzgen.cli import main
+
+    assert main(["train", str(tiny_config), "--max-iter", "1"]) == 0
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["metadata"]["system"] = "xylene"
+    save_atomic(state, ckpt)
+    code, err = _exit_code_and_message(["train", str(tiny_config), "--resume"], capsys)
+    assert code == 2 and "xylene" in err
+    # a fresh run refuses to overwrite an existing checkpoint
+    code, err = _exit_code_and_message(["train", str(tiny_config)], capsys)
+    assert code == 2 and "--resume" in err
+
+
+def test_aldp_resume_is_exact(tiny_config, tmp_path):
+    from boltzgen.cli_train import build_run
+    from boltzgen.config import load_config
+
+    cfg = load_config(tiny_config)
+    runs = []
+    for name, stops in (("a", [4]), ("b", [2, 4])):
+        for stop in stops:
+            run = build_run(cfg)
+            tr = Trainer(
+                run.model, run.target, cfg.train, tmp_path / name, sample_filter=run.sample_filter
+            )
+            if stop != stops[0]:
+                tr.resume()
+            tr.run(stop_at=stop)
+        runs.append(tr)
+    assert torch.equal(_params(runs[0].model), _params(runs[1].model))
+    assert runs[0].counters == runs[1].counters
