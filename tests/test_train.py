@@ -295,3 +295,36 @@ def test_aldp_resume_is_exact(tiny_config, tmp_path):
         runs.append(tr)
     assert torch.equal(_params(runs[0].model), _params(runs[1].model))
     assert runs[0].counters == runs[1].counters
+
+
+class InterruptAt(BoltzmannGenerator):
+    """Raises KeyboardInterrupt (as Ctrl-C would) on the ``stop``-th sampling call."""
+
+    def __init__(self, flow, stop):
+        super().__init__(flow)
+        self.stop, self.calls = stop, 0
+
+    def sample_and_log_prob(self, n):
+        self.calls += 1
+        if self.calls == self.stop:
+            raise KeyboardInterrupt
+        return super().sample_and_log_prob(n)
+
+
+def test_interrupt_leaves_last_checkpoint_and_resume_continues(tmp_path):
+    torch.manual_seed(0)
+    flow = make_spline_flow([Unbounded()] * 2, n_blocks=2, hidden=16, n_bins=6)
+    tr = Trainer(InterruptAt(flow, 38), GaussianMixture2D(), _opts(max_iter=60), tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 25
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "log.csv"]
+    straight = Trainer(_make(), GaussianMixture2D(), _opts(max_iter=60))
+    straight.run()
+    resumed = Trainer(_make(), GaussianMixture2D(), _opts(max_iter=60), tmp_path)
+    resumed.resume()
+    resumed.run()
+    assert torch.equal(_params(straight.model), _params(resumed.model))
+    if not torch.cuda.is_available():
+        with pytest.raises(BoltzgenError, match="CUDA"):
+            Trainer(_make(), GaussianMixture2D(), _opts(device="cuda"))
