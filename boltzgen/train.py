@@ -292,8 +292,9 @@ class Trainer:
         if path is None:
             return
         new = not path.exists() or self.iteration == 1
+        columns = list(LOG_COLUMNS) + sorted(set(row) - set(LOG_COLUMNS))
         with open(path, "w" if new else "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
+            writer = csv.DictWriter(fh, fieldnames=columns)
             if new:
                 writer.writeheader()
             writer.writerow(row)
@@ -309,6 +310,20 @@ class Trainer:
         return mixed_kl(
             self.model, self.target, opt.batch_size, self.x_data[idx], opt.alpha, self.sample_filter
         )
+
+    def diagnostics(self) -> dict[str, float]:
+        """Extra metrics of submodules (e.g. SNF acceptance rates) for the log and progress bar.
+
+        Every submodule with a ``diagnostics()`` method returning ``{key: float}`` contributes
+        columns ``<module name>.<key>`` (the model itself as ``model.<key>``).
+        """
+        out: dict[str, float] = {}
+        for name, module in self.model.named_modules():
+            fn = getattr(module, "diagnostics", None)
+            if callable(fn):
+                for key, value in fn().items():
+                    out[f"{name or 'model'}.{key}"] = float(value)
+        return out
 
     def step(self) -> dict:
         """One optimisation step; returns the log row. Non-finite losses or gradients skip it."""
@@ -349,6 +364,7 @@ class Trainer:
             "n_used": res.n_used,
             **self.counters,
             "wall_s": round(self.wall_s, 3),
+            **self.diagnostics(),
         }
         self.last = row
         return row
@@ -375,10 +391,12 @@ class Trainer:
                 row = self.step()
                 self._write_log(row)
                 bar.update(1)
+                extra = {k: f"{v:.3g}" for k, v in row.items() if k not in LOG_COLUMNS}
                 bar.set_postfix(
                     loss=f"{row['loss']:.3g}",
                     ess=f"{100 * row['ess_fraction']:.1f}%",
                     evals=row["target_evals"],
+                    **extra,
                     refresh=False,
                 )
                 if self.iteration % self.options.checkpoint_every == 0:

@@ -328,3 +328,21 @@ def test_interrupt_leaves_last_checkpoint_and_resume_continues(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(BoltzgenError, match="CUDA"):
             Trainer(_make(), GaussianMixture2D(), _opts(device="cuda"))
+
+
+class Reporting(nn.Module):
+    """A stand-in for a stochastic layer that reports an acceptance rate."""
+
+    def diagnostics(self):
+        return {"acceptance": 0.5}
+
+
+def test_submodule_diagnostics_reach_the_log(tmp_path):
+    model = _make()
+    model.reporter = Reporting()
+    tr = Trainer(model, GaussianMixture2D(), _opts(max_iter=3), tmp_path)
+    row = tr.run()
+    assert row["reporter.acceptance"] == 0.5
+    with open(tmp_path / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and rows[-1]["reporter.acceptance"] == "0.5"
