@@ -90,6 +90,26 @@ _SECTIONS = {
 }
 
 
+def _coerce(value: Any, kind: str, key: str) -> Any:
+    """Check a YAML value against a field type; numeric strings like ``1e-3`` become floats."""
+    if value is None and "None" in kind:
+        return None
+    if kind.startswith("float"):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if kind.startswith("int") and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if kind.startswith("bool") and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if kind.startswith("str") and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
 def _section(cls: type, data: Any, name: str) -> Any:
     if data is None:
         data = {}
@@ -103,6 +123,8 @@ def _section(cls: type, data: Any, name: str) -> Any:
             + (f" (and {', '.join(unknown[1:])})" if unknown[1:] else "")
             + f"; known keys of '{name}': {', '.join(sorted(known))}"
         )
+    types = {f.name: str(f.type) for f in fields(cls)}
+    data = {k: _coerce(v, types[k], f"{name}.{k}") for k, v in data.items()}
     try:
         return cls(**data)
     except ConfigError:

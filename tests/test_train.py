@@ -2,6 +2,7 @@
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,3 +347,25 @@ def test_submodule_diagnostics_reach_the_log(tmp_path):
     with open(tmp_path / "log.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3 and rows[-1]["reporter.acceptance"] == "0.5"
+
+
+def test_config_types_and_unknown_keys(tmp_path):
+    from boltzgen.config import ConfigError, config_from_dict, config_to_dict, load_config
+
+    cfg = config_from_dict({"train": {"lr": "1e-3", "grad_clip": None}, "flow": {"hidden": 8}})
+    assert cfg.train.lr == 1e-3 and cfg.train.grad_clip is None and cfg.flow.hidden == 8
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    for bad, match in (
+        ({"trian": {}}, "'trian'"),
+        ({"train": {"max_iter": 1.5}}, "train.max_iter must be an integer"),
+        ({"train": {"lr": "fast"}}, "train.lr must be a number"),
+        ({"system": {"energy": "ani"}}, "system.energy"),
+        ({"chirality_filter": "yes"}, "chirality_filter"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict(bad)
+    (tmp_path / "x.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(tmp_path / "x.yaml")
+    for name in ("reverse_kl.yaml", "reverse_kl_quick.yaml"):
+        load_config(Path(__file__).parents[1] / "systems" / "aldp" / name)
