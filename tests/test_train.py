@@ -315,14 +315,15 @@ class InterruptAt(BoltzmannGenerator):
 def test_interrupt_leaves_last_checkpoint_and_resume_continues(tmp_path):
     torch.manual_seed(0)
     flow = make_spline_flow([Unbounded()] * 2, n_blocks=2, hidden=16, n_bins=6)
-    tr = Trainer(InterruptAt(flow, 38), GaussianMixture2D(), _opts(max_iter=60), tmp_path)
+    opts = _opts(max_iter=30, checkpoint_every=10)
+    tr = Trainer(InterruptAt(flow, 18), GaussianMixture2D(), opts, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         tr.run()
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 25
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "log.csv"]
-    straight = Trainer(_make(), GaussianMixture2D(), _opts(max_iter=60))
+    straight = Trainer(_make(), GaussianMixture2D(), opts)
     straight.run()
-    resumed = Trainer(_make(), GaussianMixture2D(), _opts(max_iter=60), tmp_path)
+    resumed = Trainer(_make(), GaussianMixture2D(), opts, tmp_path)
     resumed.resume()
     resumed.run()
     assert torch.equal(_params(straight.model), _params(resumed.model))
