@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from boltzgen.cli_train import add_sample_parser, add_train_parser
 from boltzgen.errors import BoltzgenError
 
 __all__ = ["main"]
@@ -130,6 +131,8 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_pipeline_parser,
     _add_result_parsers,
     _add_systems_parser,
+    add_train_parser,
+    add_sample_parser,
 ]
 
 

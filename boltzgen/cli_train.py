@@ -1,0 +1,293 @@
+"""``boltzgen train`` and ``boltzgen sample``: build a Boltzmann generator from a run config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from boltzgen.errors import BoltzgenError
+
+__all__ = [
+    "Run",
+    "add_sample_parser",
+    "add_train_parser",
+    "build_run",
+    "draw_samples",
+    "run_sample",
+    "run_train",
+]
+
+
+@dataclass
+class Run:
+    """The objects of a run: system, coordinate transform, generator, target, sample filter."""
+
+    system: Any
+    coordinates: Any
+    model: Any
+    target: Any
+    sample_filter: Any
+
+
+def _minimised_positions(system: Any) -> np.ndarray:
+    """Energy-minimised positions ``(n_atoms, 3)`` nm of a `MolecularSystem` (OpenMM L-BFGS)."""
+    import openmm
+    import openmm.unit as u
+
+    integrator = openmm.VerletIntegrator(0.001)
+    platform = openmm.Platform.getPlatformByName("Reference")
+    ctx = openmm.Context(system.system, integrator, platform)
+    ctx.setPositions(system.positions)
+    openmm.LocalEnergyMinimizer.minimize(ctx, 1.0, 1000)
+    pos = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(u.nanometer)
+    return np.asarray(pos, dtype=np.float64)
+
+
+def build_run(config: Any) -> Run:
+    """Construct the system, coordinates, flow, target and filter of a `RunConfig`.
+
+    The flow's weights are drawn with ``config.flow.seed`` so that the same config builds the
+    same model.
+    """
+    import torch
+
+    from boltzgen import systems
+    from boltzgen.coordinates import InternalCoordinates, is_l_form
+    from boltzgen.energy import BoltzmannTarget, OpenMMEnergy, TorchEnergy
+    from boltzgen.flows import make_spline_flow
+    from boltzgen.generator import BoltzmannGenerator
+
+    sc = config.system
+    system = systems.load(sc.name, solvent=sc.solvent, temperature=sc.temperature)
+    ref = _minimised_positions(system) if config.coordinates.minimise else system.positions
+    coords = InternalCoordinates.from_topology(
+        system.topology, reference_positions=ref, torsions=config.coordinates.torsions
+    )
+    torch.manual_seed(config.flow.seed)
+    fc = config.flow
+    flow = make_spline_flow(
+        coords.domains,
+        n_blocks=fc.n_blocks,
+        n_bins=fc.n_bins,
+        hidden=fc.hidden,
+        n_res_blocks=fc.n_res_blocks,
+        layer_type=fc.layer_type,
+        mixing=fc.mixing,
+        circular_shift=fc.circular_shift,
+        actnorm=fc.actnorm,
+        tail_bound=fc.tail_bound,
+        seed=fc.seed,
+    )
+    model = BoltzmannGenerator(flow, coords)
+    energy = (
+        TorchEnergy.from_openmm(system.system)
+        if sc.energy == "torch"
+        else OpenMMEnergy(system.system)
+    )
+    target = BoltzmannTarget(energy, system.kT)
+    sample_filter = None
+    if config.chirality_filter:
+        topology = system.topology
+
+        def sample_filter(x: torch.Tensor) -> torch.Tensor:
+            return is_l_form(x, topology)
+
+    return Run(system, coords, model, target, sample_filter)
+
+
+# ---------------------------------------------------------------------------------- train
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``boltzgen train CONFIG.yaml [--resume] [--device D] [--max-iter N]``."""
+    p = sub.add_parser("train", help="train a Boltzmann generator from a YAML run config")
+    p.add_argument("config", help="run config (e.g. systems/aldp/reverse_kl_quick.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--device", default=None, help="torch device (overrides train.device)")
+    p.add_argument("--max-iter", type=int, default=None, help="overrides train.max_iter")
+    p.add_argument("--output-dir", default=None, help="overrides output_dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run ``boltzgen train``; returns the exit code (130 when interrupted)."""
+    from boltzgen.config import config_to_dict, load_config
+    from boltzgen.train import CheckpointError, Trainer, load_checkpoint
+
+    config = load_config(args.config)
+    train = config.train
+    if args.device is not None:
+        train = replace(train, device=args.device)
+    if args.max_iter is not None:
+        train = replace(train, max_iter=args.max_iter)
+    if args.no_progress:
+        train = replace(train, progress=False)
+    config = replace(config, train=train)
+    if args.output_dir is not None:
+        config = replace(config, output_dir=args.output_dir)
+    out = Path(config.output_dir)
+    ckpt_path = out / "checkpoint.pt"
+    meta = {"system": config.system.name, "config": config_to_dict(config)}
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        old = ckpt.get("metadata", {})
+        if old.get("system") != config.system.name:
+            raise CheckpointError(
+                f"{ckpt_path} is a checkpoint of system {old.get('system')!r}, "
+                f"not {config.system.name!r}"
+            )
+        for section in ("system", "coordinates", "flow"):
+            if old.get("config", {}).get(section) != meta["config"][section]:
+                raise CheckpointError(
+                    f"{ckpt_path} was trained with a different '{section}' section; "
+                    "resume with the config it was started with"
+                )
+    elif ckpt_path.exists():
+        raise BoltzgenError(
+            f"{ckpt_path} exists; pass --resume to continue it or choose another --output-dir"
+        )
+    run = build_run(config)
+    trainer = Trainer(
+        run.model,
+        run.target,
+        config.train,
+        output_dir=out,
+        sample_filter=run.sample_filter,
+        metadata=meta,
+    )
+    if args.resume:
+        trainer.resume()
+        print(f"resuming {ckpt_path} at iteration {trainer.iteration}", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        row = trainer.run()
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; the last checkpoint {ckpt_path} is intact (continue with --resume)",
+            file=sys.stderr,
+        )
+        return 130
+    wall = time.perf_counter() - t0
+    c = trainer.counters
+    ess = row.get("ess_fraction", float("nan"))
+    print(
+        f"trained {trainer.iteration} iterations in {wall:.1f} s; last batch ESS "
+        f"{100 * ess:.2f}%; target evaluations {c['target_evals']}; dropped non-finite "
+        f"{c['nonfinite']}, D-form {c['filtered']}; skipped steps {c['skipped_steps']}\n"
+        f"checkpoint: {ckpt_path}\nlog: {out / 'log.csv'}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------- sample
+def add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``boltzgen sample CHECKPOINT -n N -o OUT [--batch-size B]``."""
+    p = sub.add_parser("sample", help="draw weighted samples from a trained checkpoint")
+    p.add_argument("checkpoint", help="checkpoint.pt written by boltzgen train")
+    p.add_argument("-n", "--n-samples", type=int, required=True, help="number of samples")
+    p.add_argument("-o", "--output", required=True, help="samples.npz, or .pdb/.dcd for viewers")
+    p.add_argument("--batch-size", type=int, default=1000, help="samples per batch")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.set_defaults(func=run_sample)
+
+
+def draw_samples(
+    run: Run, n: int, batch_size: int, device: str = "cpu", max_rounds: int = 100
+) -> dict[str, np.ndarray]:
+    """Draw ``n`` finite (and, with a filter, L-form) samples with log q, energies, weights.
+
+    Returns a dict with ``positions`` (n, n_atoms, 3) float32 nm, ``log_q`` (nats),
+    ``energies`` (kJ/mol), ``log_weights`` (``-U/kT - log q``) and the counts of dropped
+    samples ``n_nonfinite`` and ``n_filtered``.
+    """
+    import torch
+
+    model = run.model.to(device)
+    energy = run.target.energy.to(device)
+    model.eval()
+    xs, lqs, us = [], [], []
+    n_bad = n_filt = got = 0
+    for _ in range(max_rounds):
+        if got >= n:
+            break
+        with torch.no_grad():
+            x, lq = model.sample(n - got, batch_size)
+            ok = torch.isfinite(x).all(-1).all(-1) & torch.isfinite(lq)
+            n_bad += int((~ok).sum())
+            if run.sample_filter is not None:
+                keep = ok.clone()
+                keep[ok] = run.sample_filter(x[ok])
+                n_filt += int((ok & ~keep).sum())
+                ok = keep
+            x, lq = x[ok].double(), lq[ok].double()
+            u = torch.cat([energy(xb) for xb in x.split(batch_size)]) if len(x) else x.new_zeros(0)
+            fin = torch.isfinite(u)
+            n_bad += int((~fin).sum())
+            xs.append(x[fin].cpu()), lqs.append(lq[fin].cpu()), us.append(u[fin].cpu())
+            got += int(fin.sum())
+    if got < n:
+        raise BoltzgenError(f"only {got} of {n} samples were valid after {max_rounds} rounds")
+    x, lq, u = torch.cat(xs)[:n], torch.cat(lqs)[:n], torch.cat(us)[:n]
+    kT = run.target.kT
+    return {
+        "positions": x.numpy().astype(np.float32),
+        "log_q": lq.numpy(),
+        "energies": u.numpy(),
+        "log_weights": (-u / kT - lq).numpy(),
+        "n_nonfinite": np.int64(n_bad),
+        "n_filtered": np.int64(n_filt),
+    }
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """Run ``boltzgen sample``; returns the exit code."""
+    import torch
+
+    from boltzgen.config import ConfigError, config_from_dict
+    from boltzgen.reweighting import ess, ess_fraction
+    from boltzgen.train import CheckpointError, load_checkpoint
+
+    if args.n_samples < 1 or args.batch_size < 1:
+        raise BoltzgenError("-n and --batch-size must be positive")
+    out = Path(args.output)
+    suffix = out.suffix.lower()
+    if suffix not in (".npz", ".pdb", ".dcd"):
+        raise BoltzgenError(f"output must end in .npz, .pdb or .dcd, got {out.name!r}")
+    if not out.parent.exists():
+        raise BoltzgenError(f"output folder {out.parent} does not exist")
+    ckpt = load_checkpoint(args.checkpoint)
+    try:
+        config = config_from_dict(ckpt["metadata"]["config"])
+    except (KeyError, ConfigError) as exc:
+        raise CheckpointError(f"{args.checkpoint} carries no usable run config: {exc}") from exc
+    run = build_run(config)
+    try:
+        run.model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{args.checkpoint} does not fit its config's model: {exc}") from exc
+    run.model.to(config.train.torch_dtype)
+    torch.manual_seed(config.train.seed + 1 if args.seed is None else args.seed)
+    data = draw_samples(run, args.n_samples, args.batch_size, args.device)
+    temperature = float(run.system.temperature)
+    if suffix == ".npz":
+        np.savez(
+            out,
+            **data,
+            temperature=np.float64(temperature),
+            system=np.str_(config.system.name),
+        )
+    else:
+        traj = run.system.to_mdtraj(data["positions"])
+        traj.save(str(out))
+    lw = data["log_weights"]
+    print(
+        f"wrote {len(lw)} samples to {out}; ESS {ess(lw):.1f} ({100 * ess_fraction(lw):.2f}%); "
+        f"dropped non-finite {int(data['n_nonfinite'])}, D-form {int(data['n_filtered'])}"
+    )
+    return 0

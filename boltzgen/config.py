@@ -1,0 +1,177 @@
+"""Typed run configurations and their YAML form (the CLI's entry; the library never reads YAML).
+
+A run config has the sections ``system``, ``coordinates``, ``flow``, ``train`` and the keys
+``output_dir`` and ``chirality_filter``. Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from boltzgen.errors import BoltzgenError
+from boltzgen.train import TrainOptions
+
+__all__ = [
+    "ConfigError",
+    "CoordinatesConfig",
+    "FlowConfig",
+    "RunConfig",
+    "SystemConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+]
+
+
+class ConfigError(BoltzgenError, ValueError):
+    """A run configuration is missing, malformed or has unknown keys."""
+
+
+@dataclass
+class SystemConfig:
+    """Which molecule, solvent model, temperature (K) and energy implementation."""
+
+    name: str = "aldp"
+    solvent: str = "implicit"
+    temperature: float = 300.0
+    energy: str = "torch"
+
+    def __post_init__(self) -> None:
+        if self.energy not in ("torch", "openmm"):
+            raise ConfigError(f"system.energy must be 'torch' or 'openmm', got {self.energy!r}")
+        if self.solvent not in ("implicit", "vacuum"):
+            raise ConfigError(f"system.solvent must be implicit or vacuum, got {self.solvent!r}")
+
+
+@dataclass
+class CoordinatesConfig:
+    """Internal coordinates: shifts from the (optionally energy-minimised) structure."""
+
+    minimise: bool = True
+    torsions: str = "relative"
+
+
+@dataclass
+class FlowConfig:
+    """Arguments of `boltzgen.flows.make_spline_flow` (FAB's ALDP architecture by default)."""
+
+    n_blocks: int = 12
+    n_bins: int = 8
+    hidden: int = 256
+    n_res_blocks: int = 1
+    layer_type: str = "coupling"
+    mixing: str | None = None
+    circular_shift: bool = True
+    actnorm: bool = False
+    tail_bound: float = 5.0
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    system: SystemConfig = field(default_factory=SystemConfig)
+    coordinates: CoordinatesConfig = field(default_factory=CoordinatesConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    train: TrainOptions = field(default_factory=TrainOptions)
+    output_dir: str = "runs/boltzgen"
+    chirality_filter: bool = True
+
+
+_SECTIONS = {
+    "system": SystemConfig,
+    "coordinates": CoordinatesConfig,
+    "flow": FlowConfig,
+    "train": TrainOptions,
+}
+
+
+def _coerce(value: Any, kind: str, key: str) -> Any:
+    """Check a YAML value against a field type; numeric strings like ``1e-3`` become floats."""
+    if value is None and "None" in kind:
+        return None
+    if kind.startswith("float"):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if kind.startswith("int") and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if kind.startswith("bool") and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if kind.startswith("str") and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _section(cls: type, data: Any, name: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{name}' must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {name}.{unknown[0]}"
+            + (f" (and {', '.join(unknown[1:])})" if unknown[1:] else "")
+            + f"; known keys of '{name}': {', '.join(sorted(known))}"
+        )
+    types = {f.name: str(f.type) for f in fields(cls)}
+    data = {k: _coerce(v, types[k], f"{name}.{k}") for k, v in data.items()}
+    try:
+        return cls(**data)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, BoltzgenError) as exc:
+        raise ConfigError(f"'{name}': {exc}") from exc
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """`RunConfig` from a plain dict (as read from YAML); unknown keys raise `ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError("a run config must be a mapping at the top level")
+    known = set(_SECTIONS) | {"output_dir", "chirality_filter"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    kwargs: dict[str, Any] = {k: _section(c, data.get(k), k) for k, c in _SECTIONS.items()}
+    if "output_dir" in data:
+        kwargs["output_dir"] = str(data["output_dir"])
+    if "chirality_filter" in data:
+        if not isinstance(data["chirality_filter"], bool):
+            raise ConfigError("chirality_filter must be true or false")
+        kwargs["chirality_filter"] = data["chirality_filter"]
+    return RunConfig(**kwargs)
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    """The plain-dict form of a `RunConfig` (stored in checkpoints)."""
+    return asdict(config)
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    """Read a YAML run config.
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, unknown key, invalid value.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    try:
+        return config_from_dict(data or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

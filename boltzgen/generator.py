@@ -1,0 +1,59 @@
+"""`BoltzmannGenerator`: a flow over (internal) coordinates followed by a coordinate transform."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from boltzgen.flows.base import Transform
+
+__all__ = ["BoltzmannGenerator"]
+
+
+class BoltzmannGenerator(nn.Module):
+    """A sampler of configurations ``x = C(T(z))`` with its exact (or path-weighted) log density.
+
+    ``log q(x) = log q_flow(y) - log|det dx/dy|`` where ``y = T(z)`` is the flow's sample and
+    ``C`` the coordinate transform (e.g. `InternalCoordinates`, internal -> Cartesian). Any
+    stochastic layers inside ``flow.transform`` keep the `Transform` contract (their log-weight
+    increment in place of a log-det), so `sample_and_log_prob` then yields SNF path weights.
+
+    Args:
+        flow: A `Flow` (anything with ``sample_and_log_prob(n)`` and ``log_prob(y)``).
+        coordinates: Optional `Transform` from the flow's space to the data space (Cartesian).
+    """
+
+    def __init__(self, flow: nn.Module, coordinates: Transform | None = None) -> None:
+        super().__init__()
+        self.flow = flow
+        self.coordinates = coordinates
+
+    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` samples: ``(x (n, ...), log q(x) (n,))``, e.g. x ``(n, n_atoms, 3)`` nm."""
+        y, log_q = self.flow.sample_and_log_prob(n)
+        if self.coordinates is None:
+            return y, log_q
+        x, ld = self.coordinates.forward_and_log_det(y)
+        return x, log_q - ld
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Log density ``(batch,)`` of data ``x`` (through the inverse transforms)."""
+        if self.coordinates is None:
+            return self.flow.log_prob(x)
+        y, ld = self.coordinates.inverse_and_log_det(x)
+        return self.flow.log_prob(y) + ld
+
+    @torch.no_grad()
+    def sample(self, n: int, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` samples without gradients, in batches of ``batch_size``: ``(x, log_q)``."""
+        batch_size = n if batch_size is None else max(1, int(batch_size))
+        xs, lqs = [], []
+        for start in range(0, n, batch_size):
+            x, lq = self.sample_and_log_prob(min(batch_size, n - start))
+            xs.append(x)
+            lqs.append(lq)
+        return torch.cat(xs), torch.cat(lqs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Alias of `log_prob`."""
+        return self.log_prob(x)

@@ -1,0 +1,417 @@
+"""`Trainer`: optimisation loop of a Boltzmann generator with exact resume and atomic checkpoints.
+
+The trainer takes typed arguments (`TrainOptions`); reading YAML is the CLI's job
+(`boltzgen.config`). The model is any module with ``sample_and_log_prob(n)`` and
+``log_prob(x)`` (a `BoltzmannGenerator`, possibly with stochastic layers in its flow).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from boltzgen.errors import BoltzgenError
+from boltzgen.objectives import ObjectiveResult, forward_kl, log_ess, mixed_kl, reverse_kl
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "TrainOptions",
+    "Trainer",
+    "load_checkpoint",
+    "lr_factor",
+    "options_from_dict",
+    "save_atomic",
+]
+
+CHECKPOINT_FORMAT = "boltzgen-checkpoint-1"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_OBJECTIVES = ("reverse_kl", "forward_kl", "mixed_kl")
+LOG_COLUMNS = (
+    "iteration",
+    "loss",
+    "ess_fraction",
+    "lr",
+    "grad_norm",
+    "n_used",
+    "target_evals",
+    "nonfinite",
+    "filtered",
+    "skipped_steps",
+    "wall_s",
+)
+
+
+class CheckpointError(BoltzgenError):
+    """A checkpoint cannot be read or does not fit the run."""
+
+
+@dataclass
+class TrainOptions:
+    """Settings of a training run.
+
+    Attributes:
+        max_iter: Total number of iterations (the schedule's length).
+        batch_size: Samples per iteration (model samples and/or data frames).
+        objective: ``"reverse_kl"``, ``"forward_kl"`` or ``"mixed_kl"``.
+        alpha: Weight of the reverse KL in ``"mixed_kl"``.
+        optimizer: ``"adam"`` or ``"adamw"``.
+        lr: Peak learning rate.
+        weight_decay: Weight decay (AdamW's decoupled one for ``"adamw"``).
+        warmup_iters: Linear warm-up from 0 to ``lr`` over this many iterations.
+        min_lr_factor: Cosine decay ends at ``lr * min_lr_factor``.
+        grad_clip: Max global gradient norm (None or <= 0: no clipping).
+        dtype: ``"float32"`` or ``"float64"``.
+        device: torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        seed: Seed of torch's random number generator at the start of a fresh run.
+        checkpoint_every: Write the checkpoint every this many iterations (and at the end).
+        progress: Show a tqdm progress bar.
+    """
+
+    max_iter: int = 1000
+    batch_size: int = 256
+    objective: str = "reverse_kl"
+    alpha: float = 0.5
+    optimizer: str = "adam"
+    lr: float = 5.0e-4
+    weight_decay: float = 0.0
+    warmup_iters: int = 0
+    min_lr_factor: float = 0.0
+    grad_clip: float | None = 100.0
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    checkpoint_every: int = 100
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> BoltzgenError:
+            return BoltzgenError(f"train options: {msg}")
+
+        if self.max_iter < 0 or self.batch_size < 1:
+            raise bad("max_iter must be >= 0 and batch_size >= 1")
+        if self.objective not in _OBJECTIVES:
+            raise bad(f"objective must be one of {', '.join(_OBJECTIVES)}, got {self.objective!r}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise bad(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.dtype not in _DTYPES:
+            raise bad(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if not self.lr > 0 or self.warmup_iters < 0 or not 0 <= self.min_lr_factor <= 1:
+            raise bad("need lr > 0, warmup_iters >= 0, 0 <= min_lr_factor <= 1")
+        if not 0 <= self.alpha <= 1:
+            raise bad(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.checkpoint_every < 1:
+            raise bad("checkpoint_every must be >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype of `dtype`."""
+        return _DTYPES[self.dtype]
+
+
+def lr_factor(iteration: int, max_iter: int, warmup_iters: int, min_factor: float) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to ``min_factor``."""
+    if iteration < warmup_iters:
+        return (iteration + 1) / warmup_iters
+    span = max(1, max_iter - warmup_iters)
+    t = min(1.0, (iteration - warmup_iters) / span)
+    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` to ``path`` atomically: a temporary file in the same folder, then rename.
+
+    A reader (or a run killed mid-write) sees either the old file or the new one, never a
+    partial one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict:
+    """Read a boltzgen checkpoint written by `Trainer`.
+
+    Raises:
+        CheckpointError: missing or unreadable file, or not a boltzgen checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many kinds for corrupt files
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a boltzgen checkpoint")
+    return ckpt
+
+
+class Trainer:
+    """Optimise ``model`` against ``target`` (reverse KL), data (forward KL) or both.
+
+    Args:
+        model: Module with ``sample_and_log_prob(n)`` and ``log_prob(x)``.
+        target: Object with ``log_prob(x) -> (n,)`` (a `BoltzmannTarget`); may be None for
+            the forward KL.
+        options: `TrainOptions`.
+        output_dir: Folder of ``checkpoint.pt`` and ``log.csv`` (None: neither is written).
+        x_data: ``(n_frames, ...)`` data for the forward KL.
+        sample_filter: ``x -> (n,) bool`` keep-mask of model samples (e.g. L-form chirality).
+        metadata: Plain data stored in the checkpoint (e.g. the run's config and system name).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target: Any,
+        options: TrainOptions,
+        output_dir: str | os.PathLike | None = None,
+        x_data: Tensor | None = None,
+        sample_filter: Callable[[Tensor], Tensor] | None = None,
+        metadata: dict | None = None,
+    ) -> None:
+        self.options = options
+        self.device = torch.device(options.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BoltzgenError(f"device {options.device!r} requested but CUDA is not available")
+        dtype = options.torch_dtype
+        self.model = model.to(device=self.device, dtype=dtype)
+        self.target = target.to(device=self.device) if isinstance(target, nn.Module) else target
+        if options.objective != "forward_kl" and target is None:
+            raise BoltzgenError(f"objective {options.objective} needs a target")
+        if options.objective != "reverse_kl" and x_data is None:
+            raise BoltzgenError(f"objective {options.objective} needs training data")
+        self.x_data = None if x_data is None else x_data.to(self.device, dtype)
+        self.sample_filter = sample_filter
+        self.metadata = dict(metadata or {})
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt_cls = torch.optim.AdamW if options.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(params, lr=options.lr, weight_decay=options.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda it: lr_factor(it, options.max_iter, options.warmup_iters, options.min_lr_factor),
+        )
+        self.iteration = 0
+        self.counters = {"target_evals": 0, "nonfinite": 0, "filtered": 0, "skipped_steps": 0}
+        self.wall_s = 0.0
+        self.last: dict[str, float] = {}
+        torch.manual_seed(options.seed)
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """``output_dir/checkpoint.pt`` (None without an output folder)."""
+        return None if self.output_dir is None else self.output_dir / "checkpoint.pt"
+
+    @property
+    def log_path(self) -> Path | None:
+        """``output_dir/log.csv`` (None without an output folder)."""
+        return None if self.output_dir is None else self.output_dir / "log.csv"
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything needed to continue the run exactly (model, optimiser, RNG, counters)."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "counters": dict(self.counters),
+            "wall_s": self.wall_s,
+            "options": asdict(self.options),
+            "metadata": self.metadata,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict` (the model must have the same architecture)."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint does not fit this model: {exc}") from exc
+        self.iteration = int(state["iteration"])
+        self.counters.update(state["counters"])
+        self.wall_s = float(state.get("wall_s", 0.0))
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint.pt`` atomically (no-op without an output folder)."""
+        if self.checkpoint_path is not None:
+            save_atomic(self.state_dict(), self.checkpoint_path)
+
+    def resume(self, path: str | os.PathLike | None = None) -> None:
+        """Continue from a checkpoint (default: this run's); the CSV log is cut back to it."""
+        path = self.checkpoint_path if path is None else Path(path)
+        if path is None:
+            raise CheckpointError("no checkpoint path to resume from")
+        self.load_state_dict(load_checkpoint(path, map_location=str(self.device)))
+        self._truncate_log()
+
+    # ------------------------------------------------------------------ logging
+    def _truncate_log(self) -> None:
+        path = self.log_path
+        if path is None or not path.exists():
+            return
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= self.iteration]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerows(keep)
+        os.replace(tmp, path)
+
+    def _write_log(self, row: dict) -> None:
+        path = self.log_path
+        if path is None:
+            return
+        new = not path.exists() or self.iteration == 1
+        columns = list(LOG_COLUMNS) + sorted(set(row) - set(LOG_COLUMNS))
+        with open(path, "w" if new else "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    # ------------------------------------------------------------------ loop
+    def _objective(self) -> ObjectiveResult:
+        opt = self.options
+        if opt.objective == "reverse_kl":
+            return reverse_kl(self.model, self.target, opt.batch_size, self.sample_filter)
+        idx = torch.randint(0, self.x_data.shape[0], (opt.batch_size,), device=self.device)
+        if opt.objective == "forward_kl":
+            return forward_kl(self.model, self.x_data[idx])
+        return mixed_kl(
+            self.model, self.target, opt.batch_size, self.x_data[idx], opt.alpha, self.sample_filter
+        )
+
+    def diagnostics(self) -> dict[str, float]:
+        """Extra metrics of submodules (e.g. SNF acceptance rates) for the log and progress bar.
+
+        Every submodule with a ``diagnostics()`` method returning ``{key: float}`` contributes
+        columns ``<module name>.<key>`` (the model itself as ``model.<key>``).
+        """
+        out: dict[str, float] = {}
+        for name, module in self.model.named_modules():
+            fn = getattr(module, "diagnostics", None)
+            if callable(fn):
+                for key, value in fn().items():
+                    out[f"{name or 'model'}.{key}"] = float(value)
+        return out
+
+    def step(self) -> dict:
+        """One optimisation step; returns the log row. Non-finite losses or gradients skip it."""
+        t0 = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        res = self._objective()
+        grad_norm = float("nan")
+        ok = res.n_used > 0 and bool(torch.isfinite(res.loss))
+        if ok:
+            res.loss.backward()
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            clip = self.options.grad_clip
+            clip = clip if clip is not None and clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            ok = math.isfinite(grad_norm)
+        if ok:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.counters["skipped_steps"] += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.iteration += 1
+        self.counters["target_evals"] += res.n_target_evals
+        self.counters["nonfinite"] += res.n_nonfinite
+        self.counters["filtered"] += res.n_filtered
+        ess = float("nan")
+        if res.log_weights.numel() > 0:
+            ess = float(log_ess(res.log_weights.double()).exp()) / res.log_weights.numel()
+        self.wall_s += time.perf_counter() - t0
+        row = {
+            "iteration": self.iteration,
+            "loss": float(res.loss.detach()),
+            "ess_fraction": ess,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "n_used": res.n_used,
+            **self.counters,
+            "wall_s": round(self.wall_s, 3),
+            **self.diagnostics(),
+        }
+        self.last = row
+        return row
+
+    def run(self, stop_at: int | None = None) -> dict:
+        """Train until iteration ``stop_at`` (default ``max_iter``); returns the last log row.
+
+        The checkpoint is written every ``checkpoint_every`` iterations and at the end. An
+        interruption (Ctrl-C) between two writes leaves the previous checkpoint intact.
+        """
+        from tqdm.auto import tqdm
+
+        stop = self.options.max_iter if stop_at is None else min(stop_at, self.options.max_iter)
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(
+            total=self.options.max_iter,
+            initial=self.iteration,
+            disable=not self.options.progress,
+            dynamic_ncols=True,
+        )
+        try:
+            while self.iteration < stop:
+                row = self.step()
+                self._write_log(row)
+                bar.update(1)
+                extra = {k: f"{v:.3g}" for k, v in row.items() if k not in LOG_COLUMNS}
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3g}",
+                    ess=f"{100 * row['ess_fraction']:.1f}%",
+                    evals=row["target_evals"],
+                    **extra,
+                    refresh=False,
+                )
+                if self.iteration % self.options.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        if self.iteration % self.options.checkpoint_every != 0 or stop == 0:
+            self.save_checkpoint()
+        return self.last
+
+
+def options_from_dict(data: dict) -> TrainOptions:
+    """`TrainOptions` from a plain dict; unknown keys raise `BoltzgenError` naming them."""
+    names = {f.name for f in fields(TrainOptions)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise BoltzgenError(f"unknown train option(s): {', '.join(unknown)}")
+    return TrainOptions(**data)
