@@ -57,6 +57,10 @@ def main():
     te = TorchEnergy.from_openmm(s.system)
     tc = TorchEnergy.from_openmm(s.system).compile_energy(dynamic=False) if args.compile else None
     single = OpenMMEnergy(s.system, n_workers=1, platform="CPU")
+    # for a 22-atom molecule OpenMM's threading overhead dominates: a 1-thread context is shown too
+    single1 = OpenMMEnergy(
+        s.system, n_workers=1, platform="CPU", platform_properties={"Threads": "1"}
+    )
     pool = OpenMMEnergy(s.system, n_workers=2, platform="CPU")
     results = []
     for batch in args.batches:
@@ -67,6 +71,9 @@ def main():
         xo = x[: min(batch, 1024)]
         row["openmm_energy_forces_us"] = (
             1e6 * _time(lambda xo=xo: single.energy_and_forces(xo), args.repeats) / len(xo)
+        )
+        row["openmm_1thread_energy_forces_us"] = (
+            1e6 * _time(lambda xo=xo: single1.energy_and_forces(xo), args.repeats) / len(xo)
         )
         row["openmm_pool2_energy_forces_us"] = (
             1e6 * _time(lambda xo=xo: pool.energy_and_forces(xo), args.repeats) / len(xo)
@@ -90,6 +97,9 @@ def main():
             )
         row["speedup_energy_forces_vs_openmm"] = (
             row["openmm_energy_forces_us"] / row["torch_energy_forces_us"]
+        )
+        row["speedup_energy_forces_vs_openmm_1thread"] = (
+            row["openmm_1thread_energy_forces_us"] / row["torch_energy_forces_us"]
         )
         row["speedup_energy_forces_vs_pool2"] = (
             row["openmm_pool2_energy_forces_us"] / row["torch_energy_forces_us"]
