@@ -10,7 +10,14 @@ from boltzgen.flows import Unbounded, make_spline_flow
 from boltzgen.generator import BoltzmannGenerator
 from boltzgen.objectives import forward_kl, log_ess, mixed_kl, reverse_kl
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """float64 by default inside this module only (restored after each test)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 class Gauss1D(nn.Module):
