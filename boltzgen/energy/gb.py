@@ -127,7 +127,7 @@ class GBSAOBCTerm(nn.Module):
     def born_radii(self, x: Tensor, r2: Tensor | None = None) -> Tensor:
         """Effective Born radii, shape ``(B, n_atoms)``, nm (``r2``: squared distances)."""
         if r2 is None:
-            r2 = _squared_distance_matrix(x)
+            r2 = _pair_matrix(x)[1]
         return self._born(r2)[0]
 
     def _born(self, r2: Tensor) -> tuple[Tensor, ...]:
@@ -274,12 +274,6 @@ def _gb_energy_and_grad(
 
 #: batch chunk of the dense GB pair maths (~128 x 22 x 22 temporaries stay in cache)
 _GB_CHUNK = 128
-
-
-def _squared_distance_matrix(x: Tensor) -> Tensor:
-    """Squared distances ``(B, N, N)`` of positions ``(B, N, 3)`` (exactly 0 on the diagonal)."""
-    d = x[:, :, None, :] - x[:, None, :, :]
-    return (d * d).sum(-1)
 
 
 _NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
