@@ -98,25 +98,12 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
 
 def _short_md(s: object, n_frames: int, seed: int) -> object:
-    """A short Langevin MD (1 fs, 100 steps between frames) from the minimised structure."""
-    import numpy as np
-    import openmm
-    import openmm.unit as u
+    """MD frames ``(n_frames, n_atoms, 3)`` nm: 100 fs apart after 1 ps of equilibration."""
+    from boltzgen.md import run_md
 
-    integrator = openmm.LangevinMiddleIntegrator(
-        s.temperature * u.kelvin, 1.0 / u.picosecond, 0.001 * u.picoseconds
-    )
-    integrator.setRandomNumberSeed(seed + 1)
-    ctx = openmm.Context(s.system, integrator, openmm.Platform.getPlatformByName("CPU"))
-    ctx.setPositions(s.positions)
-    openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 500)
-    ctx.setVelocitiesToTemperature(s.temperature * u.kelvin, seed + 1)
-    integrator.step(1000)
-    frames = []
-    for _ in range(n_frames):
-        integrator.step(100)
-        frames.append(ctx.getState(getPositions=True).getPositions(asNumpy=True)._value)
-    return np.array(frames)
+    n_equil = 10  # frames dropped: 1 ps from the minimised structure
+    result = run_md(s, (n_frames + n_equil) * 100, save_interval=100, seed=seed, progress=False)
+    return result.positions[n_equil:]
 
 
 def _add_result_parsers(sub: argparse._SubParsersAction) -> None:

@@ -1,30 +1,23 @@
 """Test data shared by several test modules (imported as a plain module by pytest)."""
 
-import numpy as np
 import torch
+
+from boltzgen.md import run_md
 
 
 def md_frames(system, temperature, n_frames, steps_per_frame=10, seed=1):
-    """OpenMM Langevin MD frames ``(n_frames, n_atoms, 3)`` float64 nm of a MolecularSystem.
+    """MD frames ``(n_frames, n_atoms, 3)`` float64 nm of a MolecularSystem at ``temperature`` K.
 
-    Minimised first, then 300 steps of equilibration at ``temperature`` (K), 1 fs steps.
+    `boltzgen.md.run_md` from the minimised structure (1 fs steps, friction 10/ps); the first
+    300 steps are dropped as equilibration.
     """
-    import openmm
-    import openmm.unit as u
-
-    integrator = openmm.LangevinMiddleIntegrator(
-        temperature * u.kelvin, 10.0 / u.picosecond, 0.001 * u.picoseconds
+    n_equil = -(-300 // steps_per_frame)
+    result = run_md(
+        system.with_temperature(temperature),
+        (n_frames + n_equil) * steps_per_frame,
+        save_interval=steps_per_frame,
+        friction=10.0,
+        seed=seed,
+        progress=False,
     )
-    integrator.setRandomNumberSeed(seed)
-    platform = openmm.Platform.getPlatformByName("CPU")
-    ctx = openmm.Context(system.system, integrator, platform, {"Threads": "1"})
-    ctx.setPositions(system.positions)
-    openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 200)
-    ctx.setVelocitiesToTemperature(temperature * u.kelvin, seed)
-    integrator.step(300)
-    frames = []
-    for _ in range(n_frames):
-        integrator.step(steps_per_frame)
-        pos = ctx.getState(getPositions=True).getPositions(asNumpy=True)
-        frames.append(pos.value_in_unit(u.nanometer))
-    return torch.tensor(np.array(frames), dtype=torch.float64)
+    return torch.tensor(result.positions[n_equil:], dtype=torch.float64)
