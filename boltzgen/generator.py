@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from boltzgen.flows.base import Transform
 
-__all__ = ["BoltzmannGenerator"]
+__all__ = ["BoltzmannGenerator", "FlowSpaceTarget"]
 
 
 class BoltzmannGenerator(nn.Module):
@@ -57,3 +57,35 @@ class BoltzmannGenerator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Alias of `log_prob`."""
         return self.log_prob(x)
+
+
+class FlowSpaceTarget(nn.Module):
+    """A target density carried into the flow's space through the coordinate transform.
+
+    ``log p_Y(y) = log p(C(y)) + log|det dC/dy|`` for ``y`` ``(B, D)`` in the flow's space
+    (e.g. internal coordinates) and ``C`` the coordinate transform (internal -> Cartesian). This
+    is the density that MCMC moves inside the flow (SNF layers) and AIS (FAB) target. Counts the
+    rows it evaluates in ``n_evals``.
+
+    Args:
+        target: Has ``log_prob(x) -> (B,)`` on the data space (e.g. a `BoltzmannTarget`).
+        coordinates: The `Transform` flow space -> data space (None: the identity).
+    """
+
+    def __init__(self, target: nn.Module, coordinates: Transform | None = None) -> None:
+        super().__init__()
+        self.target = target
+        self.coordinates = coordinates
+        self.n_evals = 0
+
+    def log_prob(self, y: Tensor) -> Tensor:
+        """Unnormalised log density ``(B,)`` of flow-space points ``y`` ``(B, D)``."""
+        self.n_evals += int(y.shape[0])
+        if self.coordinates is None:
+            return self.target.log_prob(y)
+        x, ld = self.coordinates.forward_and_log_det(y)
+        return self.target.log_prob(x) + ld
+
+    def forward(self, y: Tensor) -> Tensor:
+        """Alias of `log_prob`."""
+        return self.log_prob(y)
