@@ -19,6 +19,7 @@ __all__ = [
     "add_train_parser",
     "build_run",
     "draw_samples",
+    "load_training_data",
     "run_sample",
     "run_train",
 ]
@@ -60,8 +61,9 @@ def build_run(config: Any) -> Run:
     from boltzgen import systems
     from boltzgen.coordinates import InternalCoordinates, is_l_form
     from boltzgen.energy import BoltzmannTarget, OpenMMEnergy, TorchEnergy
-    from boltzgen.flows import make_spline_flow
-    from boltzgen.generator import BoltzmannGenerator
+    from boltzgen.flows import Circular, make_spline_flow
+    from boltzgen.generator import BoltzmannGenerator, FlowSpaceTarget
+    from boltzgen.stochastic import make_snf_layers
 
     sc = config.system
     system = systems.load(sc.name, solvent=sc.solvent, temperature=sc.temperature)
@@ -91,6 +93,26 @@ def build_run(config: Any) -> Run:
         else OpenMMEnergy(system.system)
     )
     target = BoltzmannTarget(energy, system.kT)
+    snf = config.snf
+    if snf.n_layers > 0:
+        if snf.second_order and sc.energy == "torch":
+            energy.set_analytic_gradients(False)  # double backward through the force field
+        flow_target = FlowSpaceTarget(target, coords)
+        layers = make_snf_layers(
+            snf.kind,
+            snf.n_layers,
+            target=flow_target.log_prob,
+            reference=flow.log_prob,
+            lambdas=snf.lambdas,
+            n_steps=snf.n_steps,
+            step_size=snf.step_size,
+            n_leapfrog=snf.n_leapfrog,
+            circular=[isinstance(d, Circular) for d in coords.domains],
+            adaptive=snf.adaptive,
+            second_order=snf.second_order,
+            target_acceptance=snf.target_acceptance,
+        )
+        model.add_stochastic_layers(layers, flow_target)
     sample_filter = None
     if config.chirality_filter:
         topology = system.topology
@@ -102,6 +124,39 @@ def build_run(config: Any) -> Run:
 
 
 # ---------------------------------------------------------------------------------- train
+def load_training_data(path: str, n_atoms: int) -> tuple[Any, Any]:
+    """MD frames for the forward KL: ``(positions (N, n_atoms, 3) nm, log_weights (N,) | None)``.
+
+    The ``.npz`` holds ``positions`` and optionally ``log_weights`` per frame (or per saved
+    frame through ``frame_index``, as `boltzgen md` and the shipped reference write them).
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise BoltzgenError(f"training data {p} does not exist")
+    try:
+        data = np.load(p)
+        pos = np.asarray(data["positions"], dtype=np.float64)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BoltzgenError(f"cannot read positions from {p}: {exc}") from exc
+    if pos.ndim != 3 or pos.shape[1:] != (n_atoms, 3):
+        raise BoltzgenError(
+            f"{p}: positions must have shape (frames, {n_atoms}, 3), got {pos.shape}"
+        )
+    if not np.isfinite(pos).all():
+        raise BoltzgenError(f"{p}: positions contain NaN or inf")
+    log_w = None
+    if "log_weights" in data.files:
+        lw = np.asarray(data["log_weights"], dtype=np.float64)
+        if "frame_index" in data.files and len(lw) != len(pos):
+            lw = lw[np.asarray(data["frame_index"])]
+        if len(lw) != len(pos) or not np.isfinite(lw).all():
+            raise BoltzgenError(f"{p}: log_weights must be finite, one per frame")
+        log_w = torch.as_tensor(lw)
+    return torch.as_tensor(pos), log_w
+
+
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``boltzgen train CONFIG.yaml [--resume] [--device D] [--max-iter N]``."""
     p = sub.add_parser("train", help="train a Boltzmann generator from a YAML run config")
@@ -141,7 +196,7 @@ def run_train(args: argparse.Namespace) -> int:
                 f"{ckpt_path} is a checkpoint of system {old.get('system')!r}, "
                 f"not {config.system.name!r}"
             )
-        for section in ("system", "coordinates", "flow"):
+        for section in ("system", "coordinates", "flow", "snf"):
             if old.get("config", {}).get(section) != meta["config"][section]:
                 raise CheckpointError(
                     f"{ckpt_path} was trained with a different '{section}' section; "
@@ -152,11 +207,21 @@ def run_train(args: argparse.Namespace) -> int:
             f"{ckpt_path} exists; pass --resume to continue it or choose another --output-dir"
         )
     run = build_run(config)
+    x_data = data_weights = None
+    if config.data is not None:
+        x_data, data_weights = load_training_data(config.data, run.system.n_atoms)
+    elif config.train.objective in ("forward_kl", "mixed_kl"):
+        raise BoltzgenError(
+            f"objective {config.train.objective} needs MD frames: set 'data: FRAMES.npz' in "
+            f"{args.config}"
+        )
     trainer = Trainer(
         run.model,
         run.target,
         config.train,
         output_dir=out,
+        x_data=x_data,
+        data_weights=data_weights,
         sample_filter=run.sample_filter,
         metadata=meta,
     )

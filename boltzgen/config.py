@@ -1,7 +1,7 @@
 """Typed run configurations and their YAML form (the CLI's entry; the library never reads YAML).
 
-A run config has the sections ``system``, ``coordinates``, ``flow``, ``train`` and the keys
-``output_dir`` and ``chirality_filter``. Unknown keys are errors that name the key.
+A run config has the sections ``system``, ``coordinates``, ``flow``, ``snf``, ``train`` and the
+keys ``output_dir``, ``chirality_filter`` and ``data``. Unknown keys are errors that name the key.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ __all__ = [
     "CoordinatesConfig",
     "FlowConfig",
     "RunConfig",
+    "SNFConfig",
     "SystemConfig",
     "config_from_dict",
     "config_to_dict",
@@ -71,21 +72,62 @@ class FlowConfig:
 
 
 @dataclass
+class SNFConfig:
+    """Stochastic (SNF) layers after the flow, in its space (`boltzgen.stochastic`).
+
+    ``n_layers`` layers of ``kind`` anneal from the flow's own density to the target
+    (``lambdas: linear``) or all target the target (``one``); ``n_layers: 0`` means none.
+    Step sizes are in the flow's (normalised internal-coordinate) units.
+    """
+
+    n_layers: int = 0
+    kind: str = "mala"
+    n_steps: int = 1
+    step_size: float = 0.01
+    n_leapfrog: int = 5
+    lambdas: str = "linear"
+    adaptive: bool = True
+    target_acceptance: float | None = None
+    second_order: bool = False
+
+    def __post_init__(self) -> None:
+        from boltzgen.stochastic import LAYER_KINDS
+
+        if self.kind not in LAYER_KINDS:
+            kinds = ", ".join(LAYER_KINDS)
+            raise ConfigError(f"snf.kind must be one of {kinds}, got {self.kind!r}")
+        if self.lambdas not in ("linear", "one"):
+            raise ConfigError(f"snf.lambdas must be 'linear' or 'one', got {self.lambdas!r}")
+        if self.n_layers < 0 or self.n_steps < 1 or self.n_leapfrog < 1:
+            raise ConfigError("snf: need n_layers >= 0, n_steps >= 1, n_leapfrog >= 1")
+        if not self.step_size > 0:
+            raise ConfigError(f"snf.step_size must be positive, got {self.step_size}")
+
+
+@dataclass
 class RunConfig:
-    """A whole training run."""
+    """A whole training run.
+
+    ``data`` is an optional ``.npz`` of MD frames (``positions`` (N, n_atoms, 3) nm, optionally
+    ``log_weights``) for the forward-KL and mixed objectives; a relative path is read from the
+    working directory.
+    """
 
     system: SystemConfig = field(default_factory=SystemConfig)
     coordinates: CoordinatesConfig = field(default_factory=CoordinatesConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    snf: SNFConfig = field(default_factory=SNFConfig)
     train: TrainOptions = field(default_factory=TrainOptions)
     output_dir: str = "runs/boltzgen"
     chirality_filter: bool = True
+    data: str | None = None
 
 
 _SECTIONS = {
     "system": SystemConfig,
     "coordinates": CoordinatesConfig,
     "flow": FlowConfig,
+    "snf": SNFConfig,
     "train": TrainOptions,
 }
 
@@ -137,13 +179,17 @@ def config_from_dict(data: dict) -> RunConfig:
     """`RunConfig` from a plain dict (as read from YAML); unknown keys raise `ConfigError`."""
     if not isinstance(data, dict):
         raise ConfigError("a run config must be a mapping at the top level")
-    known = set(_SECTIONS) | {"output_dir", "chirality_filter"}
+    known = set(_SECTIONS) | {"output_dir", "chirality_filter", "data"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
     kwargs: dict[str, Any] = {k: _section(c, data.get(k), k) for k, c in _SECTIONS.items()}
     if "output_dir" in data:
         kwargs["output_dir"] = str(data["output_dir"])
+    if data.get("data") is not None:
+        if not isinstance(data["data"], str):
+            raise ConfigError(f"data must be a path to an .npz file, got {data['data']!r}")
+        kwargs["data"] = data["data"]
     if "chirality_filter" in data:
         if not isinstance(data["chirality_filter"], bool):
             raise ConfigError("chirality_filter must be true or false")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -23,24 +25,66 @@ class BoltzmannGenerator(nn.Module):
         coordinates: Optional `Transform` from the flow's space to the data space (Cartesian).
     """
 
-    def __init__(self, flow: nn.Module, coordinates: Transform | None = None) -> None:
+    def __init__(
+        self,
+        flow: nn.Module,
+        coordinates: Transform | None = None,
+        stochastic: Sequence[Transform] | None = None,
+    ) -> None:
         super().__init__()
         self.flow = flow
         self.coordinates = coordinates
+        self.stochastic = nn.ModuleList(stochastic or [])
+        self._counters: list[FlowSpaceTarget] = []
+
+    def add_stochastic_layers(
+        self, layers: Sequence[Transform], target: FlowSpaceTarget | None = None
+    ) -> None:
+        """Append SNF layers acting in the flow's space after the flow (before the coordinates).
+
+        ``target`` (the `FlowSpaceTarget` the layers evaluate) is kept so that its evaluations
+        enter `internal_target_evals`.
+        """
+        self.stochastic.extend(layers)
+        if target is not None:
+            self._counters.append(target)
+
+    @property
+    def internal_target_evals(self) -> int:
+        """Target evaluations spent inside the model so far (by its stochastic layers)."""
+        return sum(t.n_evals for t in self._counters)
+
+    def flow_sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        """Samples in the flow's space after any stochastic layers: ``(y (n, D), log q (n,))``."""
+        y, log_q = self.flow.sample_and_log_prob(n)
+        for layer in self.stochastic:
+            y, delta = layer.forward_and_log_det(y)
+            log_q = log_q - delta
+        return y, log_q
 
     def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
-        """Draw ``n`` samples: ``(x (n, ...), log q(x) (n,))``, e.g. x ``(n, n_atoms, 3)`` nm."""
-        y, log_q = self.flow.sample_and_log_prob(n)
+        """Draw ``n`` samples: ``(x (n, ...), log q(x) (n,))``, e.g. x ``(n, n_atoms, 3)`` nm.
+
+        With stochastic layers ``log q`` is the SNF path log-weight (see `boltzgen.stochastic`).
+        """
+        y, log_q = self.flow_sample_and_log_prob(n)
         if self.coordinates is None:
             return y, log_q
         x, ld = self.coordinates.forward_and_log_det(y)
         return x, log_q - ld
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Log density ``(batch,)`` of data ``x`` (through the inverse transforms)."""
-        if self.coordinates is None:
-            return self.flow.log_prob(x)
-        y, ld = self.coordinates.inverse_and_log_det(x)
+        """Log density ``(batch,)`` of data ``x`` (through the inverse transforms).
+
+        With stochastic layers this runs their backward path and is a stochastic estimate.
+        """
+        ld = x.new_zeros(x.shape[0])
+        y = x
+        if self.coordinates is not None:
+            y, ld = self.coordinates.inverse_and_log_det(x)
+        for layer in reversed(self.stochastic):
+            y, delta = layer.inverse_and_log_det(y)
+            ld = ld + delta
         return self.flow.log_prob(y) + ld
 
     @torch.no_grad()

@@ -19,7 +19,8 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor
 __all__ = [
     "LogProbFn",
     "MCMCStep",
+    "first_order_gradients",
     "hmc_step",
     "langevin_log_kernel",
     "log_prob_and_grad",
@@ -58,16 +60,40 @@ class MCMCStep(NamedTuple):
     log_accept_ratio: Tensor
 
 
+_GRAPH = {"second_order": True}
+
+
+@contextmanager
+def first_order_gradients() -> Iterator[None]:
+    """Within this context, kernel gradients ``∇ log p`` carry no graph of their own.
+
+    `log_prob_and_grad` then returns ``log p`` with its graph but a detached gradient, so
+    backpropagating through moves needs first derivatives of ``log p`` only (no double backward,
+    e.g. through an energy with analytic once-differentiable forces). The moves stay exact MCMC;
+    only the training gradient through the drift term is dropped.
+    """
+    old = _GRAPH["second_order"]
+    _GRAPH["second_order"] = False
+    try:
+        yield
+    finally:
+        _GRAPH["second_order"] = old
+
+
 def log_prob_and_grad(log_prob: LogProbFn, x: Tensor) -> tuple[Tensor, Tensor]:
     """Evaluate ``log_prob(x)`` ``(B,)`` and its gradient ``(B, D)`` with autograd.
 
     If ``x`` is part of a graph (requires grad, grad mode on) the gradient keeps its graph
-    (``create_graph=True``) so that callers can backpropagate through gradient-based moves;
-    otherwise ``x`` is detached and nothing is retained. Works inside ``torch.no_grad()``.
+    (``create_graph=True``, or detached inside `first_order_gradients`) so that callers can
+    backpropagate through gradient-based moves; otherwise ``x`` is detached and nothing is
+    retained. Works inside ``torch.no_grad()``.
     """
     if x.requires_grad and torch.is_grad_enabled():
         lp = log_prob(x)
-        (g,) = torch.autograd.grad(lp.sum(), x, create_graph=True)
+        if _GRAPH["second_order"]:
+            (g,) = torch.autograd.grad(lp.sum(), x, create_graph=True)
+        else:
+            (g,) = torch.autograd.grad(lp.sum(), x, retain_graph=True)
         return lp, g
     with torch.enable_grad():
         xd = x.detach().requires_grad_(True)

@@ -37,14 +37,22 @@ by `Flow.log_prob`, ``exp(log q_0(z_0) + Σ delta)`` is then an unbiased estimat
 marginal density ``q(x)``; its log is a (Jensen-biased) stochastic estimate of ``log q(x)``.
 
 Step sizes are stored as ``log_step_size`` (learnable parameter or buffer) and can be adapted
-toward a target acceptance rate with `StochasticLayer.adapt`; every layer records
-``last_acceptance`` (mean acceptance of its last call).
+toward a target acceptance rate with `StochasticLayer.adapt` (the `Trainer` does so after every
+step for layers with ``adaptive=True``); every layer records ``last_acceptance`` (mean
+acceptance of its last call).
+
+Circular dimensions (angles in [-π, π)) are wrapped after every move and the densities are read
+through the wrap, i.e. the chain lives on the torus. Metropolis, MALA and HMC moves then keep
+detailed balance with respect to the (periodic) ``p_λ``, so their weights stay exact; the ULA
+path ratio uses the unwrapped Gaussian kernel, which neglects the periodic images (relative
+error ``~exp(-π²/ε)``, nil for useful step sizes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +60,7 @@ from torch import Tensor, nn
 from boltzgen.flows.base import Transform
 from boltzgen.mcmc import (
     MCMCStep,
+    first_order_gradients,
     hmc_step,
     log_prob_and_grad,
     mala_step,
@@ -68,6 +77,7 @@ __all__ = [
     "acceptance_rates",
     "adapt_step_sizes",
     "linear_lambdas",
+    "make_snf_layers",
     "stochastic_layers",
 ]
 
@@ -97,6 +107,12 @@ class StochasticLayer(Transform):
         learn_step_size: Make ``log_step_size`` an ``nn.Parameter``.
         adapt_rate: Multiplicative adaptation rate of `adapt`.
         generator: Optional ``torch.Generator`` for reproducible moves.
+        circular: ``(D,)`` bool mask of circular dimensions (angles in [-π, π)), wrapped after
+            every move.
+        adaptive: Let the `Trainer` call `adapt` after every optimisation step.
+        second_order: Backpropagate through the kernels' gradient drift (needs second
+            derivatives of ``log p``); False keeps the drift out of the training graph
+            (`boltzgen.mcmc.first_order_gradients`), which the weights do not depend on.
     """
 
     default_acceptance: float = 0.5
@@ -112,6 +128,9 @@ class StochasticLayer(Transform):
         learn_step_size: bool = False,
         adapt_rate: float = 0.1,
         generator: torch.Generator | None = None,
+        circular: Sequence[bool] | Tensor | None = None,
+        adaptive: bool = False,
+        second_order: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 <= lam <= 1.0:
@@ -133,6 +152,23 @@ class StochasticLayer(Transform):
         else:
             self.register_buffer("log_step_size", log_step)
         self.last_acceptance = float("nan")
+        self.adaptive = bool(adaptive)
+        self.second_order = bool(second_order)
+        mask = None if circular is None else torch.as_tensor(circular, dtype=torch.bool)
+        if mask is not None and not bool(mask.any()):
+            mask = None
+        self.register_buffer("circular", mask)
+
+    def wrap(self, x: Tensor) -> Tensor:
+        """``x`` with its circular dimensions wrapped to [-π, π) (identity gradient)."""
+        if self.circular is None:
+            return x
+        wrapped = torch.remainder(x + math.pi, 2 * math.pi) - math.pi
+        return torch.where(self.circular, wrapped, x)
+
+    def diagnostics(self) -> dict[str, float]:
+        """Acceptance rate of the last call and the mean step size (for training logs)."""
+        return {"acceptance": self.last_acceptance, "step_size": float(self.step_size.mean())}
 
     @property
     def step_size(self) -> Tensor:
@@ -141,6 +177,7 @@ class StochasticLayer(Transform):
 
     def log_prob_lambda(self, x: Tensor) -> Tensor:
         """``log p_λ(x) = (1 - λ) log ρ(x) + λ log p(x)`` (unnormalised), ``(B, D) -> (B,)``."""
+        x = self.wrap(x)
         if self.lam == 1.0:
             return _as_log_prob(self.target)(x)
         if self.lam == 0.0:
@@ -162,17 +199,19 @@ class StochasticLayer(Transform):
         """Run ``n_steps`` moves from ``z`` ``(B, D)``; return ``(x, delta)``, delta ``(B,)``."""
         step = self.step_size.to(z.dtype)
         x = z
-        if self._needs_grad:
-            log_p, grad = log_prob_and_grad(self.log_prob_lambda, x)
-        else:
-            log_p, grad = self.log_prob_lambda(x), None
-        delta = z.new_zeros(z.shape[0])
-        acc = 0.0
-        for _ in range(self.n_steps):
-            res, d = self._move(x, log_p, grad, step)
-            x, log_p, grad = res.x, res.log_prob, res.grad
-            delta = delta + d
-            acc += float(res.accepted.to(torch.float64).mean())
+        order = contextlib.nullcontext() if self.second_order else first_order_gradients()
+        with order:
+            if self._needs_grad:
+                log_p, grad = log_prob_and_grad(self.log_prob_lambda, x)
+            else:
+                log_p, grad = self.log_prob_lambda(x), None
+            delta = z.new_zeros(z.shape[0])
+            acc = 0.0
+            for _ in range(self.n_steps):
+                res, d = self._move(x, log_p, grad, step)
+                x, log_p, grad = self.wrap(res.x), res.log_prob, res.grad
+                delta = delta + d
+                acc += float(res.accepted.to(torch.float64).mean())
         self.last_acceptance = acc / self.n_steps
         return x, delta
 
@@ -299,3 +338,77 @@ def acceptance_rates(module: nn.Module) -> list[float]:
 def adapt_step_sizes(module: nn.Module) -> list[float]:
     """Call `StochasticLayer.adapt` on every stochastic layer; return the new step sizes."""
     return [layer.adapt() for layer in stochastic_layers(module)]
+
+
+LAYER_KINDS: dict[str, type[StochasticLayer]] = {
+    "metropolis": MetropolisLayer,
+    "mala": MALALayer,
+    "langevin": LangevinLayer,
+    "hmc": HMCLayer,
+}
+
+
+def make_snf_layers(
+    kind: str,
+    n_layers: int,
+    target: LogDensity,
+    reference: LogDensity,
+    lambdas: str | Sequence[float] = "linear",
+    n_steps: int = 1,
+    step_size: float = 0.01,
+    n_leapfrog: int = 5,
+    circular: Sequence[bool] | Tensor | None = None,
+    adaptive: bool = True,
+    second_order: bool = False,
+    target_acceptance: float | None = None,
+) -> list[StochasticLayer]:
+    """A chain of ``n_layers`` stochastic layers annealing from ``reference`` to ``target``.
+
+    Args:
+        kind: ``"metropolis"``, ``"mala"``, ``"langevin"`` (unadjusted) or ``"hmc"``.
+        n_layers: Number of layers (>= 1).
+        target: Target log density in the layers' space, ``(B, D) -> (B,)``.
+        reference: Reference log density (e.g. the flow's own ``log_prob`` when the layers sit
+            after the flow).
+        lambdas: ``"linear"`` (``t / n_layers``), ``"one"`` (all layers target ``p``) or a
+            list of ``n_layers`` values in [0, 1].
+        n_steps: Kernel moves per layer.
+        step_size: Initial step size (Metropolis: proposal std; MALA/ULA: ``ε``; HMC: leapfrog
+            step), in the units of the layers' space.
+        n_leapfrog: Leapfrog steps of HMC moves.
+        circular: ``(D,)`` mask of circular dimensions.
+        adaptive: Adapt step sizes toward the kernel's target acceptance during training.
+        second_order: Backpropagate through the gradient drift (see `StochasticLayer`).
+        target_acceptance: Override the kernel's default target acceptance.
+    """
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"unknown stochastic layer kind {kind!r}; use {', '.join(LAYER_KINDS)}")
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    if lambdas == "linear":
+        lams = linear_lambdas(n_layers)
+    elif lambdas == "one":
+        lams = [1.0] * n_layers
+    elif isinstance(lambdas, str):
+        raise ValueError(f"lambdas must be 'linear', 'one' or a list, got {lambdas!r}")
+    else:
+        lams = [float(v) for v in lambdas]
+        if len(lams) != n_layers:
+            raise ValueError(f"need {n_layers} lambdas, got {len(lams)}")
+    cls = LAYER_KINDS[kind]
+    extra: dict = {"n_leapfrog": n_leapfrog} if kind == "hmc" else {}
+    return [
+        cls(
+            target,
+            reference,
+            lam=lam,
+            step_size=step_size,
+            n_steps=n_steps,
+            target_acceptance=target_acceptance,
+            circular=circular,
+            adaptive=adaptive,
+            second_order=second_order,
+            **extra,
+        )
+        for lam in lams
+    ]

@@ -176,6 +176,8 @@ class Trainer:
         x_data: ``(n_frames, ...)`` data for the forward KL.
         sample_filter: ``x -> (n,) bool`` keep-mask of model samples (e.g. L-form chirality).
         metadata: Plain data stored in the checkpoint (e.g. the run's config and system name).
+        data_weights: ``(n_frames,)`` log-weights of ``x_data`` (e.g. umbrella-sampled MD);
+            frames are then drawn with probability proportional to ``exp(data_weights)``.
     """
 
     def __init__(
@@ -187,6 +189,7 @@ class Trainer:
         x_data: Tensor | None = None,
         sample_filter: Callable[[Tensor], Tensor] | None = None,
         metadata: dict | None = None,
+        data_weights: Tensor | None = None,
     ) -> None:
         self.options = options
         self.device = torch.device(options.device)
@@ -200,6 +203,11 @@ class Trainer:
         if options.objective != "reverse_kl" and x_data is None:
             raise BoltzgenError(f"objective {options.objective} needs training data")
         self.x_data = None if x_data is None else x_data.to(self.device, dtype)
+        self.data_probs = None
+        if data_weights is not None:
+            if x_data is None or data_weights.shape != (x_data.shape[0],):
+                raise BoltzgenError("data_weights needs one log-weight per data frame")
+            self.data_probs = torch.softmax(data_weights.double(), 0).to(self.device)
         self.sample_filter = sample_filter
         self.metadata = dict(metadata or {})
         self.output_dir = None if output_dir is None else Path(output_dir)
@@ -304,7 +312,10 @@ class Trainer:
         opt = self.options
         if opt.objective == "reverse_kl":
             return reverse_kl(self.model, self.target, opt.batch_size, self.sample_filter)
-        idx = torch.randint(0, self.x_data.shape[0], (opt.batch_size,), device=self.device)
+        if self.data_probs is None:
+            idx = torch.randint(0, self.x_data.shape[0], (opt.batch_size,), device=self.device)
+        else:
+            idx = torch.multinomial(self.data_probs, opt.batch_size, replacement=True)
         if opt.objective == "forward_kl":
             return forward_kl(self.model, self.x_data[idx])
         return mixed_kl(
@@ -330,7 +341,9 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        internal0 = int(getattr(self.model, "internal_target_evals", 0))
         res = self._objective()
+        internal = int(getattr(self.model, "internal_target_evals", 0)) - internal0
         grad_norm = float("nan")
         ok = res.n_used > 0 and bool(torch.isfinite(res.loss))
         if ok:
@@ -347,8 +360,11 @@ class Trainer:
             self.counters["skipped_steps"] += 1
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
+        for module in self.model.modules():
+            if getattr(module, "adaptive", False) and callable(getattr(module, "adapt", None)):
+                module.adapt()
         self.iteration += 1
-        self.counters["target_evals"] += res.n_target_evals
+        self.counters["target_evals"] += res.n_target_evals + internal
         self.counters["nonfinite"] += res.n_nonfinite
         self.counters["filtered"] += res.n_filtered
         ess = float("nan")
