@@ -5,8 +5,10 @@ Subcommands:
     md         OpenMM Langevin MD / replica exchange of a system (trajectory + samples npz)
     reweight   ESS, k-hat, state populations and free-energy differences of a samples file
     evaluate   metrics against a reference (KL, ESS) and plots
-    pipeline   the main job on a system (now: load it, run a short MD, evaluate OpenMM and the
-               torch-native energy on the frames and report agreement and speed)
+    pipeline   the main job: train the quick config, sample, report ESS and basin populations
+    train      train a Boltzmann generator from a YAML run config
+    sample     draw weighted samples from a checkpoint (.npz, .pdb, .dcd)
+    check-energy  short MD of a system; OpenMM vs torch-native energies and forces on it
 
 Bad input ends with one ``boltzgen: error: ...`` line and exit code 2, never a traceback.
 """
@@ -18,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from boltzgen.cli_pipeline import add_pipeline_parser
 from boltzgen.cli_train import add_sample_parser, add_train_parser
 from boltzgen.errors import BoltzgenError
 
@@ -37,10 +40,10 @@ def _run_systems(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
+def _add_check_energy_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "pipeline",
-        help="run the main job on a system (default: alanine dipeptide, small settings)",
+        "check-energy",
+        help="short MD, then OpenMM vs torch-native energies and forces on its frames",
         description="Load a system, run a short OpenMM MD, evaluate the OpenMM and torch-native "
         "energies and forces on its frames and report agreement and throughput.",
     )
@@ -49,10 +52,10 @@ def _add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=None, help="K (default: the config's)")
     p.add_argument("--frames", type=int, default=256, help="MD frames to evaluate")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run_pipeline)
+    p.set_defaults(func=_run_check_energy)
 
 
-def _run_pipeline(args: argparse.Namespace) -> int:
+def _run_check_energy(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
@@ -115,7 +118,8 @@ def _add_result_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_pipeline_parser,
+    add_pipeline_parser,
+    _add_check_energy_parser,
     _add_result_parsers,
     _add_systems_parser,
     add_train_parser,

@@ -88,14 +88,14 @@ def test_unparametrisable_pdb_and_bad_config(tmp_path):
 
 
 def test_cli_errors_exit_2_without_traceback(capsys):
-    assert cli.main(["pipeline", "no-such-molecule"]) == 2
+    assert cli.main(["check-energy", "no-such-molecule"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("boltzgen: error: unknown system") and "Traceback" not in err
     assert cli.main(["systems"]) == 0
     assert "aldp" in capsys.readouterr().out
 
 
-def test_cli_pipeline_small(capsys):
-    assert cli.main(["pipeline", "aldp", "--frames", "16"]) == 0
+def test_cli_check_energy_small(capsys):
+    assert cli.main(["check-energy", "aldp", "--frames", "16"]) == 0
     out = capsys.readouterr().out
     assert "agreement" in out and "TorchEnergy vs OpenMM" in out

@@ -1,0 +1,43 @@
+"""``boltzgen pipeline``: train -> sample -> reweight on a tiny ALDP config."""
+
+import json
+
+from boltzgen import cli
+
+TINY = """\
+system: {name: aldp}
+flow: {n_blocks: 2, n_bins: 4, hidden: 16}
+train: {max_iter: 3, batch_size: 32, checkpoint_every: 3, progress: false}
+output_dir: OUT
+"""
+
+
+def test_pipeline_trains_samples_reports_and_reuses(tmp_path, capsys) -> None:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("OUT", str(tmp_path / "run")))
+    argv = ["pipeline", "aldp", "--config", str(cfg), "-n", "300", "--no-progress"]
+    assert cli.main(argv + ["--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/3] training" in out and "ESS" in out and "MD reference" in out
+    summary = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert summary["n_samples"] == 300
+    fractions = {k: v["raw_fraction"] for k, v in summary["states"].items()}
+    assert set(fractions) == {"C7eq_beta", "alpha_R", "alpha_L_C7ax"}
+    assert 0.0 <= sum(fractions.values()) <= 1.0 + 1e-9
+    assert summary["states"]["alpha_R"]["md_reference"][0] > 0.05
+    # a second call reuses the finished checkpoint and writes the plots
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "reusing the trained checkpoint" in out
+    assert (tmp_path / "run" / "evaluation" / "metrics.json").is_file()
+    assert list((tmp_path / "run" / "evaluation").glob("*.png"))
+    # a longer --max-iter resumes the run
+    assert cli.main(argv + ["--no-plots", "--max-iter", "4"]) == 0
+    assert "[1/3] resuming" in capsys.readouterr().out
+
+
+def test_pipeline_bad_input_exit_2(tmp_path, capsys) -> None:
+    assert cli.main(["pipeline", "no-such-molecule"]) == 2
+    assert "unknown system" in capsys.readouterr().err
+    assert cli.main(["pipeline", "aldp", "--config", str(tmp_path / "x.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
