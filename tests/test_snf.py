@@ -12,7 +12,7 @@ from boltzgen.flows import Unbounded, make_spline_flow
 from boltzgen.generator import BoltzmannGenerator, FlowSpaceTarget
 from boltzgen.mcmc import first_order_gradients, log_prob_and_grad
 from boltzgen.stochastic import make_snf_layers
-from boltzgen.toys import gmm_2d
+from boltzgen.toys import DoubleWell1D, gmm_2d
 from boltzgen.train import Trainer, TrainOptions, load_checkpoint
 
 
@@ -271,3 +271,40 @@ def test_trainer_draws_data_frames_in_proportion_to_weights() -> None:
     assert abs(frac - 0.7) < 4 * math.sqrt(0.7 * 0.3 / 20000)
     with pytest.raises(BoltzgenError, match="one log-weight"):
         Trainer(model, None, opts, x_data=x, data_weights=lw[:3])
+
+
+@pytest.mark.parametrize("snf_layers", [0, 3])
+def test_reverse_kl_training_converges_on_double_well(snf_layers: int) -> None:
+    """1-D double well (exact log Z): the flow alone and the flow + 3 MALA layers.
+
+    The reverse KL ``log Z - E[log w]`` (exact for the flow alone, the path KL bound with SNF
+    layers) falls below 0.05 nats and the ESS rises above 90 %; both wells are populated in the
+    right proportion.
+    """
+    target = DoubleWell1D(a=1.0, b=4.0, c=1.0)
+    torch.manual_seed(0)
+    flow = make_spline_flow([Unbounded()], n_blocks=3, hidden=32, layer_type="autoregressive")
+    model = BoltzmannGenerator(flow.double())
+    if snf_layers:
+        fst = FlowSpaceTarget(target)
+        layers = make_snf_layers("mala", snf_layers, fst.log_prob, flow.log_prob, step_size=0.05)
+        model.add_stochastic_layers(layers, fst)
+    opts = TrainOptions(
+        max_iter=400, batch_size=256, lr=1e-2, warmup_iters=20, dtype="float64", progress=False
+    )
+    tr = Trainer(model, target, opts)
+    tr.run()
+    with torch.no_grad():
+        x, lq = model.sample_and_log_prob(20000)
+    lw = target.log_prob(x) - lq
+    kl = target.log_z - lw.mean().item()
+    ess = float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))) / len(lw)
+    print(f"double well, {snf_layers} SNF layers: reverse KL {kl:.4f} nats, ESS {ess:.3f}")
+    assert kl < 0.05 and ess > 0.9
+    # mass left of the barrier: exact by quadrature vs the weighted sample
+    grid = torch.linspace(-6, 6, 200001, dtype=torch.float64)
+    p = torch.exp(target.log_prob(grid[:, None]) - target.log_z)
+    left_exact = float((p * (grid < 0)).sum() * (grid[1] - grid[0]))
+    w = torch.softmax(lw, 0)
+    left = float((w * (x[:, 0] < 0)).sum())
+    assert abs(left - left_exact) < 0.02, (left, left_exact)
