@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from boltzgen.cli_train import add_threads_argument
 from boltzgen.errors import BoltzgenError
 
 __all__ = ["add_pipeline_parser", "run_pipeline"]
@@ -41,6 +42,7 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=1, help="sampling seed")
     p.add_argument("--no-plots", action="store_true", help="skip the evaluation plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(p)
     p.set_defaults(func=run_pipeline)
 
 
@@ -100,6 +102,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
             max_iter=max_iter,
             output_dir=str(out),
             no_progress=args.no_progress,
+            threads=args.threads,
         )
         code = run_train(train_args)
         if code != 0:
@@ -116,6 +119,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
         batch_size=1000,
         device=args.device or "cpu",
         seed=args.seed,
+        threads=args.threads,
     )
     run_sample(sample_args)
     print(f"      sampled in {time.perf_counter() - t0:.1f} s")

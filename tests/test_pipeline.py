@@ -41,3 +41,5 @@ def test_pipeline_bad_input_exit_2(tmp_path, capsys) -> None:
     assert "unknown system" in capsys.readouterr().err
     assert cli.main(["pipeline", "aldp", "--config", str(tmp_path / "x.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["train", str(tmp_path / "x.yaml"), "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
