@@ -500,7 +500,9 @@ def state_free_energies(
     """State populations and free-energy differences with bootstrap standard errors.
 
     Args:
-        states: The states (may overlap or leave gaps; each is estimated on its own).
+        states: The states (may overlap or leave gaps; each is estimated on its own). The
+            first is the reference of the free energies and must hold samples; a state without
+            samples gets population 0, free energy +inf and NaN errors (not visited).
         cvs: CV name -> `(n,)` values, in the units the states use.
         log_w: `(n,)` log-weights or None.
         kT: Energy unit (kJ/mol, or 1 for kT units).
@@ -519,9 +521,10 @@ def state_free_energies(
         return np.moveaxis(np.sum(np.where(m, np.exp(lp), 0.0), axis=-1), 0, -1)
 
     p = pops(lw, masks)
-    if np.any(p <= 0):
-        empty = [s.name for s, q in zip(states, p) if q <= 0]
-        raise WeightError(f"no sample (with nonzero weight) falls into the states {empty}")
+    if p[0] <= 0:
+        raise WeightError(
+            f"no sample (with nonzero weight) falls into the reference state {states[0].name!r}"
+        )
     with np.errstate(divide="ignore"):
         f = -kT * np.log(p / p[0])
     p_err = np.full_like(p, np.nan)

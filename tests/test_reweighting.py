@@ -216,7 +216,14 @@ def test_states_parsing_and_errors():
         rw.states_from_dict({"a": {"x": [2, 1]}})
     with pytest.raises(rw.WeightError, match="not among"):
         st[0].contains({"x": np.zeros(3)})
-    with pytest.raises(rw.WeightError, match="no sample"):
+    # a state nobody visited: population 0, free energy +inf, no error bar
+    res = rw.state_free_energies(
+        rw.states_from_dict({"a": {"x": [0, 1]}, "b": {"x": [5, 6]}}), {"x": np.full(10, 0.5)}
+    )
+    np.testing.assert_allclose(res.population, [1.0, 0.0])
+    assert res.free_energy[1] == np.inf
+    assert np.isnan(res.population_error[1]) or res.population_error[1] == 0.0
+    with pytest.raises(rw.WeightError, match="reference state 'b'"):
         rw.state_free_energies(
-            rw.states_from_dict({"a": {"x": [0, 1]}, "b": {"x": [5, 6]}}), {"x": np.full(10, 0.5)}
+            rw.states_from_dict({"b": {"x": [5, 6]}, "a": {"x": [0, 1]}}), {"x": np.full(10, 0.5)}
         )
