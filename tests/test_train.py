@@ -368,5 +368,38 @@ def test_config_types_and_unknown_keys(tmp_path):
     (tmp_path / "x.yaml").write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(tmp_path / "x.yaml")
-    for name in ("reverse_kl.yaml", "reverse_kl_quick.yaml"):
-        load_config(Path(__file__).parents[1] / "systems" / "aldp" / name)
+    run_configs = [
+        p
+        for p in (Path(__file__).parents[1] / "systems" / "aldp").glob("*.yaml")
+        if p.name not in ("config.yaml", "states.yaml")
+    ]
+    names = {p.name for p in run_configs}
+    assert {"reverse_kl.yaml", "reverse_kl_quick.yaml", "snf.yaml", "snf_quick.yaml"} <= names
+    for path in run_configs:
+        load_config(path)
+
+
+@pytest.mark.parametrize("name", ["reverse_kl_quick.yaml", "snf_quick.yaml"])
+def test_shipped_quick_configs_train_from_the_cli(name, tmp_path, capsys):
+    """Two iterations of the shipped quick configs at their real sizes, then a sample."""
+    from boltzgen.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # robust on a shared 2-core machine
+    try:
+        _train_and_sample_shipped(name, tmp_path, capsys, main)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_sample_shipped(name, tmp_path, capsys, main):
+
+    cfg = Path(__file__).parents[1] / "systems" / "aldp" / name
+    out = tmp_path / "run"
+    argv = ["train", str(cfg), "--max-iter", "2", "--output-dir", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 2
+    assert (
+        main(["sample", str(out / "checkpoint.pt"), "-n", "8", "-o", str(tmp_path / "s.npz")]) == 0
+    )
+    assert "wrote 8 samples" in capsys.readouterr().out
