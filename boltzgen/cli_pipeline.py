@@ -34,7 +34,11 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
         "samples in each state (raw and reweighted), next to the MD reference if shipped.",
     )
     p.add_argument("system", nargs="?", default="aldp", help="shipped system (default aldp)")
-    p.add_argument("--config", default=None, help="run config (default: <system>/*_quick.yaml)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="run config (default: systems/<system>/reverse_kl_quick.yaml)",
+    )
     p.add_argument("--max-iter", type=int, default=None, help="override train.max_iter")
     p.add_argument("-n", "--n-samples", type=int, default=10000, help="samples to draw")
     p.add_argument("--output-dir", default=None, help="default: the config's output_dir")
