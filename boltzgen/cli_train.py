@@ -247,6 +247,7 @@ def run_train(args: argparse.Namespace) -> int:
         data_weights=data_weights,
         sample_filter=run.sample_filter,
         metadata=meta,
+        fab_options=config.fab,
     )
     if args.resume:
         trainer.resume()

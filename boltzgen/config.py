@@ -1,7 +1,8 @@
 """Typed run configurations and their YAML form (the CLI's entry; the library never reads YAML).
 
-A run config has the sections ``system``, ``coordinates``, ``flow``, ``snf``, ``train`` and the
-keys ``output_dir``, ``chirality_filter`` and ``data``. Unknown keys are errors that name the key.
+A run config has the sections ``system``, ``coordinates``, ``flow``, ``snf``, ``train``, ``fab``
+and the keys ``output_dir``, ``chirality_filter`` and ``data``. Unknown keys are errors that name
+the key.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from boltzgen.errors import BoltzgenError
+from boltzgen.fab import FABOptions
 from boltzgen.train import TrainOptions
 
 __all__ = [
@@ -118,6 +120,7 @@ class RunConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     snf: SNFConfig = field(default_factory=SNFConfig)
     train: TrainOptions = field(default_factory=TrainOptions)
+    fab: FABOptions = field(default_factory=FABOptions)
     output_dir: str = "runs/boltzgen"
     chirality_filter: bool = True
     data: str | None = None
@@ -129,6 +132,7 @@ _SECTIONS = {
     "flow": FlowConfig,
     "snf": SNFConfig,
     "train": TrainOptions,
+    "fab": FABOptions,
 }
 
 

@@ -35,7 +35,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "boltzgen-checkpoint-1"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_OBJECTIVES = ("reverse_kl", "forward_kl", "mixed_kl")
+_OBJECTIVES = ("reverse_kl", "forward_kl", "mixed_kl", "fab")
 LOG_COLUMNS = (
     "iteration",
     "loss",
@@ -62,7 +62,8 @@ class TrainOptions:
     Attributes:
         max_iter: Total number of iterations (the schedule's length).
         batch_size: Samples per iteration (model samples and/or data frames).
-        objective: ``"reverse_kl"``, ``"forward_kl"`` or ``"mixed_kl"``.
+        objective: ``"reverse_kl"``, ``"forward_kl"``, ``"mixed_kl"`` or ``"fab"`` (settings
+            in `boltzgen.fab.FABOptions`).
         alpha: Weight of the reverse KL in ``"mixed_kl"``.
         optimizer: ``"adam"`` or ``"adamw"``.
         lr: Peak learning rate.
@@ -178,6 +179,7 @@ class Trainer:
         metadata: Plain data stored in the checkpoint (e.g. the run's config and system name).
         data_weights: ``(n_frames,)`` log-weights of ``x_data`` (e.g. umbrella-sampled MD);
             frames are then drawn with probability proportional to ``exp(data_weights)``.
+        fab_options: `boltzgen.fab.FABOptions` of the ``"fab"`` objective (None: defaults).
     """
 
     def __init__(
@@ -190,6 +192,7 @@ class Trainer:
         sample_filter: Callable[[Tensor], Tensor] | None = None,
         metadata: dict | None = None,
         data_weights: Tensor | None = None,
+        fab_options: Any = None,
     ) -> None:
         self.options = options
         self.device = torch.device(options.device)
@@ -200,7 +203,7 @@ class Trainer:
         self.target = target.to(device=self.device) if isinstance(target, nn.Module) else target
         if options.objective != "forward_kl" and target is None:
             raise BoltzgenError(f"objective {options.objective} needs a target")
-        if options.objective != "reverse_kl" and x_data is None:
+        if options.objective in ("forward_kl", "mixed_kl") and x_data is None:
             raise BoltzgenError(f"objective {options.objective} needs training data")
         self.x_data = None if x_data is None else x_data.to(self.device, dtype)
         self.data_probs = None
@@ -222,7 +225,25 @@ class Trainer:
         self.counters = {"target_evals": 0, "nonfinite": 0, "filtered": 0, "skipped_steps": 0}
         self.wall_s = 0.0
         self.last: dict[str, float] = {}
+        self.fab = self._make_fab(fab_options) if options.objective == "fab" else None
         torch.manual_seed(options.seed)
+
+    def _make_fab(self, fab_options: Any) -> nn.Module:
+        """FAB state on the flow's space: `FlowSpaceTarget` of the target, circular mask."""
+        from boltzgen.fab import FAB, FABOptions
+        from boltzgen.flows.base import Circular
+        from boltzgen.generator import FlowSpaceTarget
+
+        flow = getattr(self.model, "flow", self.model)
+        coords = getattr(self.model, "coordinates", None)
+        self.flow_target = FlowSpaceTarget(self.target, coords)
+        dim = int(flow.base.dim)
+        domains = getattr(coords, "domains", None)
+        circular = None
+        if domains is not None:
+            circular = torch.tensor([isinstance(d, Circular) for d in domains])
+        fab = FAB(dim, fab_options or FABOptions(), circular)
+        return fab.to(device=self.device, dtype=self.options.torch_dtype)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -252,6 +273,7 @@ class Trainer:
             "wall_s": self.wall_s,
             "options": asdict(self.options),
             "metadata": self.metadata,
+            **({"fab": self.fab.state_dict()} if self.fab is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -260,6 +282,8 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.fab is not None:
+                self.fab.load_state_dict(state["fab"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint does not fit this model: {exc}") from exc
         self.iteration = int(state["iteration"])
@@ -310,6 +334,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _objective(self) -> ObjectiveResult:
         opt = self.options
+        if opt.objective == "fab":
+            return self._fab_objective()
         if opt.objective == "reverse_kl":
             return reverse_kl(self.model, self.target, opt.batch_size, self.sample_filter)
         if self.data_probs is None:
@@ -320,6 +346,20 @@ class Trainer:
             return forward_kl(self.model, self.x_data[idx])
         return mixed_kl(
             self.model, self.target, opt.batch_size, self.x_data[idx], opt.alpha, self.sample_filter
+        )
+
+    def _fab_objective(self) -> ObjectiveResult:
+        model, flt = self.model, self.sample_filter
+        flow = getattr(model, "flow", model)
+        coords = getattr(model, "coordinates", None)
+        y_filter = None
+        if flt is not None:
+
+            def y_filter(y: Tensor) -> Tensor:
+                return flt(y if coords is None else coords.forward(y))
+
+        return self.fab.loss(
+            flow, self.flow_target.log_prob, self.options.batch_size, self.iteration, y_filter
         )
 
     def diagnostics(self) -> dict[str, float]:
@@ -334,6 +374,8 @@ class Trainer:
             if callable(fn):
                 for key, value in fn().items():
                     out[f"{name or 'model'}.{key}"] = float(value)
+        if self.fab is not None:
+            out.update({f"fab.{k}": float(v) for k, v in self.fab.diagnostics().items()})
         return out
 
     def step(self) -> dict:
