@@ -256,9 +256,7 @@ class AnnealedImportanceSampler(nn.Module):
         self.alpha = float(alpha)
         self.per_dim = bool(per_dim)
         self.register_buffer("betas", ais_betas(n_intermediate, spacing))
-        self.register_buffer(
-            "log_step_size", torch.full((n_intermediate, 1), math.log(step_size))
-        )
+        self.register_buffer("log_step_size", torch.full((n_intermediate, 1), math.log(step_size)))
         self.register_buffer("dim_scale", torch.ones(dim))
         circ = torch.zeros(dim, dtype=torch.bool) if circular is None else circular.bool()
         if circ.shape != (dim,):

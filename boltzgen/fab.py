@@ -398,7 +398,9 @@ class FAB(nn.Module):
         adj = torch.full_like(log_q_x, math.nan).detach()
         adj[ok] = log_c
         self.buffer.adjust(idx, adj, log_q_x.detach())
-        return ObjectiveResult(loss, self.last_flow_log_w, evals, nonfinite, filtered, int(ok.sum()))
+        return ObjectiveResult(
+            loss, self.last_flow_log_w, evals, nonfinite, filtered, int(ok.sum())
+        )
 
 
 def _ess_fraction(log_w: Tensor, n: int) -> float:

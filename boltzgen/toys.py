@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from boltzgen.flows.base import Transform
+
 __all__ = ["DoubleWell1D", "GaussianMixture", "gmm_2d"]
 
 
@@ -171,3 +173,81 @@ def gmm_2d(
     if log_weights is None:
         log_weights = torch.log(torch.arange(1, n_modes + 1, dtype=torch.float64))
     return GaussianMixture(means, scales, log_weights)
+
+
+class Rescale(Transform):
+    """Fixed elementwise scaling ``x = scale * y`` (sampling direction), ``log|det| = D log s``.
+
+    Lets a flow live on ``y = x / scale`` (e.g. GMM-40's ``[-40, 40]^2`` mapped to
+    ``[-1, 1]^2``) inside a `BoltzmannGenerator`, whose `FlowSpaceTarget` then carries the target
+    into the flow's space.
+    """
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.scale = float(scale)
+
+    def forward_and_log_det(
+        self, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        ld = z.new_full((z.shape[0],), z[0].numel() * math.log(self.scale))
+        return z * self.scale, ld
+
+    def inverse_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        ld = x.new_full((x.shape[0],), -x[0].numel() * math.log(self.scale))
+        return x / self.scale, ld
+
+
+def gmm40(seed: int = 0, n_modes: int = 40, loc_scale: float = 40.0) -> GaussianMixture:
+    """The FAB paper's 2-D mixture: 40 unit-covariance Gaussians with equal weights.
+
+    Means are uniform in ``[-loc_scale, loc_scale]^2``, drawn from a ``torch.Generator`` seeded
+    with ``seed`` (Midgley et al., ICLR 2023, section 5.1). ``log_z = log 40``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    means = (2 * torch.rand(n_modes, 2, generator=g, dtype=torch.float64) - 1) * loc_scale
+    return GaussianMixture(means, torch.ones(n_modes, dtype=torch.float64))
+
+
+class ManyWell(nn.Module):
+    """FAB's many-well target: ``n_wells`` independent copies of a 2-D double well.
+
+    Each pair ``(x1, x2)`` has energy ``x1⁴ - 6 x1² - 0.5 x1 + 0.5 x2²`` (Wu, Köhler & Noé 2020;
+    the 32-D problem of Midgley et al. 2023 has 16 pairs, hence ``2^16`` modes). ``log_z`` is
+    ``n_wells`` times the log of the product of the two 1-D integrals: the quartic by
+    `DoubleWell1D` quadrature, the Gaussian ``sqrt(2 pi)`` exactly.
+
+    Args:
+        n_wells: Number of 2-D copies (dimension ``2 n_wells``).
+    """
+
+    def __init__(self, n_wells: int = 16) -> None:
+        super().__init__()
+        self.n_wells = int(n_wells)
+        self.well = DoubleWell1D(a=1.0, b=6.0, c=-0.5)
+        self.log_z = self.n_wells * (self.well.log_z + 0.5 * math.log(2 * math.pi))
+
+    @property
+    def dim(self) -> int:
+        """Dimension ``2 n_wells``."""
+        return 2 * self.n_wells
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Unnormalised log density, ``(B, 2 n_wells) -> (B,)``."""
+        x1, x2 = x[:, 0::2], x[:, 1::2]
+        return -(x1**4 - 6 * x1**2 - 0.5 * x1 + 0.5 * x2**2).sum(-1)
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> Tensor:
+        """Exact samples ``(n, 2 n_wells)``."""
+        x1 = self.well.sample(n * self.n_wells, generator).reshape(n, self.n_wells)
+        x2 = torch.randn(n, self.n_wells, dtype=torch.float64, generator=generator)
+        return torch.stack([x1, x2], -1).reshape(n, -1).to(dtype)
