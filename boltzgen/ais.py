@@ -146,7 +146,7 @@ def ais(
                 yd = y.detach().requires_grad_(True)
                 yw = _wrap(yd, circular)
                 lq_y, lp_y = log_q_fn(yw), log_p_fn(yw)
-                (stash["gq"],) = torch.autograd.grad(lq_y.sum(), yd)
+                (stash["gq"],) = torch.autograd.grad(lq_y.sum(), yd, retain_graph=True)
                 (stash["gp"],) = torch.autograd.grad(lp_y.sum(), yd)
         stash["lq"], stash["lp"] = lq_y.detach(), lp_y.detach()
         return stash["lq"], stash["lp"]
