@@ -100,6 +100,7 @@ def ais(
     n_steps: int = 1,
     circular: Tensor | None = None,
     log_q: Tensor | None = None,
+    log_p_floor: float | None = None,
 ) -> AISResult:
     """Run AIS from samples ``x ~ q`` toward ``f = q^(1-α) p^α`` (see the module docstring).
 
@@ -117,6 +118,11 @@ def ais(
         n_steps: Moves per intermediate distribution.
         circular: ``(D,)`` bool mask of angular dimensions (wrapped to [-pi, pi)).
         log_q: ``log q(x)`` ``(B,)`` if already known (saves one flow evaluation).
+        log_p_floor: Points with ``log p`` below it count as outside the support (``log p =
+            -inf``: moves there are rejected, chains starting there get weight 0). Needed when
+            ``p`` is a regularised Boltzmann density whose log grows only logarithmically in
+            the energy above a cut (`BoltzmannTarget`): ``p²/q`` is then not normalisable, and
+            HMC toward it runs away to absurd configurations.
 
     Returns:
         `AISResult`; all tensors detached.
@@ -148,7 +154,10 @@ def ais(
                 lq_y, lp_y = log_q_fn(yw), log_p_fn(yw)
                 (stash["gq"],) = torch.autograd.grad(lq_y.sum(), yd, retain_graph=True)
                 (stash["gp"],) = torch.autograd.grad(lp_y.sum(), yd)
-        stash["lq"], stash["lp"] = lq_y.detach(), lp_y.detach()
+        lp_y = lp_y.detach()
+        if log_p_floor is not None:
+            lp_y = torch.where(lp_y < log_p_floor, torch.full_like(lp_y, -math.inf), lp_y)
+        stash["lq"], stash["lp"] = lq_y.detach(), lp_y
         return stash["lq"], stash["lp"]
 
     if hmc:
@@ -158,6 +167,8 @@ def ais(
         with torch.no_grad():
             lq = log_q_fn(x).detach() if log_q is None else log_q.detach()
             lp = log_p_fn(x).detach()
+        if log_p_floor is not None:
+            lp = torch.where(lp < log_p_floor, torch.full_like(lp, -math.inf), lp)
         evals += x.shape[0]
     log_w_flow = lp - lq
     log_w = torch.zeros_like(lq)
@@ -210,10 +221,11 @@ class AnnealedImportanceSampler(nn.Module):
     After every `forward` call the log step size of level ``k`` moves by
     ``adapt_rate * (acceptance_k - target_acceptance)``, so that the next call runs closer to the
     target acceptance (the step sizes are constant within a call, which keeps AIS exact). With
-    ``per_dim=True`` the step of dimension ``d`` is additionally scaled by the standard deviation
-    of dimension ``d`` of the previous call's final samples (a diagonal preconditioner; the circular
-    spread ``sqrt(-2 log R)`` for angles), which matters when coordinates have very different
-    scales (bond lengths vs torsions). Step sizes live in buffers, so they are in the state dict.
+    ``per_dim=True`` the step of dimension ``d`` is additionally scaled by the spread of
+    dimension ``d`` of the previous call's final samples (a diagonal preconditioner: the robust
+    spread, interquartile range / 1.349, or for angles the circular spread ``sqrt(-2 log R)``),
+    which matters when coordinates have very different scales (bond lengths vs torsions). Step
+    sizes live in buffers, so they are in the state dict.
 
     Args:
         dim: Dimension D.
@@ -228,6 +240,7 @@ class AnnealedImportanceSampler(nn.Module):
         adapt_rate: Rate of the log step-size update (0: no adaptation).
         alpha: Exponent of ``p`` in the AIS target (2 for FAB).
         circular: ``(D,)`` bool mask of angular dimensions.
+        log_p_floor: See `ais`.
     """
 
     def __init__(
@@ -244,8 +257,10 @@ class AnnealedImportanceSampler(nn.Module):
         adapt_rate: float = 1.0,
         alpha: float = 2.0,
         circular: Tensor | None = None,
+        log_p_floor: float | None = None,
     ) -> None:
         super().__init__()
+        self.log_p_floor = log_p_floor
         if not step_size > 0 or not 0 < target_acceptance < 1:
             raise ValueError("need step_size > 0 and 0 < target_acceptance < 1")
         self.transition = transition
@@ -290,6 +305,7 @@ class AnnealedImportanceSampler(nn.Module):
             n_steps=self.n_steps,
             circular=self.circular,
             log_q=log_q,
+            log_p_floor=self.log_p_floor,
         )
         self.last_acceptance = res.acceptance
         with torch.no_grad():
@@ -297,9 +313,11 @@ class AnnealedImportanceSampler(nn.Module):
                 delta = self.adapt_rate * (res.acceptance - self.target_acceptance)
                 self.log_step_size += delta.to(self.log_step_size)[:, None]
             if self.per_dim and x.shape[0] > 1:
-                xf = res.x[torch.isfinite(res.x).all(-1)].double()
-                if xf.shape[0] > 1:
-                    std = xf.std(0)
+                xf = res.x[torch.isfinite(res.x).all(-1) & torch.isfinite(res.log_w)].double()
+                if xf.shape[0] > 3:
+                    # robust spread (interquartile range / 1.349): outliers do not inflate steps
+                    qs = torch.quantile(xf, torch.tensor([0.25, 0.75]).to(xf), dim=0)
+                    std = (qs[1] - qs[0]) / 1.349
                     r = torch.sqrt(torch.cos(xf).mean(0) ** 2 + torch.sin(xf).mean(0) ** 2)
                     circ_std = torch.sqrt(-2 * torch.log(r.clamp(min=1e-12))).clamp(max=math.pi)
                     std = torch.where(self.circular, circ_std, std).clamp(min=1e-6)

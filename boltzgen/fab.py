@@ -231,9 +231,17 @@ class FAB(nn.Module):
         dim: Dimension D of the flow's space.
         options: `FABOptions`.
         circular: ``(D,)`` bool mask of angular dimensions of the flow's space.
+        log_p_floor: AIS treats points with ``log p`` below it as outside the support (see
+            `boltzgen.ais.ais`); for a `BoltzmannTarget`, ``-energy_cut``.
     """
 
-    def __init__(self, dim: int, options: FABOptions, circular: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        options: FABOptions,
+        circular: Tensor | None = None,
+        log_p_floor: float | None = None,
+    ) -> None:
         super().__init__()
         self.options = options
         o = options
@@ -249,6 +257,7 @@ class FAB(nn.Module):
             target_acceptance=o.target_acceptance,
             alpha=o.alpha,
             circular=circular,
+            log_p_floor=log_p_floor,
         )
         self.buffer = PrioritisedReplayBuffer(dim, o.buffer_capacity)
         self.last: dict[str, float] = {}

@@ -242,7 +242,8 @@ class Trainer:
         circular = None
         if domains is not None:
             circular = torch.tensor([isinstance(d, Circular) for d in domains])
-        fab = FAB(dim, fab_options or FABOptions(), circular)
+        cut = getattr(self.target, "energy_cut", None)  # BoltzmannTarget: p^2/q needs a floor
+        fab = FAB(dim, fab_options or FABOptions(), circular, None if cut is None else -cut)
         return fab.to(device=self.device, dtype=self.options.torch_dtype)
 
     # ------------------------------------------------------------------ paths
