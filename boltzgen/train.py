@@ -236,6 +236,8 @@ class Trainer:
 
         flow = getattr(self.model, "flow", self.model)
         coords = getattr(self.model, "coordinates", None)
+        if len(getattr(self.model, "stochastic", ())) > 0:
+            raise BoltzgenError("objective fab trains a plain flow; remove the SNF layers (snf:)")
         self.flow_target = FlowSpaceTarget(self.target, coords)
         dim = int(flow.base.dim)
         domains = getattr(coords, "domains", None)
