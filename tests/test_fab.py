@@ -26,8 +26,6 @@ from boltzgen.generator import BoltzmannGenerator
 from boltzgen.toys import DoubleWell1D, ManyWell, Rescale, gmm40, gmm_2d
 from boltzgen.train import Trainer, TrainOptions
 
-torch.set_default_dtype(torch.float32)
-
 
 def gauss_log_q(mu: torch.Tensor, sigma: torch.Tensor):
     """Normalised diagonal Gaussian log density ``(B, D) -> (B,)``."""
@@ -332,7 +330,7 @@ def _gmm_model():
 
 
 def test_gmm40_fab_with_buffer_covers_all_modes_reverse_kl_does_not():
-    torch.set_num_threads(1)
+    """GMM-40 with FAB + buffer: 600 steps, 274k target evaluations, ~50 s on one CPU thread."""
     target = gmm40()
     common = dict(batch_size=256, lr=2e-3, progress=False, dtype="float32", seed=0)
     fo = FABOptions(
