@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from boltzgen import cli
 
 TINY = """\
@@ -20,7 +22,13 @@ def test_pipeline_trains_samples_reports_and_reuses(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "[1/3] training" in out and "ESS" in out and "MD reference" in out
     summary = json.loads((tmp_path / "run" / "pipeline.json").read_text())
-    assert summary["n_samples"] == 300
+    assert summary["n_samples"] == 300 and summary["ais_intermediate"] == 8
+    data = np.load(tmp_path / "run" / "samples.npz")
+    assert int(data["ais_intermediate"]) == 8 and np.isfinite(data["log_weights"]).all()
+    kT = 0.0083144626 * 300.0
+    np.testing.assert_allclose(
+        data["log_weights"], -data["energies"] / kT - data["log_q"], rtol=1e-6, atol=1e-6
+    )
     fractions = {k: v["raw_fraction"] for k, v in summary["states"].items()}
     assert set(fractions) == {"C7eq_beta", "alpha_R", "alpha_L_C7ax"}
     assert 0.0 <= sum(fractions.values()) <= 1.0 + 1e-9
@@ -32,7 +40,7 @@ def test_pipeline_trains_samples_reports_and_reuses(tmp_path, capsys) -> None:
     assert (tmp_path / "run" / "evaluation" / "metrics.json").is_file()
     assert list((tmp_path / "run" / "evaluation").glob("*.png"))
     # a longer --max-iter resumes the run
-    assert cli.main(argv + ["--no-plots", "--max-iter", "4"]) == 0
+    assert cli.main(argv + ["--no-plots", "--max-iter", "4", "--ais", "0"]) == 0
     assert "[1/3] resuming" in capsys.readouterr().out
 
 
@@ -43,3 +51,5 @@ def test_pipeline_bad_input_exit_2(tmp_path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["train", str(tmp_path / "x.yaml"), "--threads", "0"]) == 2
     assert "--threads must be at least 1" in capsys.readouterr().err
+    assert cli.main(["pipeline", "aldp", "--ais", "-1"]) == 2
+    assert "--ais must be >= 0" in capsys.readouterr().err
