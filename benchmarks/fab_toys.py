@@ -101,12 +101,8 @@ def _ais_toward_p(model, target, n, n_intermediate) -> torch.Tensor:
 def _gmm_modes(model, target, n=100_000):
     with torch.no_grad():
         x, lq = model.sample(n, 20_000)
-        x = x.double()
-        lw = target.log_prob(x) - lq.double()
-        k = torch.cdist(x, target.means).argmin(1)
-    frac = torch.bincount(k, minlength=40).double() / n
-    ok = torch.isfinite(lw)
-    rw = torch.zeros(40, dtype=torch.float64).index_add_(0, k[ok], torch.softmax(lw[ok], 0))
+    lw = target.log_prob(x.double()) - lq.double()
+    frac, rw = target.mode_fractions(x, lw)
     return frac, rw, lw
 
 

@@ -296,6 +296,30 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_sample)
 
 
+def _valid_rows(
+    run: Run, energy: Any, x: Any, log_val: Any, batch_size: int
+) -> tuple[Any, Any, Any, int, int]:
+    """Keep finite, filter-passing rows of ``x`` with finite ``log_val`` and finite energy.
+
+    Returns ``(x, log_val, energies, n_nonfinite, n_filtered)``, float64 on the CPU.
+    """
+    import torch
+
+    ok = torch.isfinite(x).flatten(1).all(-1) & torch.isfinite(log_val)
+    n_bad = int((~ok).sum())
+    n_filt = 0
+    if run.sample_filter is not None:
+        keep = ok.clone()
+        keep[ok] = run.sample_filter(x[ok])
+        n_filt = int((ok & ~keep).sum())
+        ok = keep
+    x, log_val = x[ok].double(), log_val[ok].double()
+    u = torch.cat([energy(xb) for xb in x.split(batch_size)]) if len(x) else x.new_zeros(0)
+    fin = torch.isfinite(u)
+    n_bad += int((~fin).sum())
+    return x[fin].cpu(), log_val[fin].cpu(), u[fin].cpu(), n_bad, n_filt
+
+
 def draw_samples(
     run: Run, n: int, batch_size: int, device: str = "cpu", max_rounds: int = 100
 ) -> dict[str, np.ndarray]:
@@ -317,19 +341,9 @@ def draw_samples(
             break
         with torch.no_grad():
             x, lq = model.sample(n - got, batch_size)
-            ok = torch.isfinite(x).all(-1).all(-1) & torch.isfinite(lq)
-            n_bad += int((~ok).sum())
-            if run.sample_filter is not None:
-                keep = ok.clone()
-                keep[ok] = run.sample_filter(x[ok])
-                n_filt += int((ok & ~keep).sum())
-                ok = keep
-            x, lq = x[ok].double(), lq[ok].double()
-            u = torch.cat([energy(xb) for xb in x.split(batch_size)]) if len(x) else x.new_zeros(0)
-            fin = torch.isfinite(u)
-            n_bad += int((~fin).sum())
-            xs.append(x[fin].cpu()), lqs.append(lq[fin].cpu()), us.append(u[fin].cpu())
-            got += int(fin.sum())
+            x, lq, u, bad, filt = _valid_rows(run, energy, x, lq, batch_size)
+        n_bad, n_filt, got = n_bad + bad, n_filt + filt, got + len(u)
+        xs.append(x), lqs.append(lq), us.append(u)
     if got < n:
         raise BoltzgenError(f"only {got} of {n} samples were valid after {max_rounds} rounds")
     x, lq, u = torch.cat(xs)[:n], torch.cat(lqs)[:n], torch.cat(us)[:n]
@@ -411,19 +425,9 @@ def draw_ais_samples(
         res = one_batch(min(batch_size, n - got))
         with torch.no_grad():
             x = coords.forward_and_log_det(res.x)[0] if coords is not None else res.x
-            ok = torch.isfinite(x).flatten(1).all(-1) & torch.isfinite(res.log_w)
-            n_bad += int((~ok).sum())
-            if run.sample_filter is not None:
-                keep = ok.clone()
-                keep[ok] = run.sample_filter(x[ok])
-                n_filt += int((ok & ~keep).sum())
-                ok = keep
-            x, lw = x[ok].double(), res.log_w[ok].double()
-            u = energy(x) if len(x) else x.new_zeros(0)
-            fin = torch.isfinite(u)
-            n_bad += int((~fin).sum())
-            xs.append(x[fin].cpu()), lws.append(lw[fin].cpu()), us.append(u[fin].cpu())
-            got += int(fin.sum())
+            x, lw, u, bad, filt = _valid_rows(run, energy, x, res.log_w, batch_size)
+        n_bad, n_filt, got = n_bad + bad, n_filt + filt, got + len(u)
+        xs.append(x), lws.append(lw), us.append(u)
     if got < n:
         raise BoltzgenError(f"only {got} of {n} AIS samples were valid after {max_rounds} rounds")
     x, lw, u = torch.cat(xs)[:n], torch.cat(lws)[:n], torch.cat(us)[:n]

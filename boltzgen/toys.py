@@ -126,6 +126,22 @@ class GaussianMixture(nn.Module):
         )
         return torch.logsumexp(log_n + self.log_weights.to(x.dtype), dim=1)
 
+    def mode_fractions(self, x: Tensor, log_w: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Share of samples ``x`` ``(n, D)`` nearest to each mean, raw and reweighted.
+
+        Returns ``(raw (K,), reweighted (K,))``; the reweighted shares use the self-normalised
+        weights ``softmax(log_w)`` over the rows with finite ``log_w`` (equal weights if None).
+        """
+        x = x.detach().double()
+        k = torch.cdist(x, self.means.to(x)).argmin(1)
+        n_modes = self.means.shape[0]
+        raw = torch.bincount(k, minlength=n_modes).double() / x.shape[0]
+        lw = torch.zeros(x.shape[0], dtype=torch.float64) if log_w is None else log_w.double()
+        ok = torch.isfinite(lw)
+        w = torch.softmax(lw[ok], 0)
+        reweighted = torch.zeros(n_modes, dtype=torch.float64).index_add_(0, k[ok], w)
+        return raw, reweighted
+
     def sample(
         self,
         n: int,

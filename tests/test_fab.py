@@ -313,14 +313,7 @@ def test_fab_config_section(tmp_path):
 def _mode_stats(model, target, n=100_000):
     with torch.no_grad():
         x, lq = model.sample(n, 20_000)
-        x = x.double()
-        lw = target.log_prob(x) - lq.double()
-        k = torch.cdist(x, target.means).argmin(1)
-    frac = torch.bincount(k, minlength=40).double() / n
-    ok = torch.isfinite(lw)
-    w = torch.softmax(lw[ok], 0)
-    reweighted = torch.zeros(40, dtype=torch.float64).index_add_(0, k[ok], w)
-    return frac, reweighted
+    return target.mode_fractions(x, target.log_prob(x.double()) - lq.double())
 
 
 def _gmm_model():
@@ -407,3 +400,15 @@ def test_aldp_fab_cli_trains_and_resumes_exactly(tmp_path):
     assert bool((buf["x"].abs() < 50).all())  # no run-away chains in the buffer
     circ = buf["x"][:, [41, 42, 43, 47, 51, 54, 57]]  # the circular torsions of ALDP
     assert bool(((circ >= -math.pi) & (circ < math.pi)).all())
+
+
+def test_mode_fractions_against_a_hand_count():
+    from boltzgen.toys import GaussianMixture
+
+    g = GaussianMixture(torch.tensor([[0.0, 0.0], [10.0, 0.0]]), torch.ones(2, 2))
+    x = torch.tensor([[0.1, 0.0], [9.0, 1.0], [11.0, 0.0], [-1.0, 0.0]])
+    raw, rw = g.mode_fractions(x, torch.log(torch.tensor([1.0, 1.0, 1.0, 5.0])))
+    torch.testing.assert_close(raw, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(rw, torch.tensor([6 / 8, 2 / 8], dtype=torch.float64))
+    raw, rw = g.mode_fractions(x, torch.tensor([0.0, float("nan"), 0.0, 0.0]))
+    torch.testing.assert_close(rw, torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
