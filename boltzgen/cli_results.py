@@ -183,9 +183,14 @@ def reweight_report(
         report["log_z"], report["log_z_error"] = rw.log_z(lw)
     kT = samples.kT
     if states:
-        res = rw.state_free_energies(states, _cvs(samples), lw, kT, n_bootstrap, block, seed)
+        cvs_all = _cvs(samples)
+        res = rw.state_free_energies(states, cvs_all, lw, kT, n_bootstrap, block, seed)
         report["reference_state"] = res.names[0]
         report["states"] = _states_json(res, kT)
+        for row, st in zip(report["states"], states, strict=True):
+            inside = st.contains(cvs_all)
+            row["n_samples"] = int(inside.sum())
+            row["n_eff"] = float(rw.ess(lw[inside])) if inside.any() else 0.0
     names = [c.strip() for c in cv.split(",") if c.strip()]
     if names:
         cvs = _cvs(samples)
@@ -230,13 +235,30 @@ def reweight_report(
     return report
 
 
+MIN_STATE_ESS = 10.0  # below this effective sample count a state's numbers are flagged
+
+
 def _print_states(rows: list[dict[str, Any]], out: Any) -> None:
-    print(f"  {'state':<16} {'population':>18} {'dF (kJ/mol)':>18} {'dF (kT)':>16}", file=out)
+    has_eff = all("n_eff" in r for r in rows)
+    head = f"  {'state':<16} {'population':>18} {'dF (kJ/mol)':>18} {'dF (kT)':>16}"
+    print(head + (f" {'ESS in state':>13}" if has_eff else ""), file=out)
+    flagged = []
     for r in rows:
-        print(
+        line = (
             f"  {r['name']:<16} {r['population']:>9.4f} +- {r['population_error']:<6.4f}"
             f" {r['dF_kJ_per_mol']:>8.2f} +- {r['dF_kJ_per_mol_error']:<6.2f}"
-            f" {r['dF_kT']:>7.2f} +- {r['dF_kT_error']:<5.2f}",
+            f" {r['dF_kT']:>7.2f} +- {r['dF_kT_error']:<5.2f}"
+        )
+        if has_eff:
+            line += f" {r['n_eff']:>13.1f}"
+            if r["n_eff"] < MIN_STATE_ESS:
+                line += "  *"
+                flagged.append(r["name"])
+        print(line, file=out)
+    if flagged:
+        print(
+            f"  * effective sample count below {MIN_STATE_ESS:g} in {', '.join(flagged)}: "
+            "too few weighted samples there, the numbers (and error bars) are not reliable",
             file=out,
         )
 

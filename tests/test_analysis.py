@@ -214,6 +214,19 @@ def test_cli_reweight_table_json_and_errors(tmp_path, capsys, aldp, aldp_frames)
     assert rep["states"][1]["dF_kJ_per_mol"] == pytest.approx(-kT * np.log(p_hi / (1 - p_hi)))
     assert rep["states"][1]["dF_kT"] == pytest.approx(-np.log(p_hi / (1 - p_hi)))
     assert rep["fes"]["cvs"] == ["phi", "psi"]
+    hi = psi >= cut
+    assert rep["states"][1]["n_samples"] == int(hi.sum())
+    assert rep["states"][1]["n_eff"] == pytest.approx(reweighting.ess(lw[hi]))
+    assert "*" not in text.split("ESS in state")[1].split("\n")[1]
+    # a state holding one sample is flagged as unreliable
+    states.write_text(
+        f"units: degrees\nstates:\n  lo:\n    psi: [[-180, {cut}]]\n"
+        f"  one:\n    psi: [[{psi.max() - 1e-3}, 180]]\n"
+    )
+    assert cli.main(["reweight", path, "--states", str(states), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "effective sample count below 10 in one" in text
+    assert json.loads(out.read_text())["states"][1]["n_eff"] < 10
 
     bad = _write(tmp_path / "bad.npz", positions=pos, log_weights=np.full(n, np.nan))
     assert cli.main(["reweight", bad]) == 2
