@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from boltzgen.flows.base import Transform
+from boltzgen.flows.splines import wrap_angle
 from boltzgen.mcmc import (
     MCMCStep,
     first_order_gradients,
@@ -163,8 +164,7 @@ class StochasticLayer(Transform):
         """``x`` with its circular dimensions wrapped to [-π, π) (identity gradient)."""
         if self.circular is None:
             return x
-        wrapped = torch.remainder(x + math.pi, 2 * math.pi) - math.pi
-        return torch.where(self.circular, wrapped, x)
+        return torch.where(self.circular, wrap_angle(x), x)
 
     def diagnostics(self) -> dict[str, float]:
         """Acceptance rate of the last call and the mean step size (for training logs)."""
