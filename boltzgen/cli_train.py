@@ -62,7 +62,7 @@ def build_run(config: Any) -> Run:
     from boltzgen import systems
     from boltzgen.coordinates import InternalCoordinates, is_l_form
     from boltzgen.energy import BoltzmannTarget, OpenMMEnergy, TorchEnergy
-    from boltzgen.flows import Circular, make_spline_flow
+    from boltzgen.flows import circular_mask, make_spline_flow
     from boltzgen.generator import BoltzmannGenerator, FlowSpaceTarget
     from boltzgen.stochastic import make_snf_layers
 
@@ -108,7 +108,7 @@ def build_run(config: Any) -> Run:
             n_steps=snf.n_steps,
             step_size=snf.step_size,
             n_leapfrog=snf.n_leapfrog,
-            circular=[isinstance(d, Circular) for d in coords.domains],
+            circular=circular_mask(coords.domains),
             adaptive=snf.adaptive,
             second_order=snf.second_order,
             target_acceptance=snf.target_acceptance,
@@ -305,14 +305,11 @@ def _valid_rows(
     """
     import torch
 
+    from boltzgen.objectives import filter_rows
+
     ok = torch.isfinite(x).flatten(1).all(-1) & torch.isfinite(log_val)
     n_bad = int((~ok).sum())
-    n_filt = 0
-    if run.sample_filter is not None:
-        keep = ok.clone()
-        keep[ok] = run.sample_filter(x[ok])
-        n_filt = int((ok & ~keep).sum())
-        ok = keep
+    ok, n_filt = filter_rows(ok, x, run.sample_filter)
     x, log_val = x[ok].double(), log_val[ok].double()
     u = torch.cat([energy(xb) for xb in x.split(batch_size)]) if len(x) else x.new_zeros(0)
     fin = torch.isfinite(u)
@@ -379,7 +376,7 @@ def draw_ais_samples(
     import torch
 
     from boltzgen.ais import AnnealedImportanceSampler
-    from boltzgen.flows import Circular
+    from boltzgen.flows import circular_mask
     from boltzgen.generator import FlowSpaceTarget
 
     if n_intermediate < 1:
@@ -393,7 +390,7 @@ def draw_ais_samples(
     flow_target = FlowSpaceTarget(target, coords)
     domains = getattr(coords, "domains", None)
     dim = int(flow.base.dim)
-    circular = None if domains is None else torch.tensor([isinstance(d, Circular) for d in domains])
+    circular = None if domains is None else circular_mask(domains)
     cut = getattr(target, "energy_cut", None)
     sampler = AnnealedImportanceSampler(
         dim,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from boltzgen.ais import AISResult, AnnealedImportanceSampler
-from boltzgen.objectives import ObjectiveResult, log_ess
+from boltzgen.objectives import ObjectiveResult, filter_rows, log_ess
 
 __all__ = [
     "FAB",
@@ -313,13 +313,7 @@ class FAB(nn.Module):
             & torch.isfinite(res.log_p)
         )
         n_nonfinite = int((~fin0).sum()) + int((~keep).sum())
-        n_filtered = 0
-        if sample_filter is not None and bool(keep.any()):
-            passed = torch.zeros_like(keep)
-            with torch.no_grad():
-                passed[keep] = torch.as_tensor(sample_filter(res.x[keep]), device=keep.device)
-            n_filtered = int((keep & ~passed).sum())
-            keep = passed
+        keep, n_filtered = filter_rows(keep, res.x, sample_filter)
         lwf = res.log_w_flow[torch.isfinite(res.log_w_flow)]
         lw = res.log_w[keep]
         self.last_flow_log_w = lwf.detach()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ObjectiveResult", "forward_kl", "log_ess", "mixed_kl", "reverse_kl"]
+__all__ = ["ObjectiveResult", "filter_rows", "forward_kl", "log_ess", "mixed_kl", "reverse_kl"]
 
 
 @dataclass
@@ -45,6 +45,22 @@ def log_ess(log_w: Tensor) -> Tensor:
     if log_w.numel() == 0:
         return log_w.new_tensor(float("-inf"))
     return 2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)
+
+
+def filter_rows(
+    ok: Tensor, x: Tensor, sample_filter: Callable[[Tensor], Tensor] | None
+) -> tuple[Tensor, int]:
+    """Narrow the keep-mask ``ok`` ``(n,)`` to rows of ``x`` that pass ``sample_filter``.
+
+    The filter sees only the rows already kept (detached, no gradient). Returns the new mask and
+    the number of rows it dropped; without a filter ``ok`` comes back unchanged.
+    """
+    if sample_filter is None or not bool(ok.any()):
+        return ok, 0
+    keep = torch.zeros_like(ok)
+    with torch.no_grad():
+        keep[ok] = torch.as_tensor(sample_filter(x[ok].detach()), device=ok.device)
+    return keep, int((ok & ~keep).sum())
 
 
 def _rows_finite(x: Tensor) -> Tensor:
@@ -98,12 +114,7 @@ def reverse_kl(
     x, log_q = model.sample_and_log_prob(n)
     ok = _rows_finite(x) & torch.isfinite(log_q)
     n_nonfinite = int((~ok).sum())
-    n_filtered = 0
-    if sample_filter is not None and bool(ok.any()):
-        keep = torch.zeros_like(ok)
-        keep[ok] = torch.as_tensor(sample_filter(x[ok].detach()), device=ok.device)
-        n_filtered = int((ok & ~keep).sum())
-        ok = keep
+    ok, n_filtered = filter_rows(ok, x, sample_filter)
     idx = ok.nonzero().flatten()
     evals = 0
     if idx.numel() > 0:

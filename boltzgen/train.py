@@ -231,7 +231,7 @@ class Trainer:
     def _make_fab(self, fab_options: Any) -> nn.Module:
         """FAB state on the flow's space: `FlowSpaceTarget` of the target, circular mask."""
         from boltzgen.fab import FAB, FABOptions
-        from boltzgen.flows.base import Circular
+        from boltzgen.flows.base import circular_mask
         from boltzgen.generator import FlowSpaceTarget
 
         flow = getattr(self.model, "flow", self.model)
@@ -243,7 +243,7 @@ class Trainer:
         domains = getattr(coords, "domains", None)
         circular = None
         if domains is not None:
-            circular = torch.tensor([isinstance(d, Circular) for d in domains])
+            circular = circular_mask(domains)
         cut = getattr(self.target, "energy_cut", None)  # BoltzmannTarget: p^2/q needs a floor
         fab = FAB(dim, fab_options or FABOptions(), circular, None if cut is None else -cut)
         return fab.to(device=self.device, dtype=self.options.torch_dtype)

@@ -10,6 +10,7 @@ from boltzgen.flows.base import (
     Inverse,
     Transform,
     Unbounded,
+    circular_mask,
 )
 from boltzgen.flows.coupling import AffineCoupling, SplineCoupling, alternating_mask, random_mask
 from boltzgen.flows.distributions import (
@@ -60,6 +61,7 @@ __all__ = [
     "UniformCircle",
     "VonMises",
     "alternating_mask",
+    "circular_mask",
     "circular_features",
     "fab_aldp_flow",
     "make_spline_flow",

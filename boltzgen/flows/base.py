@@ -7,9 +7,10 @@ latent -> data (for molecules: internal coordinates -> Cartesian). Both fused ca
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "Inverse",
     "Transform",
     "Unbounded",
+    "circular_mask",
 ]
 
 
@@ -53,6 +55,11 @@ class Bounded(Domain):
 @dataclass(frozen=True)
 class Circular(Domain):
     """The circle, represented as [-pi, pi)."""
+
+
+def circular_mask(domains: Sequence[Domain]) -> Tensor:
+    """``(D,)`` bool mask of the `Circular` entries of ``domains``."""
+    return torch.tensor([isinstance(d, Circular) for d in domains], dtype=torch.bool)
 
 
 class Transform(nn.Module):
