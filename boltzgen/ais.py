@@ -139,6 +139,12 @@ def ais(
     evals = 0
     stash: dict[str, Tensor] = {}
 
+    def floor(lp: Tensor) -> Tensor:
+        """``log p`` with points below ``log_p_floor`` moved outside the support (-inf)."""
+        if log_p_floor is None:
+            return lp
+        return torch.where(lp < log_p_floor, torch.full_like(lp, -math.inf), lp)
+
     def components(y: Tensor) -> tuple[Tensor, Tensor]:
         """``log q``, ``log p`` at ``y`` (and, for HMC, their gradients in ``stash``)."""
         nonlocal evals
@@ -154,10 +160,7 @@ def ais(
                 lq_y, lp_y = log_q_fn(yw), log_p_fn(yw)
                 (stash["gq"],) = torch.autograd.grad(lq_y.sum(), yd, retain_graph=True)
                 (stash["gp"],) = torch.autograd.grad(lp_y.sum(), yd)
-        lp_y = lp_y.detach()
-        if log_p_floor is not None:
-            lp_y = torch.where(lp_y < log_p_floor, torch.full_like(lp_y, -math.inf), lp_y)
-        stash["lq"], stash["lp"] = lq_y.detach(), lp_y
+        stash["lq"], stash["lp"] = lq_y.detach(), floor(lp_y.detach())
         return stash["lq"], stash["lp"]
 
     if hmc:
@@ -166,9 +169,7 @@ def ais(
     else:
         with torch.no_grad():
             lq = log_q_fn(x).detach() if log_q is None else log_q.detach()
-            lp = log_p_fn(x).detach()
-        if log_p_floor is not None:
-            lp = torch.where(lp < log_p_floor, torch.full_like(lp, -math.inf), lp)
+            lp = floor(log_p_fn(x).detach())
         evals += x.shape[0]
     log_w_flow = lp - lq
     log_w = torch.zeros_like(lq)
