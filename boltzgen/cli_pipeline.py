@@ -59,18 +59,9 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_pipeline)
 
 
-def _system_dir(name: str) -> Path:
-    from boltzgen.systems import search_paths
-
-    for d in search_paths():
-        if (d / name).is_dir():
-            return d / name
-    raise BoltzgenError(f"unknown system {name!r}; see `boltzgen systems`")
-
-
-def _reference_populations(system_dir: Path) -> dict[str, tuple[float, float]]:
+def _reference_populations(directory: Path) -> dict[str, tuple[float, float]]:
     """State populations ``{name: (p, error)}`` of the shipped MD reference (empty if none)."""
-    path = system_dir / "reference" / "summary.json"
+    path = directory / "reference" / "summary.json"
     if not path.is_file():
         return {}
     try:
@@ -92,7 +83,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
         raise BoltzgenError(f"--ais must be >= 0, got {args.ais}")
     if args.n_samples < 10:
         raise BoltzgenError(f"-n must be at least 10, got {args.n_samples}")
-    sdir = _system_dir(args.system)
+    from boltzgen.systems import system_dir
+
+    sdir = system_dir(args.system)
     config_path = Path(args.config) if args.config else sdir / "reverse_kl_quick.yaml"
     if not config_path.is_file():
         raise BoltzgenError(f"run config {config_path} does not exist (pass --config)")

@@ -32,6 +32,7 @@ __all__ = [
     "from_prmtop",
     "load",
     "search_paths",
+    "system_dir",
 ]
 
 #: Boltzmann constant times Avogadro's number in kJ/(mol K) (CODATA 2018, as OpenMM uses).
@@ -171,7 +172,7 @@ def load(
     Raises:
         SystemLoadError: unknown name, missing or malformed files, bad arguments.
     """
-    directory = _find_system_dir(name)
+    directory = system_dir(name)
     config = _read_config(directory / "config.yaml")
     temperature = float(config.get("temperature", 300.0)) if temperature is None else temperature
     sys_name = str(config.get("name", directory.name))
@@ -365,7 +366,12 @@ def _read_positions(path: Path) -> np.ndarray:
     return np.array(pos.value_in_unit(_nm()), dtype=np.float64)
 
 
-def _find_system_dir(name: str | os.PathLike) -> Path:
+def system_dir(name: str | os.PathLike) -> Path:
+    """The data directory of a system: a shipped name (searched in `search_paths`) or a path.
+
+    Raises:
+        SystemLoadError: no such system, or a directory without ``config.yaml``.
+    """
     path = Path(name)
     if path.is_dir():
         if not (path / "config.yaml").is_file():

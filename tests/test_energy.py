@@ -27,7 +27,7 @@ CASES = [
 
 
 def _load(name, solvent, model):
-    directory = systems._find_system_dir(name)
+    directory = systems.system_dir(name)
     config = systems._read_config(directory / "config.yaml")
     return systems.from_prmtop(
         directory / config["prmtop"],

@@ -26,7 +26,7 @@ def test_load_aldp_implicit_and_vacuum():
     assert s.system.getNumConstraints() == 0
     assert s.masses.shape == (22,) and s.masses.sum() == pytest.approx(144.17, abs=0.1)
     # positions agree with the shipped PDB (independent reader: mdtraj)
-    pdb = md.load(str(systems._find_system_dir("aldp") / "alanine-dipeptide.pdb"))
+    pdb = md.load(str(systems.system_dir("aldp") / "alanine-dipeptide.pdb"))
     np.testing.assert_allclose(s.positions, pdb.xyz[0], atol=1e-3)
     assert s.mdtraj_topology.n_atoms == 22 and s.to_mdtraj().n_frames == 1
     vac = systems.load("aldp", solvent="vacuum", temperature=600.0)
@@ -44,7 +44,7 @@ def test_available_and_other_molecules():
 
 
 def test_user_prmtop_and_pdb(tmp_path):
-    src = systems._find_system_dir("aldp")
+    src = systems.system_dir("aldp")
     s = systems.from_prmtop(src / "alanine-dipeptide.prmtop", src / "alanine-dipeptide.pdb")
     assert s.n_atoms == 22
     pdb = tmp_path / "ala.pdb"
@@ -75,7 +75,7 @@ def test_clear_errors(call, match):
 
 
 def test_unparametrisable_pdb_and_bad_config(tmp_path):
-    src = systems._find_system_dir("xylene")
+    src = systems.system_dir("xylene")
     with pytest.raises(SystemLoadError, match="cannot parametrise"):
         systems.from_pdb(src / "xylene.pdb", forcefield=["amber14-all.xml"])
     with pytest.raises(SystemLoadError, match="could not load force field"):
