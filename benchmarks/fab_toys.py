@@ -25,13 +25,13 @@ import time
 import numpy as np
 import torch
 
-from boltzgen.ais import AnnealedImportanceSampler
-from boltzgen.fab import FABOptions
+from boltzgen.energy.toys import ManyWell, Rescale, gmm40
 from boltzgen.flows import Unbounded, make_spline_flow
-from boltzgen.generator import BoltzmannGenerator
-from boltzgen.objectives import log_ess
-from boltzgen.toys import ManyWell, Rescale, gmm40
+from boltzgen.sampling.ais import AnnealedImportanceSampler
+from boltzgen.sampling.generator import BoltzmannGenerator
 from boltzgen.train import Trainer, TrainOptions
+from boltzgen.train.fab import FABOptions
+from boltzgen.train.objectives import log_ess
 
 GMM_FLOW = dict(n_blocks=8, hidden=64, n_bins=8)
 GMM_FAB = dict(

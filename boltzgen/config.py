@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from boltzgen.errors import BoltzgenError
-from boltzgen.fab import FABOptions
+from boltzgen.errors import BoltzgenError, ConfigError
 from boltzgen.train import TrainOptions
+from boltzgen.train.fab import FABOptions
 
 __all__ = [
     "ConfigError",
@@ -27,10 +27,6 @@ __all__ = [
     "config_to_dict",
     "load_config",
 ]
-
-
-class ConfigError(BoltzgenError, ValueError):
-    """A run configuration is missing, malformed or has unknown keys."""
 
 
 @dataclass
@@ -51,9 +47,9 @@ class SystemConfig:
 
 @dataclass
 class CoordinatesConfig:
-    """Internal coordinates: shifts from the (optionally energy-minimised) structure."""
+    """Internal coordinates: shifts from the (optionally energy-minimized) structure."""
 
-    minimise: bool = True
+    minimize: bool = True
     torsions: str = "relative"
 
 
@@ -75,7 +71,7 @@ class FlowConfig:
 
 @dataclass
 class SNFConfig:
-    """Stochastic (SNF) layers after the flow, in its space (`boltzgen.stochastic`).
+    """Stochastic (SNF) layers after the flow, in its space (`boltzgen.sampling.stochastic`).
 
     ``n_layers`` layers of ``kind`` anneal from the flow's own density to the target
     (``lambdas: linear``) or all target the target (``one``); ``n_layers: 0`` means none.
@@ -93,7 +89,7 @@ class SNFConfig:
     second_order: bool = False
 
     def __post_init__(self) -> None:
-        from boltzgen.stochastic import LAYER_KINDS
+        from boltzgen.sampling.stochastic import LAYER_KINDS
 
         if self.kind not in LAYER_KINDS:
             kinds = ", ".join(LAYER_KINDS)
@@ -187,6 +183,10 @@ def config_from_dict(data: dict) -> RunConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    coords = data.get("coordinates")
+    if isinstance(coords, dict) and "minimise" in coords:  # the key's spelling before 0.2
+        coords = {("minimize" if k == "minimise" else k): v for k, v in coords.items()}
+        data = {**data, "coordinates": coords}
     kwargs: dict[str, Any] = {k: _section(c, data.get(k), k) for k, c in _SECTIONS.items()}
     if "output_dir" in data:
         kwargs["output_dir"] = str(data["output_dir"])

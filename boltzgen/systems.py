@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from boltzgen.errors import SystemLoadError
+from boltzgen.units import MOLAR_GAS_CONSTANT
 
 __all__ = [
     "MolecularSystem",
@@ -35,8 +36,6 @@ __all__ = [
     "system_dir",
 ]
 
-#: Boltzmann constant times Avogadro's number in kJ/(mol K) (CODATA 2018, as OpenMM uses).
-MOLAR_GAS_CONSTANT = 8.314462618e-3
 
 SOLVENTS = ("implicit", "vacuum")
 _IMPLICIT_MODELS = ("OBC1", "OBC2", "HCT", "GBn", "GBn2")

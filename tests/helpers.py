@@ -2,14 +2,14 @@
 
 import torch
 
-from boltzgen.md import run_md
+from boltzgen.sampling.md import run_md
 
 
 def md_frames(system, temperature, n_frames, steps_per_frame=10, seed=1):
     """MD frames ``(n_frames, n_atoms, 3)`` float64 nm of a MolecularSystem at ``temperature`` K.
 
-    `boltzgen.md.run_md` from the minimised structure (1 fs steps, friction 10/ps); the first
-    300 steps are dropped as equilibration.
+    `boltzgen.sampling.md.run_md` from the minimised structure (1 fs steps, friction 10/ps); the
+    first 300 steps are dropped as equilibration.
     """
     n_equil = -(-300 // steps_per_frame)
     result = run_md(

@@ -1,4 +1,4 @@
-"""Tests of boltzgen.analysis, boltzgen.plots and the reweight / evaluate CLI."""
+"""Tests of boltzgen.analysis, boltzgen.analysis.plots and the reweight / evaluate CLI."""
 
 import json
 from pathlib import Path
@@ -6,8 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from boltzgen import analysis, cli, plots, reweighting
+from boltzgen import analysis, cli
+from boltzgen.analysis import plots, reweighting
 from boltzgen.errors import BoltzgenError
+from boltzgen.units import MOLAR_GAS_CONSTANT
 
 REFERENCE = Path(__file__).resolve().parent.parent / "systems" / "aldp" / "reference"
 
@@ -31,9 +33,10 @@ def test_dihedral_matches_mdtraj_and_aldp_indices(aldp, aldp_frames):
     traj = aldp.to_mdtraj(aldp_frames)
     idx_phi, phi = mdtraj.compute_phi(traj)
     idx_psi, psi = mdtraj.compute_psi(traj)
-    assert tuple(idx_phi[0]) == analysis.ALDP_PHI
-    assert tuple(idx_psi[0]) == analysis.ALDP_PSI
-    pp = analysis.phi_psi(aldp_frames)
+    from boltzgen.coordinates import phi_psi_atoms
+
+    assert phi_psi_atoms(aldp.topology) == (tuple(idx_phi[0]), tuple(idx_psi[0]))
+    pp = analysis.phi_psi(aldp_frames, "aldp")
     np.testing.assert_allclose(pp[:, 0], phi[:, 0], atol=1e-5)
     np.testing.assert_allclose(pp[:, 1], psi[:, 0], atol=1e-5)
 
@@ -149,7 +152,7 @@ def test_load_samples_validates(tmp_path, aldp, aldp_frames):
     )
     s = analysis.load_samples(ok)
     np.testing.assert_allclose(s.log_w, 2.0)
-    np.testing.assert_allclose(s.phi_psi, analysis.phi_psi(pos), atol=1e-6)
+    np.testing.assert_allclose(s.phi_psi, analysis.phi_psi(pos, "aldp"), atol=1e-6)
     cases = {
         "nan": (dict(positions=pos, log_weights=np.r_[np.nan, np.zeros(n - 1)]), "NaN"),
         "zero": (dict(positions=pos, log_weights=np.full(n, -np.inf)), "all weights are zero"),
@@ -181,7 +184,7 @@ def test_cli_reweight_table_json_and_errors(tmp_path, capsys, aldp, aldp_frames)
     # Every frame sits in the C7eq/beta-like start structure region or near it; use a state file
     # splitting on psi so both states are populated.
     states = tmp_path / "states.yaml"
-    psi = np.degrees(analysis.phi_psi(pos)[:, 1])
+    psi = np.degrees(analysis.phi_psi(pos, "aldp")[:, 1])
     cut = float(np.median(psi))
     states.write_text(
         f"units: degrees\nstates:\n  lo:\n    psi: [[-180, {cut}]]\n"
@@ -210,7 +213,7 @@ def test_cli_reweight_table_json_and_errors(tmp_path, capsys, aldp, aldp_frames)
     w = np.exp(lw - lw.max())
     p_hi = w[psi >= cut].sum() / w.sum()
     assert rep["states"][1]["population"] == pytest.approx(p_hi)
-    kT = 8.314462618e-3 * 300.0
+    kT = MOLAR_GAS_CONSTANT * 300.0
     assert rep["states"][1]["dF_kJ_per_mol"] == pytest.approx(-kT * np.log(p_hi / (1 - p_hi)))
     assert rep["states"][1]["dF_kT"] == pytest.approx(-np.log(p_hi / (1 - p_hi)))
     assert rep["fes"]["cvs"] == ["phi", "psi"]
@@ -296,7 +299,7 @@ def test_shipped_reference_halves_agree_and_sample_phi_positive():
     phi, psi = ref["phi"].astype(np.float64), ref["psi"].astype(np.float64)
     assert ref["positions"].shape[0] == ref["frame_index"].shape[0]
     np.testing.assert_allclose(
-        analysis.phi_psi(ref["positions"][:50]),
+        analysis.phi_psi(ref["positions"][:50], "aldp"),
         np.stack([phi, psi], 1)[ref["frame_index"][:50]],
         atol=1e-5,
     )

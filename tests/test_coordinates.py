@@ -1,4 +1,4 @@
-"""boltzgen.coordinates / boltzgen.zmatrix against independent oracles.
+"""boltzgen.coordinates / boltzgen.coordinates.zmatrix against independent oracles.
 
 Oracles: mdtraj (bond lengths, angles, dihedrals, phi/psi), torch.autograd (log|det J| of the
 reduced map, float64), the shipped L-alanine structure (chirality) and OpenMM molecular dynamics
@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import md_frames
 
-from boltzgen import geometry, systems
+from boltzgen import systems
 from boltzgen.coordinates import (
     DEFAULT_SCALES,
     InternalCoordinates,
@@ -24,12 +24,13 @@ from boltzgen.coordinates import (
     backbone_torsions,
     chiral_centres,
     chirality,
+    geometry,
     is_l_form,
     named_dihedrals,
     phi_psi,
 )
+from boltzgen.coordinates.zmatrix import MolecularGraph
 from boltzgen.flows.base import Circular, Unbounded
-from boltzgen.zmatrix import MolecularGraph
 
 ALDP_BACKBONE = [1, 4, 6, 8, 10, 14, 16, 18]  # heavy atoms of ACE-ALA-NME but the two O
 

@@ -1,6 +1,6 @@
 """AIS, the FAB losses, the prioritised replay buffer, FAB training (GMM-40) and its resume.
 
-Oracles: exact normalisers of analytic targets (`boltzgen.toys`, quadrature for ``∫ p²/q``),
+Oracles: exact normalisers of analytic targets (`boltzgen.energy.toys`, quadrature for ``∫ p²/q``),
 ``E[exp(log_w)] = Z`` of AIS (checked over repeated runs within 3 standard errors), autograd
 against hand-written gradients, exact multinomial frequencies, exact mode weights of GMM-40.
 """
@@ -13,18 +13,18 @@ import pytest
 import torch
 from scipy import integrate
 
-from boltzgen.ais import AnnealedImportanceSampler, ais, ais_betas
-from boltzgen.fab import (
+from boltzgen.energy.toys import DoubleWell1D, ManyWell, Rescale, gmm40, gmm_2d
+from boltzgen.flows import Unbounded, make_spline_flow
+from boltzgen.sampling.ais import AnnealedImportanceSampler, ais, ais_betas
+from boltzgen.sampling.generator import BoltzmannGenerator
+from boltzgen.train import Trainer, TrainOptions
+from boltzgen.train.fab import (
     FAB,
     FABOptions,
-    PrioritisedReplayBuffer,
+    PrioritizedReplayBuffer,
     fab_alpha2_loss,
     fab_buffer_loss,
 )
-from boltzgen.flows import Unbounded, make_spline_flow
-from boltzgen.generator import BoltzmannGenerator
-from boltzgen.toys import DoubleWell1D, ManyWell, Rescale, gmm40, gmm_2d
-from boltzgen.train import Trainer, TrainOptions
 
 
 def gauss_log_q(mu: torch.Tensor, sigma: torch.Tensor):
@@ -169,7 +169,7 @@ def test_ais_schedule_and_argument_checks():
 # ----------------------------------------------------------------------------- buffer
 def test_buffer_samples_proportional_to_weight():
     torch.manual_seed(5)
-    buf = PrioritisedReplayBuffer(1, 10)
+    buf = PrioritizedReplayBuffer(1, 10)
     w = torch.tensor([1.0, 2.0, 7.0]).double()
     buf.add(torch.arange(3.0).double()[:, None], w.log(), torch.zeros(3).double())
     n = 40000
@@ -181,7 +181,7 @@ def test_buffer_samples_proportional_to_weight():
 
 
 def test_buffer_adjust_clip_invalid_and_capacity():
-    buf = PrioritisedReplayBuffer(2, 5)
+    buf = PrioritizedReplayBuffer(2, 5)
     x = torch.arange(12.0).double().reshape(6, 2)
     lw = torch.tensor([0.0, 1.0, math.nan, 2.0, 3.0, 4.0]).double()
     lq = torch.tensor([-1.0, -2.0, -3.0, math.inf, -5.0, -6.0]).double()
@@ -201,7 +201,7 @@ def test_buffer_adjust_clip_invalid_and_capacity():
     assert buf.adjust(torch.tensor([2]), torch.tensor([math.nan]).double(), -torch.ones(1)) == 1
     assert len(buf) == 4
     state = buf.state_dict()
-    other = PrioritisedReplayBuffer(2, 1)
+    other = PrioritizedReplayBuffer(2, 1)
     other.load_state_dict(state)
     assert other.capacity == 5 and torch.equal(other.log_w, buf.log_w)
     # the buffer-loss adjustment: log c = (1 - alpha)(log q_new - log q_old), clipped at log C
@@ -357,7 +357,7 @@ def test_fab_module_state_roundtrip():
 
 ALDP_FAB = """
 system: {name: aldp, solvent: implicit, temperature: 300.0, energy: torch}
-coordinates: {minimise: false}
+coordinates: {minimize: false}
 flow: {n_blocks: 2, n_bins: 4, hidden: 16}
 train: {objective: fab, max_iter: 5, batch_size: 16, lr: 1.0e-3, checkpoint_every: 2,
         progress: false, dtype: float32}
@@ -371,8 +371,8 @@ output_dir: OUT
 def test_aldp_fab_cli_trains_and_resumes_exactly(tmp_path):
     """Circular torsions, the chirality filter and the energy floor on the real target."""
     from boltzgen.cli import main
-    from boltzgen.cli_train import build_run
     from boltzgen.config import load_config
+    from boltzgen.pipeline import build_run
 
     for name in ("a", "b"):
         cfg = tmp_path / f"{name}.yaml"
@@ -403,7 +403,7 @@ def test_aldp_fab_cli_trains_and_resumes_exactly(tmp_path):
 
 
 def test_mode_fractions_against_a_hand_count():
-    from boltzgen.toys import GaussianMixture
+    from boltzgen.energy.toys import GaussianMixture
 
     g = GaussianMixture(torch.tensor([[0.0, 0.0], [10.0, 0.0]]), torch.ones(2, 2))
     x = torch.tensor([[0.1, 0.0], [9.0, 1.0], [11.0, 0.0], [-1.0, 0.0]])

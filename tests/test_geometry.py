@@ -1,4 +1,4 @@
-"""boltzgen.geometry against mdtraj (the oracle) and against its own inverse (NeRF placement)."""
+"""boltzgen.coordinates.geometry against mdtraj (the oracle) and its own inverse (NeRF)."""
 
 import math
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from boltzgen import geometry
+from boltzgen.coordinates import geometry
 
 
 def _random_molecule(n_frames=16, n_atoms=12, seed=0):

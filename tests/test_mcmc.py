@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from boltzgen.mcmc import (
+from boltzgen.energy.toys import DoubleWell1D, GaussianMixture
+from boltzgen.sampling.mcmc import (
     hmc_step,
     langevin_log_kernel,
     log_prob_and_grad,
@@ -19,7 +20,6 @@ from boltzgen.mcmc import (
     metropolis_step,
     ula_step,
 )
-from boltzgen.toys import DoubleWell1D, GaussianMixture
 
 N_CHAINS = 20000
 N_MOVES = 15

@@ -1,9 +1,11 @@
-"""Tests of boltzgen.md: Langevin MD and replica exchange with checkpoint/restart."""
+"""Tests of boltzgen.sampling.md: Langevin MD and replica exchange with checkpoint/restart."""
 
 import numpy as np
 import pytest
 
-from boltzgen import analysis, cli, md
+from boltzgen import analysis, cli
+from boltzgen.sampling import md
+from boltzgen.units import MOLAR_GAS_CONSTANT
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def test_cli_md_writes_trajectory_and_samples_file(tmp_path, capsys):
     assert traj.n_frames == 6
     samples = analysis.load_samples(str(out) + ".npz")
     assert samples.n == 6 and samples.log_w is None and samples.time_series
-    np.testing.assert_allclose(samples.phi_psi, analysis.phi_psi(traj.xyz), atol=1e-5)
+    np.testing.assert_allclose(samples.phi_psi, analysis.phi_psi(traj.xyz, "aldp"), atol=1e-5)
     assert (
         cli.main(
             [
@@ -167,7 +169,7 @@ def test_torsion_bias_matches_openmm_and_hremd_keeps_unbiased_replica(aldp):
         exchange_interval=50,
         progress=False,
     )
-    kT = 8.314462618e-3 * 300.0
+    kT = MOLAR_GAS_CONSTANT * 300.0
     np.testing.assert_allclose(res.log_weights, 0.5 * bias.energy(res.positions) / kT, atol=1e-4)
     with pytest.raises(md.MDError, match="need a bias"):
         md.run_md(aldp, 10, bias_scales=[0.0, 1.0], progress=False)
@@ -180,7 +182,7 @@ def test_single_biased_replica_carries_importance_weights(aldp):
     res = md.run_md(
         aldp, 500, save_interval=100, bias=bias, bias_scales=[1.0], seed=1, progress=False
     )
-    kT = 8.314462618e-3 * 300.0
+    kT = MOLAR_GAS_CONSTANT * 300.0
     # log w = +B(x) / kT turns the biased ensemble exp(-(U + B)/kT) into exp(-U/kT).
     np.testing.assert_allclose(res.log_weights, bias.energy(res.positions) / kT, atol=1e-4)
     np.testing.assert_allclose(res.energies, _energy(aldp, res.positions), atol=0.05)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from boltzgen.flows import Unbounded, make_spline_flow
-from boltzgen.generator import BoltzmannGenerator
-from boltzgen.objectives import forward_kl, log_ess, mixed_kl, reverse_kl
+from boltzgen.sampling.generator import BoltzmannGenerator
+from boltzgen.train.objectives import forward_kl, log_ess, mixed_kl, reverse_kl
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,10 @@
-"""Tests of boltzgen.reweighting against analytic targets and plain numpy histograms."""
+"""Tests of boltzgen.analysis.reweighting against analytic targets and plain numpy histograms."""
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from boltzgen import reweighting as rw
+from boltzgen.analysis import reweighting as rw
 from boltzgen.errors import BoltzgenError
 
 

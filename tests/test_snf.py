@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from boltzgen.energy.toys import DoubleWell1D, gmm_2d
 from boltzgen.errors import BoltzgenError
 from boltzgen.flows import Unbounded, make_spline_flow
-from boltzgen.generator import BoltzmannGenerator, FlowSpaceTarget
-from boltzgen.mcmc import first_order_gradients, log_prob_and_grad
-from boltzgen.stochastic import make_snf_layers
-from boltzgen.toys import DoubleWell1D, gmm_2d
+from boltzgen.sampling.generator import BoltzmannGenerator, FlowSpaceTarget
+from boltzgen.sampling.mcmc import first_order_gradients, log_prob_and_grad
+from boltzgen.sampling.stochastic import make_snf_layers
 from boltzgen.train import Trainer, TrainOptions, load_checkpoint
 
 
@@ -227,7 +227,7 @@ def test_cli_forward_kl_reads_weighted_md_frames(tmp_path, capsys) -> None:
     from pathlib import Path
 
     from boltzgen.cli import main
-    from boltzgen.cli_train import load_training_data
+    from boltzgen.pipeline import load_training_data
 
     ref = np.load(Path(__file__).parents[1] / "systems/aldp/reference/reference.npz")
     frames = tmp_path / "frames.npz"

@@ -12,8 +12,9 @@ import math
 import pytest
 import torch
 
+from boltzgen.energy.toys import DoubleWell1D, GaussianMixture, gmm_2d
 from boltzgen.flows import AffineCoupling, Compose, DiagonalGaussian, Flow, Unbounded
-from boltzgen.stochastic import (
+from boltzgen.sampling.stochastic import (
     HMCLayer,
     LangevinLayer,
     MALALayer,
@@ -24,7 +25,6 @@ from boltzgen.stochastic import (
     linear_lambdas,
     stochastic_layers,
 )
-from boltzgen.toys import DoubleWell1D, GaussianMixture, gmm_2d
 
 R, N = 30, 1000
 

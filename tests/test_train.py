@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from boltzgen.errors import BoltzgenError
+from boltzgen.files import save_torch
 from boltzgen.flows import Unbounded, make_spline_flow
-from boltzgen.generator import BoltzmannGenerator
+from boltzgen.sampling.generator import BoltzmannGenerator
 from boltzgen.train import (
     CheckpointError,
     Trainer,
@@ -18,7 +19,6 @@ from boltzgen.train import (
     load_checkpoint,
     lr_factor,
     options_from_dict,
-    save_atomic,
 )
 
 
@@ -151,14 +151,14 @@ def test_forward_and_mixed_objectives_run():
 
 def test_atomic_checkpoint_and_bad_files(tmp_path):
     path = tmp_path / "c.pt"
-    save_atomic({"a": 1}, path)
+    save_torch({"a": 1}, path)
 
     class Boom:
         def __reduce__(self):
             raise RuntimeError("killed mid-write")
 
     with pytest.raises(RuntimeError):
-        save_atomic({"a": Boom()}, path)
+        save_torch({"a": Boom()}, path)
     assert torch.load(path) == {"a": 1}  # the old file is intact
     assert list(tmp_path.iterdir()) == [path]  # no temporary left behind
     with pytest.raises(CheckpointError, match="not a boltzgen checkpoint"):
@@ -181,7 +181,7 @@ def test_options_validation():
 # ---------------------------------------------------------------------------- CLI, ALDP
 TINY = """\
 system: {name: aldp, solvent: implicit, temperature: 300.0, energy: torch}
-coordinates: {minimise: true}
+coordinates: {minimize: true}
 flow: {n_blocks: 2, n_bins: 4, hidden: 16}
 train: {max_iter: 4, batch_size: 32, lr: 1.0e-3, warmup_iters: 1, checkpoint_every: 2,
         progress: false, dtype: float32}
@@ -270,7 +270,7 @@ def test_cli_errors_are_one_line_exit_2(tiny_config, tmp_path, capsys):
     ckpt = tmp_path / "run" / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=True)
     state["metadata"]["system"] = "xylene"
-    save_atomic(state, ckpt)
+    save_torch(state, ckpt)
     code, err = _exit_code_and_message(["train", str(tiny_config), "--resume"], capsys)
     assert code == 2 and "xylene" in err
     # a fresh run refuses to overwrite an existing checkpoint
@@ -279,8 +279,8 @@ def test_cli_errors_are_one_line_exit_2(tiny_config, tmp_path, capsys):
 
 
 def test_aldp_resume_is_exact(tiny_config, tmp_path):
-    from boltzgen.cli_train import build_run
     from boltzgen.config import load_config
+    from boltzgen.pipeline import build_run
 
     cfg = load_config(tiny_config)
     runs = []

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from boltzgen import _openmm_worker
+from boltzgen.energy import _openmm_worker
 from boltzgen.energy.base import Energy
 
 __all__ = ["OpenMMEnergy"]

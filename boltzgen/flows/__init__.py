@@ -11,6 +11,8 @@ from boltzgen.flows.base import (
     Transform,
     Unbounded,
     circular_mask,
+    wrap_angle,
+    wrap_circular,
 )
 from boltzgen.flows.coupling import AffineCoupling, SplineCoupling, alternating_mask, random_mask
 from boltzgen.flows.distributions import (
@@ -28,9 +30,10 @@ from boltzgen.flows.elementwise import (
     Permutation,
     random_permutation,
 )
-from boltzgen.flows.flow import Flow, fab_aldp_flow, make_spline_flow
+from boltzgen.flows.flow import Flow, make_spline_flow
 from boltzgen.flows.nets import MADE, MaskedLinear, ResidualNet, circular_features
-from boltzgen.flows.splines import DomainSpline, rqs_forward, rqs_inverse, rqs_knots, wrap_angle
+from boltzgen.flows.presets import fab_aldp_flow
+from boltzgen.flows.splines import DomainSpline, rqs_forward, rqs_inverse, rqs_knots
 
 __all__ = [
     "MADE",
@@ -71,4 +74,5 @@ __all__ = [
     "rqs_inverse",
     "rqs_knots",
     "wrap_angle",
+    "wrap_circular",
 ]

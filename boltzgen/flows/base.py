@@ -7,11 +7,14 @@ latent -> data (for molecules: internal coordinates -> Cartesian). Both fused ca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from boltzgen.errors import InputOutsideDomainError
 
 __all__ = [
     "Bounded",
@@ -23,11 +26,11 @@ __all__ = [
     "Transform",
     "Unbounded",
     "circular_mask",
+    "wrap_angle",
+    "wrap_circular",
 ]
 
-
-class InputOutsideDomainError(ValueError):
-    """An input lies outside the domain a transform is defined on."""
+_TWO_PI = 2.0 * math.pi
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,20 @@ class Bounded(Domain):
 @dataclass(frozen=True)
 class Circular(Domain):
     """The circle, represented as [-pi, pi)."""
+
+
+def wrap_angle(x: Tensor) -> Tensor:
+    """Wrap angles (radians) to [-pi, pi); any shape, identity gradient."""
+    r = torch.remainder(x + math.pi, _TWO_PI) - math.pi
+    return torch.where(r >= math.pi, r - _TWO_PI, r)  # round-off can give exactly pi
+
+
+def wrap_circular(x: Tensor, circular: Tensor | None) -> Tensor:
+    """``x`` ``(..., D)`` with the dimensions where the bool mask ``circular`` ``(D,)`` is set
+    wrapped to [-pi, pi); ``circular=None`` (or all False) returns ``x`` unchanged."""
+    if circular is None or not bool(circular.any()):
+        return x
+    return torch.where(circular, wrap_angle(x), x)
 
 
 def circular_mask(domains: Sequence[Domain]) -> Tensor:

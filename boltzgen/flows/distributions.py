@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from boltzgen.flows.base import Bounded, Circular, Domain, Unbounded
+from boltzgen.flows.base import Bounded, Circular, Domain, Unbounded, wrap_angle
 
 __all__ = [
     "BaseDistribution",
@@ -156,7 +156,7 @@ class VonMises(BaseDistribution):
         with torch.no_grad():
             d = torch.distributions.VonMises(self.loc.double(), torch.exp(self.log_kappa.double()))
             x = d.sample((n,))
-        return (torch.remainder(x + math.pi, 2 * math.pi) - math.pi).to(self.loc.dtype)
+        return wrap_angle(x).to(self.loc.dtype)
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:  # noqa: D102
         k = torch.exp(self.log_kappa.to(x.dtype))
@@ -224,7 +224,7 @@ class ProductBase(BaseDistribution):
                 torch.zeros(len(idx), dtype=torch.float64, device=dev),
                 torch.full((len(idx),), float(self.kappa), dtype=torch.float64, device=dev),
             )
-            v = torch.remainder(d.sample((n,)) + math.pi, 2 * math.pi) - math.pi
+            v = wrap_angle(d.sample((n,)))
             x = x.index_copy(1, idx, v.to(dt))
         return x
 

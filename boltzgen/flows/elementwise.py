@@ -12,8 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from boltzgen.flows.base import Circular, Domain, Transform, Unbounded
-from boltzgen.flows.splines import wrap_angle
+from boltzgen.flows.base import Circular, Domain, Transform, Unbounded, wrap_angle
 
 __all__ = [
     "ActNorm",

@@ -13,7 +13,7 @@ from boltzgen.flows.coupling import AffineCoupling, SplineCoupling, random_mask
 from boltzgen.flows.distributions import BaseDistribution, ProductBase
 from boltzgen.flows.elementwise import ActNorm, CircularShift, LULinear, Permutation
 
-__all__ = ["Flow", "fab_aldp_flow", "make_spline_flow"]
+__all__ = ["Flow", "make_spline_flow"]
 
 
 class Flow(nn.Module):
@@ -173,26 +173,3 @@ def make_spline_flow(
     if base is None:
         base = ProductBase(domains)
     return Flow(base, Compose(layers))
-
-
-def fab_aldp_flow(domains: Sequence[Domain], seed: int = 0, **kwargs: object) -> Flow:
-    """The FAB alanine-dipeptide architecture (Midgley et al., ICLR 2023) in one call.
-
-    12 rational-quadratic spline coupling blocks (8 bins, residual conditioners with one block of
-    256 hidden units), circular splines on the angles, splines on the conditioning dims too,
-    a random circular shift after each block, identity initialisation, and a Gaussian x uniform
-    base (`ProductBase`). Keyword arguments override `make_spline_flow` defaults.
-    """
-    settings: dict = dict(
-        n_blocks=12,
-        n_bins=8,
-        hidden=256,
-        n_res_blocks=1,
-        layer_type="coupling",
-        circular_shift=True,
-        identity_spline=True,
-        tail_bound=5.0,
-        seed=seed,
-    )
-    settings.update(kwargs)
-    return make_spline_flow(domains, **settings)

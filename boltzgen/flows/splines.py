@@ -26,23 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from boltzgen.flows.base import Bounded, Circular, Domain, Unbounded
+from boltzgen.flows.base import Bounded, Circular, Domain, Unbounded, wrap_circular
 
 __all__ = [
     "DomainSpline",
     "rqs_forward",
     "rqs_inverse",
     "rqs_knots",
-    "wrap_angle",
 ]
-
-_TWO_PI = 2.0 * math.pi
-
-
-def wrap_angle(x: Tensor) -> Tensor:
-    """Wrap angles (radians) to [-pi, pi)."""
-    r = torch.remainder(x + math.pi, _TWO_PI) - math.pi
-    return torch.where(r >= math.pi, r - _TWO_PI, r)  # round-off can give exactly pi
 
 
 def _clamp(v: Tensor, low: Tensor, high: Tensor) -> Tensor:
@@ -262,7 +253,7 @@ class DomainSpline(nn.Module):
 
     def _prepare(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.any_circular:
-            v = torch.where(self.circular, wrap_angle(v), v)
+            v = wrap_circular(v, self.circular)
         vc = _clamp(v, *self.bounds(v))
         outside = (vc != v) & self.unbounded if self.any_unbounded else None
         return v, vc, outside
@@ -274,7 +265,7 @@ class DomainSpline(nn.Module):
             out = torch.where(outside, v, out)
             ld = ld.masked_fill(outside, 0.0)
         if self.any_circular:
-            out = torch.where(self.circular, wrap_angle(out), out)
+            out = wrap_circular(out, self.circular)
         return out, ld
 
     def forward_and_log_det(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from boltzgen import reweighting as rw
-from boltzgen.systems import MOLAR_GAS_CONSTANT, load
+from boltzgen.analysis import reweighting as rw
+from boltzgen.systems import load
+from boltzgen.units import MOLAR_GAS_CONSTANT
 
 HERE = Path(__file__).resolve().parent
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from boltzgen.errors import BoltzgenError
+from boltzgen.errors import ZMatrixError
 
 __all__ = [
     "ChiralCentre",
@@ -49,10 +49,6 @@ __all__ = [
     "chiral_centres",
     "molecular_graph",
 ]
-
-
-class ZMatrixError(BoltzgenError, ValueError):
-    """A Z-matrix is invalid or cannot be built for a molecule."""
 
 
 @dataclass(frozen=True)

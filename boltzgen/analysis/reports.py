@@ -1,32 +1,64 @@
-"""CLI subcommands for results: ``boltzgen reweight`` and ``boltzgen evaluate``.
+"""Reports of (reweighted) samples: the numbers `boltzgen reweight`, `evaluate` and `pipeline`
+print and write, as JSON-ready dicts, and the states files they use.
 
-Each subcommand is a pair ``add_<name>_parser(subparsers)`` / ``run_<name>(args) -> int`` that
-`boltzgen.cli` wires in (``boltzgen md`` lives in `boltzgen.cli_md`).
-They are wired into ``boltzgen`` by `boltzgen.cli`.
+`reweight_report` gives ESS, k-hat, log Z, state populations and free energies with bootstrap
+errors and a free-energy surface; `evaluate_samples` compares samples with a reference (KL
+divergences, per-torsion marginals, state free energies) and draws the plots; `load_states`
+reads a states YAML file.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from boltzgen.analysis import SampleSet, load_samples
+from boltzgen.analysis.reweighting import State, states_from_dict
+from boltzgen.analysis.samples import SampleSet
 from boltzgen.errors import BoltzgenError
-
-_R = 8.314462618e-3  # kJ/(mol K)
+from boltzgen.units import MOLAR_GAS_CONSTANT
 
 __all__ = [
-    "add_evaluate_parser",
-    "add_reweight_parser",
-    "run_evaluate",
-    "run_reweight",
+    "MIN_STATE_ESS",
+    "evaluate_samples",
+    "load_states",
+    "print_report",
+    "reference_path",
+    "reference_populations",
+    "reweight_report",
+    "sample_cvs",
 ]
+
+
+def _system_file(system: str | None, *parts: str) -> Path | None:
+    """A file of a shipped or user system's folder, or None (unknown system, no such file)."""
+    from boltzgen.systems import system_dir
+
+    if system is None:
+        return None
+    try:
+        path = system_dir(system).joinpath(*parts)
+    except BoltzgenError:
+        return None
+    return path if path.is_file() else None
+
+
+def reference_populations(system: str) -> dict[str, tuple[float, float]]:
+    """State populations ``{name: (p, error)}`` of a system's shipped MD reference
+    (``reference/summary.json``; empty if there is none)."""
+    import json
+
+    path = _system_file(system, "reference", "summary.json")
+    if path is None:
+        return {}
+    try:
+        states = json.loads(path.read_text())["whole"]["states"]
+        return {k: (v["population"], v["population_error"]) for k, v in states.items()}
+    except (OSError, KeyError, ValueError):
+        return {}
 
 
 def _block_length(samples: SampleSet, requested: int | None) -> int:
@@ -38,7 +70,8 @@ def _block_length(samples: SampleSet, requested: int | None) -> int:
     return max(1, samples.n // 20) if samples.time_series else 1
 
 
-def _cvs(samples: SampleSet) -> dict[str, np.ndarray]:
+def sample_cvs(samples: SampleSet) -> dict[str, np.ndarray]:
+    """The collective variables of a samples file: ``{"phi": (n,), "psi": (n,)}`` radians."""
     if samples.phi_psi is None:
         raise BoltzgenError(
             f"{samples.path}: no phi/psi (store 'phi'/'psi' or positions of system aldp)"
@@ -46,19 +79,27 @@ def _cvs(samples: SampleSet) -> dict[str, np.ndarray]:
     return {"phi": samples.phi_psi[:, 0], "psi": samples.phi_psi[:, 1]}
 
 
-def _load_states(path: str | None, system: str) -> list[Any]:
+def load_states(path: str | Path | None, system: str | None = None) -> list[State]:
+    """Conformational states from a states YAML file (see ``systems/aldp/states.yaml``).
+
+    Args:
+        path: The YAML file (``units: degrees|radians`` and a ``states`` mapping), or None for
+            the system's shipped ``states.yaml``.
+        system: System name whose ``states.yaml`` is used when ``path`` is None.
+
+    Returns:
+        The states in file order (the first is the reference of free-energy differences); an
+        empty list when ``path`` is None and the system ships no states file.
+
+    Raises:
+        BoltzgenError: unreadable or malformed file.
+    """
     import yaml
 
-    from boltzgen.reweighting import states_from_dict
-
     if path is None:
-        from boltzgen.systems import search_paths
-
-        found = [d / system / "states.yaml" for d in search_paths()]
-        found = [f for f in found if f.is_file()]
-        if not found:
+        path = _system_file(system, "states.yaml")
+        if path is None:
             return []
-        path = str(found[0])
     try:
         spec = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -92,64 +133,6 @@ def _states_json(res: Any, kT: float) -> list[dict[str, Any]]:
     ]
 
 
-def _finite(x: Any) -> Any:
-    """JSON-safe: non-finite floats become strings ("inf", "-inf", "nan")."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _finite(x.tolist())
-    if isinstance(x, (float, np.floating)):
-        return float(x) if np.isfinite(x) else str(float(x))
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
-def _write_json(obj: dict[str, Any], path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(_finite(obj), indent=2) + "\n")
-
-
-# --------------------------------------------------------------------------- reweight
-
-
-def add_reweight_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``reweight``: ESS, k-hat, state populations and free energies of samples."""
-    p = subparsers.add_parser(
-        "reweight",
-        help="importance-reweight samples: ESS, k-hat, state free energies with errors",
-        description="Reweight samples to the Boltzmann distribution and report free energies.",
-    )
-    p.add_argument("samples", help="samples .npz")
-    p.add_argument(
-        "--states", default=None, help="states YAML (default: systems/<system>/states.yaml)"
-    )
-    p.add_argument(
-        "--cv",
-        default="phi,psi",
-        help="CV(s) of the free-energy surface written to JSON: phi, psi or phi,psi",
-    )
-    p.add_argument("--bins", type=int, default=60)
-    p.add_argument("--n-bootstrap", type=int, default=200)
-    p.add_argument(
-        "--block-length",
-        type=int,
-        default=None,
-        help="bootstrap block in samples (default 1; n/20 for MD trajectories)",
-    )
-    p.add_argument(
-        "--target-temperature",
-        type=float,
-        default=None,
-        help="also reweight to this temperature (K) and report f(T2) - f(T)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON output (default <samples>.reweight.json)")
-    return p
-
-
 def reweight_report(
     samples: SampleSet,
     states: list[Any],
@@ -161,7 +144,7 @@ def reweight_report(
     seed: int = 0,
 ) -> dict[str, Any]:
     """The numbers ``boltzgen reweight`` prints and writes, as a JSON-ready dict."""
-    from boltzgen import reweighting as rw
+    from boltzgen.analysis import reweighting as rw
 
     n = samples.n
     lw = samples.log_w if samples.log_w is not None else np.zeros(n)
@@ -183,7 +166,7 @@ def reweight_report(
         report["log_z"], report["log_z_error"] = rw.log_z(lw)
     kT = samples.kT
     if states:
-        cvs_all = _cvs(samples)
+        cvs_all = sample_cvs(samples)
         res = rw.state_free_energies(states, cvs_all, lw, kT, n_bootstrap, block, seed)
         report["reference_state"] = res.names[0]
         report["states"] = _states_json(res, kT)
@@ -193,7 +176,7 @@ def reweight_report(
             row["n_eff"] = float(rw.ess(lw[inside])) if inside.any() else 0.0
     names = [c.strip() for c in cv.split(",") if c.strip()]
     if names:
-        cvs = _cvs(samples)
+        cvs = sample_cvs(samples)
         if any(c not in cvs for c in names) or len(names) > 2:
             raise BoltzgenError(f"--cv must be one or two of {sorted(cvs)}, got {cv!r}")
         fes = rw.free_energy_surface(
@@ -217,7 +200,7 @@ def reweight_report(
         if samples.energies is None:
             raise BoltzgenError("--target-temperature needs 'energies' in the samples file")
         t2 = float(target_temperature)
-        du = samples.energies / (_R * t2) - samples.energies / kT
+        du = samples.energies / (MOLAR_GAS_CONSTANT * t2) - samples.energies / kT
         df, df_err = rw.free_energy_difference(lw, du, n_bootstrap, block, seed)
         lw2 = rw.reweight_to(lw, du)
         block_t2: dict[str, Any] = {
@@ -228,8 +211,10 @@ def reweight_report(
             "ess_fraction": rw.ess_fraction(lw2),
         }
         if states:
-            kT2 = _R * t2
-            res2 = rw.state_free_energies(states, _cvs(samples), lw2, kT2, n_bootstrap, block, seed)
+            kT2 = MOLAR_GAS_CONSTANT * t2
+            res2 = rw.state_free_energies(
+                states, sample_cvs(samples), lw2, kT2, n_bootstrap, block, seed
+            )
             block_t2["states"] = _states_json(res2, kT2)
         report["target_temperature"] = block_t2
     return report
@@ -263,7 +248,7 @@ def _print_states(rows: list[dict[str, Any]], out: Any) -> None:
         )
 
 
-def print_report(report: dict[str, Any], out: Any = None) -> None:
+def print_report(report: dict[str, Any], out: IO[str] | None = None) -> None:
     """The human-readable table of a `reweight_report`."""
     out = out or sys.stdout
     print(
@@ -298,62 +283,8 @@ def print_report(report: dict[str, Any], out: Any = None) -> None:
             _print_states(t["states"], out)
 
 
-def run_reweight(args: argparse.Namespace) -> int:
-    """Run ``boltzgen reweight``."""
-    samples = load_samples(args.samples)
-    states = _load_states(args.states, samples.system)
-    report = reweight_report(
-        samples,
-        states,
-        cv=args.cv,
-        bins=args.bins,
-        n_bootstrap=args.n_bootstrap,
-        block_length=args.block_length,
-        target_temperature=args.target_temperature,
-        seed=args.seed,
-    )
-    print_report(report)
-    out = args.out or str(Path(args.samples).with_suffix("")) + ".reweight.json"
-    _write_json(report, out)
-    print(f"wrote {out}")
-    return 0
-
-
-# --------------------------------------------------------------------------- evaluate
-
-
-def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``evaluate``: metrics and plots of samples against a reference."""
-    p = subparsers.add_parser(
-        "evaluate",
-        help="compare (reweighted) samples with an MD reference: KL, ESS, free energies, plots",
-        description="Metrics JSON and plots of samples against a reference samples file.",
-    )
-    p.add_argument("samples", help="samples .npz")
-    p.add_argument(
-        "--reference",
-        required=True,
-        help="reference .npz, or a directory holding reference.npz (e.g. systems/aldp/reference)",
-    )
-    p.add_argument(
-        "--states", default=None, help="states YAML (default: systems/<system>/states.yaml)"
-    )
-    p.add_argument("--bins", type=int, default=60, help="Ramachandran bins per angle")
-    p.add_argument("--n-bootstrap", type=int, default=100)
-    p.add_argument(
-        "--block-length",
-        type=int,
-        default=None,
-        help="bootstrap block of the samples (default 1; n/20 for MD)",
-    )
-    p.add_argument("--training-log", default=None, help="CSV training log to plot as well")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None, help="default <samples>_eval/")
-    return p
-
-
-def _reference_path(ref: str) -> str:
+def reference_path(ref: str | Path) -> str:
+    """A reference ``.npz``, or the ``reference.npz`` in a folder (e.g. systems/aldp/reference)."""
     p = Path(ref)
     if p.is_dir():
         p = p / "reference.npz"
@@ -396,7 +327,7 @@ def evaluate_samples(
     difference, mean potential energies.
     """
     from boltzgen import analysis
-    from boltzgen import reweighting as rw
+    from boltzgen.analysis import reweighting as rw
 
     n = samples.n
     lw = samples.log_w if samples.log_w is not None else np.zeros(n)
@@ -448,9 +379,15 @@ def evaluate_samples(
             }
     if states and pp is not None and ref_pp is not None:
         kT = samples.kT
-        res = rw.state_free_energies(states, _cvs(samples), lw, kT, n_bootstrap, block, seed)
+        res = rw.state_free_energies(states, sample_cvs(samples), lw, kT, n_bootstrap, block, seed)
         ref = rw.state_free_energies(
-            states, _cvs(reference), reference.log_w, reference.kT, n_bootstrap, block_ref, seed
+            states,
+            sample_cvs(reference),
+            reference.log_w,
+            reference.kT,
+            n_bootstrap,
+            block_ref,
+            seed,
         )
         rows = []
         for s, r in zip(_states_json(res, kT), _states_json(ref, reference.kT)):
@@ -489,7 +426,7 @@ def _evaluate_plots(
     n_bootstrap: int,
     seed: int,
 ) -> list[str]:
-    from boltzgen import plots
+    from boltzgen.analysis import plots
 
     written: list[str] = []
 
@@ -533,46 +470,3 @@ def _evaluate_plots(
             both("energies"),
         )
     return written
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    """Run ``boltzgen evaluate``."""
-    samples = load_samples(args.samples)
-    reference = load_samples(_reference_path(args.reference))
-    states = _load_states(args.states, samples.system)
-    out_dir = Path(args.out_dir or str(Path(args.samples).with_suffix("")) + "_eval")
-    metrics = evaluate_samples(
-        samples,
-        reference,
-        states,
-        None if args.no_plots else out_dir,
-        bins=args.bins,
-        n_bootstrap=args.n_bootstrap,
-        block_length=args.block_length,
-        seed=args.seed,
-    )
-    if args.training_log and not args.no_plots:
-        from boltzgen import plots
-
-        paths = [out_dir / "training.png", out_dir / "training.pdf"]
-        plots.plot_training_curves(args.training_log, paths)
-        metrics.setdefault("plots", []).extend(str(p) for p in paths)
-    _write_json(metrics, out_dir / "metrics.json")
-    print(f"ESS {100 * metrics['ess_fraction']:.1f} %, k-hat {metrics['khat']:.2f}")
-    if "ramachandran_kl_reweighted" in metrics:
-        print(
-            f"Ramachandran KL(reference || samples): raw {metrics['ramachandran_kl_raw']:.4f}, "
-            f"reweighted {metrics['ramachandran_kl_reweighted']:.4f} nats"
-        )
-    if "torsion_marginal_kl" in metrics:
-        t = metrics["torsion_marginal_kl"]
-        print(f"torsion marginal KLs: mean {t['mean']:.4f}, max {t['max']:.4f} nats")
-    for row in metrics.get("states", []):
-        print(
-            f"  {row['name']:<16} dF sample {row['sample']['dF_kJ_per_mol']:7.2f} +- "
-            f"{row['sample']['dF_kJ_per_mol_error']:.2f}, reference "
-            f"{row['reference']['dF_kJ_per_mol']:7.2f} +- "
-            f"{row['reference']['dF_kJ_per_mol_error']:.2f} kJ/mol"
-        )
-    print(f"wrote {out_dir / 'metrics.json'}")
-    return 0

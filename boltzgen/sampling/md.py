@@ -15,8 +15,9 @@ well on one torsion that lowers its barrier. Swaps are accepted with
 ``min(1, exp(-(u_i(x_j) + u_j(x_i) - u_i(x_i) - u_j(x_j))))``, ``u_k = (U + s_k B) / (k_B T_k)``.
 The least biased replica at the system temperature is kept. With ``s = 0`` its frames are an exact
 Boltzmann sample with equal weights; with ``s > 0`` (e.g. one biased replica: umbrella sampling)
-each frame carries the importance log-weight ``s B(x) / kT`` that `boltzgen.reweighting` uses to
-recover unbiased averages, and the recorded energies are the physical ``U(x)``.
+each frame carries the importance log-weight ``s B(x) / kT`` that
+`boltzgen.analysis.reweighting` uses to recover unbiased averages, and the recorded energies
+are the physical ``U(x)``.
 
 The run is checkpointed: every `checkpoint_interval` steps the OpenMM state of every replica, the
 frames saved so far, the exchange statistics and the random state are written atomically to one
@@ -27,7 +28,6 @@ Units: nm, kJ/mol, K, ps. Heavy imports (openmm, mdtraj, tqdm) happen inside the
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from boltzgen.errors import BoltzgenError
+from boltzgen.errors import MDError, ZMatrixError
+from boltzgen.files import save_npz
+from boltzgen.units import MOLAR_GAS_CONSTANT
 
 __all__ = [
     "MDError",
@@ -49,11 +51,6 @@ __all__ = [
 ]
 
 #: Boltzmann constant times Avogadro's number in kJ/(mol K).
-_R = 8.314462618e-3
-
-
-class MDError(BoltzgenError, ValueError):
-    """Invalid MD settings or an unusable checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +132,7 @@ class MDResult:
 
 
 def backbone_dihedrals(system: Any, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """First backbone phi and psi (radians, in [-pi, pi)) of each frame, via mdtraj.
+    """Backbone phi and psi (radians, in [-pi, pi)) of the first residue with both, per frame.
 
     Args:
         system: A `MolecularSystem`.
@@ -144,14 +141,16 @@ def backbone_dihedrals(system: Any, positions: np.ndarray) -> tuple[np.ndarray, 
     Returns:
         `(phi, psi)`, each `(n_frames,)`, or None if the molecule has no peptide backbone.
     """
-    import mdtraj
+    import torch
 
-    traj = system.to_mdtraj(positions)
-    _, phi = mdtraj.compute_phi(traj)
-    _, psi = mdtraj.compute_psi(traj)
-    if phi.shape[1] == 0 or psi.shape[1] == 0:
+    from boltzgen.coordinates import phi_psi
+
+    x = torch.as_tensor(np.asarray(positions), dtype=torch.float64)
+    try:
+        phi, psi = phi_psi(x, system.topology)
+    except ZMatrixError:
         return None
-    return phi[:, 0].astype(np.float64), psi[:, 0].astype(np.float64)
+    return phi[:, 0].numpy(), psi[:, 0].numpy()
 
 
 def _platform(name: str, threads: int) -> tuple[Any, dict[str, str]]:
@@ -163,13 +162,6 @@ def _platform(name: str, threads: int) -> tuple[Any, dict[str, str]]:
         raise MDError(f"OpenMM platform {name!r} is not available: {exc}") from exc
     props = {"Threads": str(threads)} if name == "CPU" and threads > 0 else {}
     return platform, props
-
-
-def _atomic_save(path: Path, **arrays: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
 
 
 def _check_settings(
@@ -334,7 +326,7 @@ def run_md(
             if scales[target] != 0.0:
                 b = float(bias.energy(frames[-1][None])[0]) * scales[target]
                 energy -= b  # the physical energy U(x)
-                log_ws.append(b / (_R * t0))
+                log_ws.append(b / (MOLAR_GAS_CONSTANT * t0))
             energies.append(energy)
             times.append(step * timestep)
             if not np.isfinite(energies[-1]):
@@ -396,7 +388,7 @@ def _exchange(
     phys = pot - np.asarray(scales) * b  # U(x_k) without the replica's own bias
     # reduced[k, x]: configuration of replica x in the Hamiltonian and temperature of replica k.
     reduced = (phys[None, :] + np.asarray(scales)[:, None] * b[None, :]) / (
-        _R * np.asarray(ladder)[:, None]
+        MOLAR_GAS_CONSTANT * np.asarray(ladder)[:, None]
     )
     for i in range(round_index % 2, len(contexts) - 1, 2):
         j = i + 1
@@ -438,7 +430,7 @@ def _save_checkpoint(
     }
     for k, ctx in enumerate(contexts):
         arrays[f"openmm_state_{k}"] = np.frombuffer(ctx.createCheckpoint(), dtype=np.uint8)
-    _atomic_save(path, **arrays)
+    save_npz(path, **arrays)
 
 
 def _restore(
@@ -523,7 +515,5 @@ def write_outputs(system: Any, result: MDResult, prefix: str | os.PathLike) -> d
         dihedrals = backbone_dihedrals(system, result.positions)
         if dihedrals is not None:
             arrays["phi"], arrays["psi"] = dihedrals
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    Path(paths["npz"]).write_bytes(buf.getvalue())
+    save_npz(paths["npz"], **arrays)
     return paths

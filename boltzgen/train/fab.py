@@ -1,8 +1,8 @@
 """FAB: flow annealed importance sampling bootstrap (Midgley et al., ICLR 2023).
 
 The flow ``q_θ`` is trained on the mass-covering α-divergence with ``α = 2``, whose gradient is
-``-E_{p²/q}[∇ log q_θ]``. AIS (`boltzgen.ais`) from ``q_θ`` toward ``g = p²/q_θ`` supplies the
-samples and weights: without a buffer the loss of one AIS batch is
+``-E_{p²/q}[∇ log q_θ]``. AIS (`boltzgen.sampling.ais`) from ``q_θ`` toward ``g = p²/q_θ``
+supplies the samples and weights: without a buffer the loss of one AIS batch is
 
     L(θ) = -Σ_i w̄_i log q_θ(x_i),   w̄ = softmax(log_w_AIS) (detached),
 
@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from boltzgen.ais import AISResult, AnnealedImportanceSampler
-from boltzgen.objectives import ObjectiveResult, filter_rows, log_ess
+from boltzgen.errors import ConfigError
+from boltzgen.sampling.ais import AISResult, AnnealedImportanceSampler
+from boltzgen.train.objectives import ObjectiveResult, batch_ess_fraction, filter_rows
 
 __all__ = [
     "FAB",
     "FABOptions",
-    "PrioritisedReplayBuffer",
+    "PrioritizedReplayBuffer",
     "fab_alpha2_loss",
     "fab_buffer_loss",
 ]
@@ -80,21 +81,21 @@ class FABOptions:
 
     def __post_init__(self) -> None:
         if self.n_intermediate < 0 or self.n_leapfrog < 1 or self.n_mcmc_steps < 1:
-            raise ValueError("need n_intermediate >= 0, n_leapfrog >= 1, n_mcmc_steps >= 1")
+            raise ConfigError("need n_intermediate >= 0, n_leapfrog >= 1, n_mcmc_steps >= 1")
         if self.spacing not in ("linear", "geometric"):
-            raise ValueError(f"fab.spacing must be linear or geometric, got {self.spacing!r}")
+            raise ConfigError(f"fab.spacing must be linear or geometric, got {self.spacing!r}")
         if self.transition not in ("hmc", "metropolis"):
-            raise ValueError(f"fab.transition must be hmc or metropolis, got {self.transition!r}")
+            raise ConfigError(f"fab.transition must be hmc or metropolis, got {self.transition!r}")
         if not self.step_size > 0 or not 0 < self.target_acceptance < 1:
-            raise ValueError("need step_size > 0 and 0 < target_acceptance < 1")
+            raise ConfigError("need step_size > 0 and 0 < target_acceptance < 1")
         if self.ais_batch_size is not None and self.ais_batch_size < 1:
-            raise ValueError("ais_batch_size must be >= 1")
+            raise ConfigError("ais_batch_size must be >= 1")
         if self.buffer_capacity < 1 or not 0 <= self.buffer_min_length <= self.buffer_capacity:
-            raise ValueError("need buffer_capacity >= 1 and 0 <= buffer_min_length <= capacity")
+            raise ConfigError("need buffer_capacity >= 1 and 0 <= buffer_min_length <= capacity")
         if self.n_updates_per_ais < 1 or not self.w_adjust_clip > 0:
-            raise ValueError("need n_updates_per_ais >= 1 and w_adjust_clip > 0")
+            raise ConfigError("need n_updates_per_ais >= 1 and w_adjust_clip > 0")
         if not 0 <= self.clip_quantile < 1:
-            raise ValueError(f"clip_quantile must be in [0, 1), got {self.clip_quantile}")
+            raise ConfigError(f"clip_quantile must be in [0, 1), got {self.clip_quantile}")
 
 
 def fab_alpha2_loss(log_q_x: Tensor, log_w: Tensor) -> Tensor:
@@ -128,7 +129,7 @@ def fab_buffer_loss(
     return -(log_c.exp() * log_q_x).mean(), log_c
 
 
-class PrioritisedReplayBuffer:
+class PrioritizedReplayBuffer:
     """Fixed-capacity FIFO store of AIS samples, sampled with probability ``∝ exp(log_w)``.
 
     Entries are kept in insertion order (oldest first); adding beyond ``capacity`` drops the
@@ -232,7 +233,7 @@ class FAB(nn.Module):
         options: `FABOptions`.
         circular: ``(D,)`` bool mask of angular dimensions of the flow's space.
         log_p_floor: AIS treats points with ``log p`` below it as outside the support (see
-            `boltzgen.ais.ais`); for a `BoltzmannTarget`, ``-energy_cut``.
+            `boltzgen.sampling.ais.ais`); for a `BoltzmannTarget`, ``-energy_cut``.
     """
 
     def __init__(
@@ -259,7 +260,7 @@ class FAB(nn.Module):
             circular=circular,
             log_p_floor=log_p_floor,
         )
-        self.buffer = PrioritisedReplayBuffer(dim, o.buffer_capacity)
+        self.buffer = PrioritizedReplayBuffer(dim, o.buffer_capacity)
         self.last: dict[str, float] = {}
         self.last_flow_log_w = torch.zeros(0)
 
@@ -319,8 +320,8 @@ class FAB(nn.Module):
         self.last_flow_log_w = lwf.detach()
         steps = self.sampler.step_sizes
         self.last = {
-            "ais_ess": _ess_fraction(lw, n),
-            "flow_ess": _ess_fraction(lwf, n),
+            "ais_ess": batch_ess_fraction(lw, n),
+            "flow_ess": batch_ess_fraction(lwf, n),
             "acceptance": float(res.acceptance.mean()) if res.acceptance.numel() else math.nan,
             "step_size": float(steps.log().mean().exp()) if steps.numel() else math.nan,
         }
@@ -404,9 +405,3 @@ class FAB(nn.Module):
         return ObjectiveResult(
             loss, self.last_flow_log_w, evals, nonfinite, filtered, int(ok.sum())
         )
-
-
-def _ess_fraction(log_w: Tensor, n: int) -> float:
-    if log_w.numel() == 0 or n < 1:
-        return math.nan
-    return float(log_ess(log_w.double()).exp()) / n

@@ -15,11 +15,12 @@ Conventions (IUPAC, as mdtraj):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from boltzgen.flows.base import wrap_angle
 
 __all__ = [
     "angle_between",
@@ -54,11 +55,6 @@ def _index(idx: Index, width: int, device: torch.device) -> Tensor:
 def _check_x(x: Tensor) -> None:
     if x.ndim != 3 or x.shape[-1] != 3:
         raise ValueError(f"expected positions of shape (batch, n_atoms, 3), got {tuple(x.shape)}")
-
-
-def wrap_angle(a: Tensor) -> Tensor:
-    """Wrap angles (radians) to [-pi, pi); any shape."""
-    return torch.remainder(a + math.pi, 2 * math.pi) - math.pi
 
 
 def component_major(x: Tensor) -> Tensor:

@@ -11,16 +11,23 @@ import csv
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from boltzgen.errors import BoltzgenError
-from boltzgen.objectives import ObjectiveResult, forward_kl, log_ess, mixed_kl, reverse_kl
+from boltzgen.errors import BoltzgenError, CheckpointError, ConfigError
+from boltzgen.files import atomic_open, save_torch
+from boltzgen.protocols import Density, LogDensity, SampleFilter
+from boltzgen.train.fab import FAB, FABOptions
+from boltzgen.train.objectives import (
+    ObjectiveResult,
+    batch_ess_fraction,
+    forward_kl,
+    mixed_kl,
+    reverse_kl,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -30,7 +37,6 @@ __all__ = [
     "load_checkpoint",
     "lr_factor",
     "options_from_dict",
-    "save_atomic",
 ]
 
 CHECKPOINT_FORMAT = "boltzgen-checkpoint-1"
@@ -51,10 +57,6 @@ LOG_COLUMNS = (
 )
 
 
-class CheckpointError(BoltzgenError):
-    """A checkpoint cannot be read or does not fit the run."""
-
-
 @dataclass
 class TrainOptions:
     """Settings of a training run.
@@ -63,7 +65,7 @@ class TrainOptions:
         max_iter: Total number of iterations (the schedule's length).
         batch_size: Samples per iteration (model samples and/or data frames).
         objective: ``"reverse_kl"``, ``"forward_kl"``, ``"mixed_kl"`` or ``"fab"`` (settings
-            in `boltzgen.fab.FABOptions`).
+            in `boltzgen.train.fab.FABOptions`).
         alpha: Weight of the reverse KL in ``"mixed_kl"``.
         optimizer: ``"adam"`` or ``"adamw"``.
         lr: Peak learning rate.
@@ -95,8 +97,8 @@ class TrainOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        def bad(msg: str) -> BoltzgenError:
-            return BoltzgenError(f"train options: {msg}")
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"train options: {msg}")
 
         if self.max_iter < 0 or self.batch_size < 1:
             raise bad("max_iter must be >= 0 and batch_size >= 1")
@@ -126,25 +128,6 @@ def lr_factor(iteration: int, max_iter: int, warmup_iters: int, min_factor: floa
     span = max(1, max_iter - warmup_iters)
     t = min(1.0, (iteration - warmup_iters) / span)
     return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` to ``path`` atomically: a temporary file in the same folder, then rename.
-
-    A reader (or a run killed mid-write) sees either the old file or the new one, never a
-    partial one.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict:
@@ -179,20 +162,20 @@ class Trainer:
         metadata: Plain data stored in the checkpoint (e.g. the run's config and system name).
         data_weights: ``(n_frames,)`` log-weights of ``x_data`` (e.g. umbrella-sampled MD);
             frames are then drawn with probability proportional to ``exp(data_weights)``.
-        fab_options: `boltzgen.fab.FABOptions` of the ``"fab"`` objective (None: defaults).
+        fab_options: `boltzgen.train.fab.FABOptions` of the ``"fab"`` objective (None: defaults).
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        target: Any,
+        model: Density,
+        target: LogDensity | None,
         options: TrainOptions,
         output_dir: str | os.PathLike | None = None,
         x_data: Tensor | None = None,
-        sample_filter: Callable[[Tensor], Tensor] | None = None,
+        sample_filter: SampleFilter | None = None,
         metadata: dict | None = None,
         data_weights: Tensor | None = None,
-        fab_options: Any = None,
+        fab_options: FABOptions | None = None,
     ) -> None:
         self.options = options
         self.device = torch.device(options.device)
@@ -228,24 +211,15 @@ class Trainer:
         self.fab = self._make_fab(fab_options) if options.objective == "fab" else None
         torch.manual_seed(options.seed)
 
-    def _make_fab(self, fab_options: Any) -> nn.Module:
-        """FAB state on the flow's space: `FlowSpaceTarget` of the target, circular mask."""
-        from boltzgen.fab import FAB, FABOptions
-        from boltzgen.flows.base import circular_mask
-        from boltzgen.generator import FlowSpaceTarget
+    def _make_fab(self, fab_options: FABOptions | None) -> nn.Module:
+        """FAB state on the flow's space (`boltzgen.sampling.generator.flow_space`)."""
+        from boltzgen.sampling.generator import flow_space
 
-        flow = getattr(self.model, "flow", self.model)
-        coords = getattr(self.model, "coordinates", None)
         if len(getattr(self.model, "stochastic", ())) > 0:
             raise BoltzgenError("objective fab trains a plain flow; remove the SNF layers (snf:)")
-        self.flow_target = FlowSpaceTarget(self.target, coords)
-        dim = int(flow.base.dim)
-        domains = getattr(coords, "domains", None)
-        circular = None
-        if domains is not None:
-            circular = circular_mask(domains)
-        cut = getattr(self.target, "energy_cut", None)  # BoltzmannTarget: p^2/q needs a floor
-        fab = FAB(dim, fab_options or FABOptions(), circular, None if cut is None else -cut)
+        space = flow_space(self.model, self.target)
+        self.flow_target = space.target
+        fab = FAB(space.dim, fab_options or FABOptions(), space.circular, space.log_p_floor)
         return fab.to(device=self.device, dtype=self.options.torch_dtype)
 
     # ------------------------------------------------------------------ paths
@@ -299,7 +273,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write ``checkpoint.pt`` atomically (no-op without an output folder)."""
         if self.checkpoint_path is not None:
-            save_atomic(self.state_dict(), self.checkpoint_path)
+            save_torch(self.state_dict(), self.checkpoint_path)
 
     def resume(self, path: str | os.PathLike | None = None) -> None:
         """Continue from a checkpoint (default: this run's); the CSV log is cut back to it."""
@@ -317,10 +291,8 @@ class Trainer:
         with open(path, newline="") as fh:
             rows = list(csv.reader(fh))
         keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= self.iteration]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_open(path, "w", newline="") as fh:
             csv.writer(fh).writerows(keep)
-        os.replace(tmp, path)
 
     def _write_log(self, row: dict) -> None:
         path = self.log_path
@@ -412,9 +384,7 @@ class Trainer:
         self.counters["target_evals"] += res.n_target_evals + internal
         self.counters["nonfinite"] += res.n_nonfinite
         self.counters["filtered"] += res.n_filtered
-        ess = float("nan")
-        if res.log_weights.numel() > 0:
-            ess = float(log_ess(res.log_weights.double()).exp()) / res.log_weights.numel()
+        ess = batch_ess_fraction(res.log_weights)
         self.wall_s += time.perf_counter() - t0
         row = {
             "iteration": self.iteration,

@@ -57,9 +57,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from boltzgen.flows.base import Transform
-from boltzgen.flows.splines import wrap_angle
-from boltzgen.mcmc import (
+from boltzgen.flows.base import Transform, wrap_circular
+from boltzgen.sampling.mcmc import (
     MCMCStep,
     first_order_gradients,
     hmc_step,
@@ -113,7 +112,7 @@ class StochasticLayer(Transform):
         adaptive: Let the `Trainer` call `adapt` after every optimisation step.
         second_order: Backpropagate through the kernels' gradient drift (needs second
             derivatives of ``log p``); False keeps the drift out of the training graph
-            (`boltzgen.mcmc.first_order_gradients`), which the weights do not depend on.
+            (`boltzgen.sampling.mcmc.first_order_gradients`), which the weights do not depend on.
     """
 
     default_acceptance: float = 0.5
@@ -162,9 +161,7 @@ class StochasticLayer(Transform):
 
     def wrap(self, x: Tensor) -> Tensor:
         """``x`` with its circular dimensions wrapped to [-π, π) (identity gradient)."""
-        if self.circular is None:
-            return x
-        return torch.where(self.circular, wrap_angle(x), x)
+        return wrap_circular(x, self.circular)
 
     def diagnostics(self) -> dict[str, float]:
         """Acceptance rate of the last call and the mean step size (for training logs)."""

@@ -1,8 +1,9 @@
 """Publication-ready figures of free energies, energies and training curves (matplotlib, Agg).
 
-Every function computes what it draws with `boltzgen.reweighting` / `boltzgen.analysis`, saves
-the figure to each given path (the suffix picks the format: ``.png``, ``.pdf``, ``.svg``) and
-returns the plotted data, so that tests (and users) can check the numbers behind a figure.
+Every function computes what it draws with `boltzgen.analysis.reweighting` /
+`boltzgen.analysis`, saves the figure to each given path (the suffix picks the format:
+``.png``, ``.pdf``, ``.svg``) and returns the plotted data, so that tests (and users) can check
+the numbers behind a figure.
 matplotlib is imported inside the functions, with the non-interactive Agg backend.
 
 Units: angles are given in radians and drawn in degrees; free energies in kJ/mol when `kT` is in
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from boltzgen.analysis import SampleError, energy_histogram
-from boltzgen.reweighting import FreeEnergySurface, free_energy_surface
+from boltzgen.analysis.reweighting import FreeEnergySurface, free_energy_surface
 
 __all__ = [
     "plot_energy_distributions",

@@ -21,12 +21,12 @@ angles | torsions]`` of the ``N - M`` other atoms. Index tensors `bond_indices`,
 **Normalisation and domains.** Bonds and angles are standardised, ``(q - q0) / s``, and
 *unbounded*: the flow's density is negligible near the physical limits (r = 0, angle 0 or pi),
 where the map stops being one-to-one. Circular torsions (rotatable bonds, see
-`boltzgen.zmatrix`) stay angles in [-pi, pi) (*circular*, neither shifted nor scaled, so the
-``phi`` coordinate of alanine dipeptide is phi itself). The other torsions are shifted by their
-reference value, wrapped to [-pi, pi) and scaled (*unbounded*). The shift ``q0`` is the value in
-``reference_positions`` (e.g. a minimum-energy structure) or else the data mean; the scale ``s``
-is the data standard deviation or else the fixed `DEFAULT_SCALES`. Normalisation enters the
-log-det.
+`boltzgen.coordinates.zmatrix`) stay angles in [-pi, pi) (*circular*, neither shifted nor
+scaled, so the ``phi`` coordinate of alanine dipeptide is phi itself). The other torsions are
+shifted by their reference value, wrapped to [-pi, pi) and scaled (*unbounded*). The shift
+``q0`` is the value in ``reference_positions`` (e.g. a minimum-energy structure) or else the data
+mean; the scale ``s`` is the data standard deviation or else the fixed `DEFAULT_SCALES`.
+Normalisation enters the log-det.
 
 Example::
 
@@ -47,32 +47,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from boltzgen import geometry
+from boltzgen.coordinates import geometry
+from boltzgen.coordinates.zmatrix import ZMatrix
+from boltzgen.errors import ZMatrixError
 from boltzgen.flows.base import Circular, Domain, Transform, Unbounded
-from boltzgen.zmatrix import (
-    ChiralCentre,
-    ZMatrix,
-    ZMatrixError,
-    backbone_torsions,
-    chiral_centres,
-    molecular_graph,
-)
 
-__all__ = [
-    "DEFAULT_SCALES",
-    "ChiralCentre",
-    "InternalCoordinates",
-    "MixedCoordinates",
-    "ZMatrix",
-    "ZMatrixError",
-    "alpha_carbons",
-    "backbone_torsions",
-    "chiral_centres",
-    "chirality",
-    "is_l_form",
-    "named_dihedrals",
-    "phi_psi",
-]
+__all__ = ["DEFAULT_SCALES", "InternalCoordinates", "MixedCoordinates"]
 
 #: Scales (bond nm, angle rad, non-circular torsion rad) used when no data is given.
 DEFAULT_SCALES = {"bond": 0.005, "angle": 0.05, "torsion": 0.1}
@@ -499,93 +479,3 @@ def _circular_mask(circular: str | Sequence[bool] | None, zmatrix: ZMatrix) -> n
     if mask.shape != (n,):
         raise ValueError(f"circular mask needs {n} entries, got {mask.shape}")
     return mask
-
-
-# -- peptide helpers and chirality --------------------------------------------------------------
-
-
-def named_dihedrals(x: Tensor, quads: dict[str, Sequence[int]]) -> dict[str, Tensor]:
-    """Any named torsions of a Cartesian batch ``(batch, N, 3)``: ``{name: (batch,) rad}``."""
-    if not quads:
-        return {}
-    values = geometry.dihedrals(x, [list(q) for q in quads.values()])
-    return {k: values[:, i] for i, k in enumerate(quads)}
-
-
-def phi_psi(x: Tensor, topology: Any) -> tuple[Tensor, Tensor]:
-    """Backbone phi and psi of a peptide from Cartesian ``(batch, N, 3)`` nm.
-
-    Returns:
-        ``(phi, psi)``, each ``(batch, n)`` radians in [-pi, pi), in residue order (residues
-        with both torsions defined; for alanine dipeptide ``n = 1``).
-
-    Raises:
-        ZMatrixError: when the topology has no residue with both phi and psi.
-    """
-    tors = backbone_torsions(topology)
-    res = [k[4:] for k in tors if k.startswith("phi_") and f"psi_{k[4:]}" in tors]
-    if not res:
-        raise ZMatrixError("the topology has no residue with both a phi and a psi torsion")
-    phi = geometry.dihedrals(x, [tors[f"phi_{r}"] for r in res])
-    psi = geometry.dihedrals(x, [tors[f"psi_{r}"] for r in res])
-    return phi, psi
-
-
-def alpha_carbons(topology: Any) -> list[tuple[int, int, int, int]]:
-    """``(CA, N, C, CB)`` of every amino-acid residue with a side chain (all but glycine)."""
-    g = molecular_graph(topology)
-    by_res: dict[int, dict[str, int]] = {}
-    for i, (name, res) in enumerate(zip(g.names, g.residue_indices)):
-        by_res.setdefault(res, {}).setdefault(name, i)
-    adj = g.neighbours()
-    out = []
-    for res in sorted(by_res):
-        a = by_res[res]
-        names = ("N", "C", "CB")
-        if "CA" in a and all(k in a and a[k] in adj[a["CA"]] for k in names):
-            out.append((a["CA"], a["N"], a["C"], a["CB"]))
-    return out
-
-
-def chirality(x: Tensor, centres: Sequence[ChiralCentre] | Sequence[Sequence[int]]) -> Tensor:
-    """Handedness of chiral centres: ``det[n1 - c, n2 - c, n3 - c] > 0``.
-
-    Args:
-        x: Positions ``(batch, N, 3)`` nm.
-        centres: `ChiralCentre` objects (from `chiral_centres`) or rows ``(c, n1, n2, n3)``.
-
-    Returns:
-        ``(batch, n_centres)`` booleans; a mirror image flips every entry. Compare with a
-        reference structure to tell configurations apart.
-    """
-    quads = [
-        (c.centre, *c.neighbours[:3]) if isinstance(c, ChiralCentre) else tuple(c)[:4]
-        for c in centres
-    ]
-    return geometry.signed_volumes(x, quads) > 0
-
-
-def is_l_form(x: Tensor, topology: Any, transform: Transform | None = None) -> Tensor:
-    """Whether every chiral alpha carbon of a peptide is in the L configuration.
-
-    L means ``det[N - CA, C - CA, CB - CA] > 0``; this holds for the shipped alanine dipeptide
-    and every residue of the NMR structure of trpzip2, and a mirror image fails it.
-
-    Args:
-        x: Cartesian ``(batch, N, 3)`` nm, or coordinates ``(batch, 3N-6)`` of ``transform``
-            (an `InternalCoordinates` or `MixedCoordinates`; turned into Cartesian first).
-        topology: The molecule's topology (openmm, mdtraj or a `MolecularSystem`).
-        transform: The coordinate transform when ``x`` holds internal coordinates.
-
-    Returns:
-        ``(batch,)`` booleans.
-
-    Raises:
-        ZMatrixError: when the topology has no amino-acid residue.
-    """
-    if transform is not None:
-        x = transform.forward(x)
-    quads = alpha_carbons(topology)
-    if not quads:
-        raise ZMatrixError("no amino-acid alpha carbon (atoms N, CA, C, CB) in the topology")
-    return (geometry.signed_volumes(x, quads) > 0).all(-1)

@@ -1,47 +1,18 @@
-"""The ``boltzgen`` command line (also ``python -m boltzgen``).
-
-Subcommands:
-    systems    list the shipped molecular systems
-    md         OpenMM Langevin MD / replica exchange of a system (trajectory + samples npz)
-    reweight   ESS, k-hat, state populations and free-energy differences of a samples file
-    evaluate   metrics against a reference (KL, ESS) and plots
-    pipeline   the main job: train the quick config, sample, report ESS and basin populations
-    train      train a Boltzmann generator from a YAML run config
-    sample     draw weighted samples from a checkpoint (.npz, .pdb, .dcd)
-    check-energy  short MD of a system; OpenMM vs torch-native energies and forces on it
-
-Bad input ends with one ``boltzgen: error: ...`` line and exit code 2, never a traceback.
-"""
+"""``boltzgen check-energy``: short MD, then OpenMM vs torch-native energies and forces on it."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from collections.abc import Callable, Sequence
 
-from boltzgen.cli_pipeline import add_pipeline_parser
-from boltzgen.cli_train import add_sample_parser, add_train_parser
 from boltzgen.errors import BoltzgenError
 
-__all__ = ["main"]
+__all__ = ["register", "run"]
 
 
-def _add_systems_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("systems", help="list the shipped molecular systems")
-    p.set_defaults(func=_run_systems)
-
-
-def _run_systems(args: argparse.Namespace) -> int:
-    from boltzgen import systems
-
-    for name in systems.available_systems():
-        print(name)
-    return 0
-
-
-def _add_check_energy_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``boltzgen check-energy [SYSTEM] [--frames N]``."""
+    p = subparsers.add_parser(
         "check-energy",
         help="short MD, then OpenMM vs torch-native energies and forces on its frames",
         description="Load a system, run a short OpenMM MD, evaluate the OpenMM and torch-native "
@@ -52,10 +23,11 @@ def _add_check_energy_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=None, help="K (default: the config's)")
     p.add_argument("--frames", type=int, default=256, help="MD frames to evaluate")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run_check_energy)
+    p.set_defaults(func=run)
 
 
-def _run_check_energy(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``boltzgen check-energy``; exit code 1 when the energies disagree."""
     import numpy as np
     import torch
 
@@ -102,56 +74,8 @@ def _run_check_energy(args: argparse.Namespace) -> int:
 
 def _short_md(s: object, n_frames: int, seed: int) -> object:
     """MD frames ``(n_frames, n_atoms, 3)`` nm: 100 fs apart after 1 ps of equilibration."""
-    from boltzgen.md import run_md
+    from boltzgen.sampling.md import run_md
 
     n_equil = 10  # frames dropped: 1 ps from the minimised structure
     result = run_md(s, (n_frames + n_equil) * 100, save_interval=100, seed=seed, progress=False)
     return result.positions[n_equil:]
-
-
-def _add_result_parsers(sub: argparse._SubParsersAction) -> None:
-    from boltzgen import cli_md, cli_results
-
-    cli_md.add_md_parser(sub).set_defaults(func=cli_md.run_md)
-    cli_results.add_reweight_parser(sub).set_defaults(func=cli_results.run_reweight)
-    cli_results.add_evaluate_parser(sub).set_defaults(func=cli_results.run_evaluate)
-
-
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_pipeline_parser,
-    _add_check_energy_parser,
-    _add_result_parsers,
-    _add_systems_parser,
-    add_train_parser,
-    add_sample_parser,
-]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
-    from boltzgen import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="boltzgen",
-        description="Boltzmann generators for molecules: learn, sample, reweight.",
-    )
-    parser.add_argument("--version", action="version", version=f"boltzgen {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for add in _COMMANDS:
-        add(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``boltzgen`` console script; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except BoltzgenError as exc:
-        print(f"boltzgen: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("boltzgen: interrupted", file=sys.stderr)
-        return 130

@@ -1,7 +1,7 @@
 """Analysis of (reweighted) samples against a reference: dihedrals, Ramachandran, KL divergences.
 
 All functions take numpy arrays (positions in nm, angles in radians, energies in kJ/mol) and
-optional log-weights (see `boltzgen.reweighting`); ``log_w=None`` means equal weights.
+optional log-weights (see `boltzgen.analysis.reweighting`); ``log_w=None`` means equal weights.
 
 KL divergences are between binned distributions: ``KL(ref || sample) = sum_b r_b ln(r_b / s_b)``
 (the direction used for Ramachandran plots in the Boltzmann-generator literature, e.g. Midgley et
@@ -11,6 +11,7 @@ al. 2023), with sample bins floored at ``eps`` so that a bin the sample misses c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from boltzgen.errors import BoltzgenError
-from boltzgen.reweighting import WeightError, _check_log_w, histogram
+from boltzgen.analysis.reweighting import WeightError, _check_log_w, histogram
+from boltzgen.errors import BoltzgenError, SampleError, SamplesFileError
+from boltzgen.units import MOLAR_GAS_CONSTANT
 
 __all__ = [
-    "ALDP_PHI",
-    "ALDP_PSI",
     "SampleError",
     "SampleSet",
     "SamplesFileError",
@@ -38,17 +38,7 @@ __all__ = [
     "torsion_quadruples",
 ]
 
-#: Atom indices of the ALDP backbone dihedrals: phi = C(ACE)-N-CA-C, psi = N-CA-C-N(NME).
-ALDP_PHI = (4, 6, 8, 14)
-ALDP_PSI = (6, 8, 14, 16)
-
 _PERIOD = (-np.pi, np.pi)
-#: Molar gas constant, kJ/(mol K).
-_R = 8.314462618e-3
-
-
-class SampleError(BoltzgenError, ValueError):
-    """Sample arrays with the wrong shape or non-finite values."""
 
 
 def _positions(positions: np.ndarray) -> np.ndarray:
@@ -66,7 +56,8 @@ def _positions(positions: np.ndarray) -> np.ndarray:
 def dihedral(positions: np.ndarray, indices: Sequence[int]) -> np.ndarray:
     """Dihedral angle of atoms ``(i, j, k, l)`` in every frame, radians in [-pi, pi).
 
-    IUPAC sign convention (as mdtraj and OpenMM), computed by `boltzgen.geometry.dihedrals`.
+    IUPAC sign convention (as mdtraj and OpenMM), computed by
+    `boltzgen.coordinates.geometry.dihedrals`.
 
     Args:
         positions: `(n, n_atoms, 3)` nm.
@@ -77,19 +68,40 @@ def dihedral(positions: np.ndarray, indices: Sequence[int]) -> np.ndarray:
     """
     import torch
 
-    from boltzgen.geometry import dihedrals
+    from boltzgen.coordinates.geometry import dihedrals
 
     x = torch.as_tensor(_positions(positions), dtype=torch.float64)
     return dihedrals(x, [list(indices)])[:, 0].numpy()
 
 
-def phi_psi(
-    positions: np.ndarray,
-    phi: Sequence[int] = ALDP_PHI,
-    psi: Sequence[int] = ALDP_PSI,
-) -> np.ndarray:
-    """Backbone phi and psi (radians) of every frame, `(n, 2)`; ALDP atom indices by default."""
-    return np.stack([dihedral(positions, phi), dihedral(positions, psi)], axis=1)
+def phi_psi(positions: np.ndarray, molecule: Any) -> np.ndarray:
+    """Backbone phi and psi (radians) of the first residue that has both, `(n, 2)`.
+
+    The atoms come from the topology (`boltzgen.coordinates.backbone_torsions`: atom names
+    N, CA, C and the peptide bonds), so any peptide works; for alanine dipeptide phi is
+    C(ACE)-N-CA-C and psi N-CA-C-N(NME).
+
+    Args:
+        positions: `(n, n_atoms, 3)` nm.
+        molecule: A topology (OpenMM or mdtraj), a `MolecularSystem`, or a system name.
+
+    Raises:
+        ZMatrixError: no residue with both torsions.
+    """
+    quads = _phi_psi_atoms(molecule) if isinstance(molecule, str) else None
+    if quads is None:
+        from boltzgen.coordinates import phi_psi_atoms
+
+        quads = phi_psi_atoms(getattr(molecule, "topology", molecule))
+    return np.stack([dihedral(positions, q) for q in quads], axis=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _phi_psi_atoms(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    from boltzgen import systems
+    from boltzgen.coordinates import phi_psi_atoms
+
+    return phi_psi_atoms(systems.load(name, solvent="vacuum").topology)
 
 
 def ramachandran(
@@ -230,10 +242,6 @@ def energy_histogram(
     return hist, edges[0]
 
 
-class SamplesFileError(SampleError):
-    """A samples file that cannot be read or has inconsistent arrays."""
-
-
 @dataclass
 class SampleSet:
     """The contents of a samples ``.npz`` file, validated.
@@ -265,7 +273,7 @@ class SampleSet:
     @property
     def kT(self) -> float:  # noqa: N802
         """k_B T in kJ/mol."""
-        return _R * self.temperature
+        return MOLAR_GAS_CONSTANT * self.temperature
 
 
 def _array(data: Any, key: str, path: str, ndim: int, n: int | None) -> np.ndarray:
@@ -274,6 +282,19 @@ def _array(data: Any, key: str, path: str, ndim: int, n: int | None) -> np.ndarr
         want = f"({n if n is not None else 'n'}{', ...' if ndim > 1 else ','})"
         raise SamplesFileError(f"{path}: {key!r} has shape {a.shape}, expected {want}")
     return a
+
+
+def _known_phi_psi(positions: np.ndarray, system: str) -> np.ndarray | None:
+    """phi/psi of a shipped or user peptide system by name; None for other molecules."""
+    try:
+        quads = _phi_psi_atoms(system)
+    except BoltzgenError:  # unknown system, or no peptide backbone
+        return None
+    if max(max(q) for q in quads) >= positions.shape[1]:
+        raise SamplesFileError(
+            f"positions have {positions.shape[1]} atoms, fewer than system {system!r} has"
+        )
+    return np.stack([dihedral(positions, q) for q in quads], axis=1)
 
 
 def load_samples(path: str | Path) -> SampleSet:
@@ -333,13 +354,13 @@ def load_samples(path: str | Path) -> SampleSet:
             if energies is None:
                 raise SamplesFileError(f"{path}: 'log_q' without 'energies' gives no weights")
             log_q = _array(data, "log_q", path, 1, n).astype(np.float64)
-            log_w = _check_log_w(-energies / (_R * temperature) - log_q, n)
+            log_w = _check_log_w(-energies / (MOLAR_GAS_CONSTANT * temperature) - log_q, n)
     except WeightError as exc:
         raise SamplesFileError(f"{path}: {exc}") from exc
     if "phi" in keys and "psi" in keys:
         pp = np.stack([_array(data, k, path, 1, n) for k in ("phi", "psi")], 1).astype(np.float64)
-    elif pos is not None and system == "aldp" and idx.shape[0] == n:
-        pp = phi_psi(pos)
+    elif pos is not None and idx.shape[0] == n:
+        pp = _known_phi_psi(pos, system)
     else:
         pp = None
     if pp is not None and not np.isfinite(pp).all():

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from boltzgen.flows.base import Transform
+from boltzgen.flows.base import Transform, circular_mask
+from boltzgen.protocols import Bijection, Density, LogDensity
 
-__all__ = ["BoltzmannGenerator", "FlowSpaceTarget"]
+__all__ = ["BoltzmannGenerator", "FlowSpace", "FlowSpaceTarget", "flow_space"]
 
 
 class BoltzmannGenerator(nn.Module):
@@ -65,7 +67,8 @@ class BoltzmannGenerator(nn.Module):
     def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
         """Draw ``n`` samples: ``(x (n, ...), log q(x) (n,))``, e.g. x ``(n, n_atoms, 3)`` nm.
 
-        With stochastic layers ``log q`` is the SNF path log-weight (see `boltzgen.stochastic`).
+        With stochastic layers ``log q`` is the SNF path log-weight (see
+        `boltzgen.sampling.stochastic`).
         """
         y, log_q = self.flow_sample_and_log_prob(n)
         if self.coordinates is None:
@@ -116,7 +119,7 @@ class FlowSpaceTarget(nn.Module):
         coordinates: The `Transform` flow space -> data space (None: the identity).
     """
 
-    def __init__(self, target: nn.Module, coordinates: Transform | None = None) -> None:
+    def __init__(self, target: LogDensity, coordinates: Bijection | None = None) -> None:
         super().__init__()
         self.target = target
         self.coordinates = coordinates
@@ -133,3 +136,41 @@ class FlowSpaceTarget(nn.Module):
     def forward(self, y: Tensor) -> Tensor:
         """Alias of `log_prob`."""
         return self.log_prob(y)
+
+
+@dataclass
+class FlowSpace:
+    """What a sampler in the flow's space (AIS, FAB) needs from a model and its target.
+
+    Attributes:
+        flow: The model's flow (the model itself when it has no ``flow`` attribute).
+        coordinates: The coordinate transform flow space -> data space, or None.
+        target: The target carried into the flow's space (`FlowSpaceTarget`).
+        dim: Dimension D of the flow's space.
+        circular: ``(D,)`` bool mask of angular dimensions, or None.
+        log_p_floor: ``-energy_cut`` of a `BoltzmannTarget` (below it AIS treats a point as
+            outside the support), or None.
+    """
+
+    flow: Density
+    coordinates: Bijection | None
+    target: FlowSpaceTarget
+    dim: int
+    circular: Tensor | None
+    log_p_floor: float | None
+
+
+def flow_space(model: Density, target: LogDensity) -> FlowSpace:
+    """The `FlowSpace` of a `BoltzmannGenerator` (or a bare flow) and its target."""
+    flow = getattr(model, "flow", model)
+    coords = getattr(model, "coordinates", None)
+    domains = getattr(coords, "domains", None)
+    cut = getattr(target, "energy_cut", None)
+    return FlowSpace(
+        flow=flow,
+        coordinates=coords,
+        target=FlowSpaceTarget(target, coords),
+        dim=int(flow.base.dim),
+        circular=None if domains is None else circular_mask(domains),
+        log_p_floor=None if cut is None else -float(cut),
+    )

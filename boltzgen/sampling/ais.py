@@ -9,7 +9,7 @@ Chains start from samples ``x_0 ~ q`` and visit the geometric path
 
 for ``0 = β_0 < β_1 < ... < β_K < β_{K+1} = 1`` (``K = n_intermediate``). Before the move at
 ``β_k`` the log-weight gains ``log π_{β_k}(x) - log π_{β_{k-1}}(x) = (β_k - β_{k-1}) α (log p -
-log q)(x)``; each move (HMC or random-walk Metropolis, `boltzgen.mcmc`) leaves ``π_{β_k}``
+log q)(x)``; each move (HMC or random-walk Metropolis, `boltzgen.sampling.mcmc`) leaves ``π_{β_k}``
 invariant; the last increment brings ``β`` to 1. Then ``E[exp(log_w)] = Z_f / Z_q`` exactly for
 any step sizes, and ``log_w`` are the importance log-weights of the final samples against ``f``
 (with ``α = 1`` against ``p``, and ``logmeanexp(log_w)`` estimates ``log Z_p``).
@@ -27,8 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from boltzgen.flows.splines import wrap_angle
-from boltzgen.mcmc import hmc_step, metropolis_step
+from boltzgen.flows.base import wrap_circular
+from boltzgen.sampling.mcmc import hmc_step, metropolis_step
 
 __all__ = ["AISResult", "AnnealedImportanceSampler", "ais", "ais_betas"]
 
@@ -82,12 +82,6 @@ def ais_betas(
     raise ValueError(f"spacing must be 'linear' or 'geometric', got {spacing!r}")
 
 
-def _wrap(x: Tensor, circular: Tensor | None) -> Tensor:
-    if circular is None or not bool(circular.any()):
-        return x
-    return torch.where(circular, wrap_angle(x), x)
-
-
 def ais(
     x: Tensor,
     log_q_fn: LogProbFn,
@@ -135,7 +129,7 @@ def ais(
     if circular is not None:
         circular = circular.to(x.device)
     hmc = transition == "hmc"
-    x = _wrap(x.detach(), circular)
+    x = wrap_circular(x.detach(), circular)
     evals = 0
     stash: dict[str, Tensor] = {}
 
@@ -151,12 +145,12 @@ def ais(
         evals += y.shape[0]
         if not hmc:
             with torch.no_grad():
-                yw = _wrap(y.detach(), circular)
+                yw = wrap_circular(y.detach(), circular)
                 lq_y, lp_y = log_q_fn(yw), log_p_fn(yw)
         else:
             with torch.enable_grad():
                 yd = y.detach().requires_grad_(True)
-                yw = _wrap(yd, circular)
+                yw = wrap_circular(yd, circular)
                 lq_y, lp_y = log_q_fn(yw), log_p_fn(yw)
                 (stash["gq"],) = torch.autograd.grad(lq_y.sum(), yd, retain_graph=True)
                 (stash["gp"],) = torch.autograd.grad(lp_y.sum(), yd)
@@ -207,7 +201,7 @@ def ais(
             a = res.accepted
             lq = torch.where(a, stash["lq"], lq)
             lp = torch.where(a, stash["lp"], lp)
-            x = _wrap(res.x.detach(), circular)
+            x = wrap_circular(res.x.detach(), circular)
             cur = res.log_prob.detach()
             acc_k = acc_k + a.to(x.dtype).mean() / n_steps
         acc_means.append(acc_k)

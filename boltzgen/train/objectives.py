@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ObjectiveResult", "filter_rows", "forward_kl", "log_ess", "mixed_kl", "reverse_kl"]
+__all__ = [
+    "ObjectiveResult",
+    "batch_ess_fraction",
+    "filter_rows",
+    "forward_kl",
+    "log_ess",
+    "mixed_kl",
+    "reverse_kl",
+]
 
 
 @dataclass
@@ -45,6 +53,17 @@ def log_ess(log_w: Tensor) -> Tensor:
     if log_w.numel() == 0:
         return log_w.new_tensor(float("-inf"))
     return 2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)
+
+
+def batch_ess_fraction(log_w: Tensor, n: int | None = None) -> float:
+    """Kish ESS of ``log_w`` ``(m,)`` as a fraction of ``n`` draws (default ``m``); NaN if empty.
+
+    ``n`` larger than ``m`` counts draws that were dropped (non-finite, filtered) as zero weight.
+    """
+    n = log_w.numel() if n is None else n
+    if log_w.numel() == 0 or n < 1:
+        return math.nan
+    return float(log_ess(log_w.detach().double()).exp()) / n
 
 
 def filter_rows(

@@ -1,18 +1,13 @@
-"""CLI subcommand ``boltzgen md``: Langevin MD or replica exchange of a system (see boltzgen.md).
-
-``add_md_parser(subparsers)`` / ``run_md(args) -> int`` are wired into `boltzgen.cli`;
-Wired into ``boltzgen`` by `boltzgen.cli`.
-"""
+"""``boltzgen md``: Langevin MD or replica exchange of a system (`boltzgen.sampling.md`)."""
 
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Any
 
 from boltzgen.errors import BoltzgenError
 
-__all__ = ["add_md_parser", "run_md"]
+__all__ = ["register", "run"]
 
 
 def _floats(text: str) -> list[float]:
@@ -22,7 +17,7 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
-def add_md_parser(subparsers: Any) -> argparse.ArgumentParser:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Register ``md``: Langevin MD or replica exchange of a shipped or user system."""
     p = subparsers.add_parser(
         "md",
@@ -65,7 +60,7 @@ def add_md_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-interval-ps", type=float, default=100.0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output prefix")
-    return p
+    p.set_defaults(func=run)
 
 
 def _steps(ps: float, timestep_ps: float, what: str) -> int:
@@ -75,9 +70,10 @@ def _steps(ps: float, timestep_ps: float, what: str) -> int:
     return int(n)
 
 
-def run_md(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``boltzgen md``."""
-    from boltzgen import md, systems
+    from boltzgen import systems
+    from boltzgen.sampling import md
 
     system = systems.load(args.system, solvent=args.solvent)
     if args.temperature is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from boltzgen.errors import BoltzgenError
+from boltzgen.errors import WeightError
 
 __all__ = [
     "FreeEnergySurface",
@@ -45,10 +45,6 @@ __all__ = [
     "state_free_energies",
     "states_from_dict",
 ]
-
-
-class WeightError(BoltzgenError, ValueError):
-    """Log-weights or sample arrays that cannot be used (wrong shape, NaN, all zero weights)."""
 
 
 def _logsumexp(a: np.ndarray, axis: int = -1) -> np.ndarray:

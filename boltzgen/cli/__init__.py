@@ -1,0 +1,68 @@
+"""The ``boltzgen`` command line (also ``python -m boltzgen``).
+
+Subcommands:
+    systems    list the shipped molecular systems
+    md         OpenMM Langevin MD / replica exchange of a system (trajectory + samples npz)
+    reweight   ESS, k-hat, state populations and free-energy differences of a samples file
+    evaluate   metrics against a reference (KL, ESS) and plots
+    pipeline   the main job: train the quick config, sample, report ESS and basin populations
+    train      train a Boltzmann generator from a YAML run config
+    sample     draw weighted samples from a checkpoint (.npz, .pdb, .dcd)
+    check-energy  short MD of a system; OpenMM vs torch-native energies and forces on it
+
+Bad input ends with one ``boltzgen: error: ...`` line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from boltzgen.errors import BoltzgenError
+
+__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+
+#: Subcommand modules of `boltzgen.cli`, in ``--help`` order. Each defines
+#: ``register(subparsers)`` (adds its parser, ``set_defaults(func=run)``) and ``run(args)``.
+SUBCOMMANDS = (
+    "pipeline",
+    "check_energy",
+    "md",
+    "reweight",
+    "evaluate",
+    "systems",
+    "train",
+    "sample",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    from boltzgen import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="boltzgen",
+        description="Boltzmann generators for molecules: learn, sample, reweight.",
+    )
+    parser.add_argument("--version", action="version", version=f"boltzgen {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"boltzgen.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``boltzgen`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BoltzgenError as exc:
+        print(f"boltzgen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("boltzgen: interrupted", file=sys.stderr)
+        return 130

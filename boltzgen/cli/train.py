@@ -1,0 +1,55 @@
+"""``boltzgen train``: train a Boltzmann generator from a YAML run config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from boltzgen.cli._common import add_threads_argument, print_train_summary, set_threads
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``boltzgen train CONFIG.yaml [--resume] [--device D] [--max-iter N]``."""
+    p = subparsers.add_parser("train", help="train a Boltzmann generator from a YAML run config")
+    p.add_argument("config", help="run config (e.g. systems/aldp/reverse_kl_quick.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--device", default=None, help="torch device (overrides train.device)")
+    p.add_argument("--max-iter", type=int, default=None, help="overrides train.max_iter")
+    p.add_argument("--output-dir", default=None, help="overrides output_dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``boltzgen train``; returns the exit code (130 when interrupted)."""
+    from boltzgen import pipeline
+    from boltzgen.config import load_config
+
+    set_threads(args.threads)
+    config = pipeline.with_overrides(
+        load_config(args.config),
+        device=args.device,
+        max_iter=args.max_iter,
+        progress=False if args.no_progress else None,
+        output_dir=args.output_dir,
+    )
+    ckpt = Path(config.output_dir) / "checkpoint.pt"
+    if args.resume:
+        from boltzgen.train import load_checkpoint
+
+        it = load_checkpoint(ckpt)["iteration"]
+        print(f"resuming {ckpt} at iteration {it}", file=sys.stderr)
+    try:
+        result = pipeline.train(config, resume=args.resume)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; the last checkpoint {ckpt} is intact (continue with --resume)",
+            file=sys.stderr,
+        )
+        return 130
+    print_train_summary(result)
+    return 0

@@ -1,0 +1,85 @@
+"""Atomic file writes: a reader, or a run killed mid-write, sees the old file or the new one.
+
+Each writer writes a temporary file in the target's folder, flushes and fsyncs it, then renames
+it over the target (`os.replace`, atomic on POSIX and Windows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+__all__ = [
+    "atomic_open",
+    "atomic_write",
+    "save_npz",
+    "save_torch",
+    "to_json_safe",
+    "write_json",
+]
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; on a clean exit it is flushed,
+    fsynced and renamed to ``path``, on an exception removed (``path`` stays as it was)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call ``write(fh)`` on a binary file handle and put the result at ``path`` atomically."""
+    with atomic_open(path, "wb") as fh:
+        write(fh)
+
+
+def save_npz(path: str | os.PathLike, **arrays: Any) -> None:
+    """`numpy.savez` to ``path`` (exactly that name, no ``.npz`` appended), atomically."""
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` to ``path`` atomically (checkpoints)."""
+    import torch
+
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def to_json_safe(x: Any) -> Any:
+    """``x`` with numpy scalars/arrays as Python numbers/lists and non-finite floats as the
+    strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON has no such numbers)."""
+    if isinstance(x, dict):
+        return {k: to_json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return to_json_safe(x.tolist())
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else str(float(x))
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` as indented strict JSON (see `to_json_safe`), creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(to_json_safe(obj), indent=2) + "\n"
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)

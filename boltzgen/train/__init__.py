@@ -1,0 +1,41 @@
+"""Training: objectives (reverse, forward and mixed KL), FAB (alpha-2 loss, prioritised replay
+buffer) and the `Trainer` (optimiser, schedule, atomic checkpoints, exact resume, CSV log).
+
+Modules: `objectives`, `fab`, `trainer`.
+"""
+
+from boltzgen.train.fab import FAB, FABOptions, PrioritizedReplayBuffer
+from boltzgen.train.objectives import (
+    ObjectiveResult,
+    filter_rows,
+    forward_kl,
+    mixed_kl,
+    reverse_kl,
+)
+from boltzgen.train.trainer import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    Trainer,
+    TrainOptions,
+    load_checkpoint,
+    lr_factor,
+    options_from_dict,
+)
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "FAB",
+    "CheckpointError",
+    "FABOptions",
+    "ObjectiveResult",
+    "PrioritizedReplayBuffer",
+    "TrainOptions",
+    "Trainer",
+    "filter_rows",
+    "forward_kl",
+    "load_checkpoint",
+    "lr_factor",
+    "mixed_kl",
+    "options_from_dict",
+    "reverse_kl",
+]
