@@ -33,9 +33,13 @@ __all__ = [
     "from_prmtop",
     "load",
     "search_paths",
+    "shipped_path",
     "system_dir",
 ]
 
+
+#: The data package that holds the shipped systems (the top-level systems/ folder of the source).
+_SHIPPED_PACKAGE = "boltzgen._systems"
 
 SOLVENTS = ("implicit", "vacuum")
 _IMPLICIT_MODELS = ("OBC1", "OBC2", "HCT", "GBn", "GBn2")
@@ -135,19 +139,67 @@ class MolecularSystem:
 
 
 def search_paths() -> list[Path]:
-    """Directories searched for ``<name>/config.yaml``, in order.
+    """Existing directories searched for ``<name>/config.yaml``, first match wins.
 
-    ``$BOLTZGEN_SYSTEMS_PATH`` (os.pathsep-separated), ``./systems`` and the ``systems/``
-    directory of the boltzgen source tree.
+    In order: the entries of ``$BOLTZGEN_SYSTEMS_PATH`` (os.pathsep-separated), the user
+    directory ``$XDG_DATA_HOME/boltzgen/systems`` (``~/.local/share/boltzgen/systems`` when
+    ``XDG_DATA_HOME`` is unset), ``./systems`` of the current directory, and the systems shipped
+    with boltzgen (`shipped_path`). Missing directories and duplicates are left out.
     """
     paths = [Path(p) for p in os.environ.get("BOLTZGEN_SYSTEMS_PATH", "").split(os.pathsep) if p]
-    paths.append(Path.cwd() / "systems")
-    paths.append(Path(__file__).resolve().parent.parent / "systems")
+    paths += [p for p in (_user_dir(), Path.cwd() / "systems", _shipped_root()) if p is not None]
     unique: list[Path] = []
     for p in paths:
         if p.is_dir() and p.resolve() not in [q.resolve() for q in unique]:
             unique.append(p)
     return unique
+
+
+def shipped_path(*parts: str) -> Path:
+    """A file or directory of the systems shipped with boltzgen (the package data).
+
+    Works the same in a source checkout installed with ``pip install -e .`` and in an installed
+    wheel, whatever the current directory. Use it instead of paths built from ``__file__``.
+
+    Args:
+        *parts: Path components below the shipped systems folder, e.g.
+            ``shipped_path("aldp", "reference", "reference.npz")``; none: the folder itself.
+
+    Raises:
+        SystemLoadError: boltzgen was installed without its data, or no such file.
+    """
+    root = _shipped_root()
+    if root is None:
+        raise SystemLoadError(
+            f"the systems shipped with boltzgen (package {_SHIPPED_PACKAGE}) are not installed; "
+            "reinstall boltzgen (pip install boltzgen-mol, or pip install -e . in a checkout)"
+        )
+    path = root.joinpath(*parts)
+    if not path.exists():
+        raise SystemLoadError(f"{path} is not among the systems shipped with boltzgen")
+    return path
+
+
+def _user_dir() -> Path | None:
+    data_home = os.environ.get("XDG_DATA_HOME")
+    if not data_home:
+        try:
+            data_home = Path.home() / ".local" / "share"
+        except RuntimeError:  # no home directory (some service accounts)
+            return None
+    return Path(data_home) / "boltzgen" / "systems"
+
+
+def _shipped_root() -> Path | None:
+    """The shipped systems folder, or None where the data package is not importable."""
+    from importlib import resources
+
+    try:
+        root = resources.files(_SHIPPED_PACKAGE)
+    except ModuleNotFoundError:  # e.g. a checkout on PYTHONPATH without pip install -e .
+        return None
+    # a plain directory in wheels and editable installs; not a zip archive
+    return root if isinstance(root, Path) and root.is_dir() else None
 
 
 def available_systems() -> list[str]:

@@ -1,5 +1,6 @@
 """boltzgen.systems: shipped systems, user files, clear errors; the CLI's error contract."""
 
+import os
 import shutil
 
 import mdtraj as md
@@ -99,3 +100,26 @@ def test_cli_check_energy_small(capsys):
     assert cli.main(["check-energy", "aldp", "--frames", "16"]) == 0
     out = capsys.readouterr().out
     assert "agreement" in out and "TorchEnergy vs OpenMM" in out
+
+
+def test_search_paths_order_and_shipped_path(tmp_path, monkeypatch):
+    shipped = systems.shipped_path()
+    assert (shipped / "aldp" / "config.yaml").is_file()
+    assert systems.shipped_path("aldp", "reference", "reference.npz").is_file()
+    with pytest.raises(SystemLoadError, match="not among the systems shipped"):
+        systems.shipped_path("aldp", "no-such-file")
+    env, data, cwd = (tmp_path / d for d in ("env", "data", "cwd"))
+    for d in (env, data / "boltzgen" / "systems", cwd / "systems"):
+        d.mkdir(parents=True)
+    monkeypatch.setenv("BOLTZGEN_SYSTEMS_PATH", os.pathsep.join([str(env), str(tmp_path / "no")]))
+    monkeypatch.setenv("XDG_DATA_HOME", str(data))
+    monkeypatch.chdir(cwd)
+    assert systems.search_paths() == [
+        env,
+        data / "boltzgen" / "systems",
+        cwd / "systems",
+        shipped,
+    ]
+    # a user system shadows the shipped one of the same name
+    shutil.copytree(shipped / "aldp", data / "boltzgen" / "systems" / "aldp")
+    assert systems.system_dir("aldp") == data / "boltzgen" / "systems" / "aldp"
