@@ -6,6 +6,6 @@ The package is imported lazily: ``import boltzgen`` is cheap (no torch, no OpenM
 
 from boltzgen.errors import BoltzgenError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["BoltzgenError", "__version__"]

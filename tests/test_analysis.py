@@ -1,7 +1,6 @@
 """Tests of boltzgen.analysis, boltzgen.analysis.plots and the reweight / evaluate CLI."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +8,10 @@ import pytest
 from boltzgen import analysis, cli
 from boltzgen.analysis import plots, reweighting
 from boltzgen.errors import BoltzgenError
+from boltzgen.systems import shipped_path
 from boltzgen.units import MOLAR_GAS_CONSTANT
 
-REFERENCE = Path(__file__).resolve().parent.parent / "systems" / "aldp" / "reference"
+REFERENCE = shipped_path("aldp", "reference")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from boltzgen.flows import Unbounded, make_spline_flow
 from boltzgen.sampling.generator import BoltzmannGenerator, FlowSpaceTarget
 from boltzgen.sampling.mcmc import first_order_gradients, log_prob_and_grad
 from boltzgen.sampling.stochastic import make_snf_layers
+from boltzgen.systems import shipped_path
 from boltzgen.train import Trainer, TrainOptions, load_checkpoint
 
 
@@ -224,12 +225,11 @@ output_dir: OUT
 
 
 def test_cli_forward_kl_reads_weighted_md_frames(tmp_path, capsys) -> None:
-    from pathlib import Path
 
     from boltzgen.cli import main
     from boltzgen.pipeline import load_training_data
 
-    ref = np.load(Path(__file__).parents[1] / "systems/aldp/reference/reference.npz")
+    ref = np.load(shipped_path("aldp", "reference", "reference.npz"))
     frames = tmp_path / "frames.npz"
     np.savez(
         frames,

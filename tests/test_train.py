@@ -2,7 +2,6 @@
 
 import csv
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from boltzgen.errors import BoltzgenError
 from boltzgen.files import save_torch
 from boltzgen.flows import Unbounded, make_spline_flow
 from boltzgen.sampling.generator import BoltzmannGenerator
+from boltzgen.systems import shipped_path
 from boltzgen.train import (
     CheckpointError,
     Trainer,
@@ -370,7 +370,7 @@ def test_config_types_and_unknown_keys(tmp_path):
         load_config(tmp_path / "x.yaml")
     run_configs = [
         p
-        for p in (Path(__file__).parents[1] / "systems" / "aldp").glob("*.yaml")
+        for p in shipped_path("aldp").glob("*.yaml")
         if p.name not in ("config.yaml", "states.yaml")
     ]
     names = {p.name for p in run_configs}
@@ -394,7 +394,7 @@ def test_shipped_quick_configs_train_from_the_cli(name, tmp_path, capsys):
 
 def _train_and_sample_shipped(name, tmp_path, capsys, main):
 
-    cfg = Path(__file__).parents[1] / "systems" / "aldp" / name
+    cfg = shipped_path("aldp", name)
     out = tmp_path / "run"
     argv = ["train", str(cfg), "--max-iter", "2", "--output-dir", str(out), "--no-progress"]
     assert main(argv) == 0
