@@ -24,6 +24,7 @@ __all__ = [
     "SNFConfig",
     "SystemConfig",
     "config_from_dict",
+    "config_path",
     "config_to_dict",
     "load_config",
 ]
@@ -206,17 +207,40 @@ def config_to_dict(config: RunConfig) -> dict:
     return asdict(config)
 
 
+def config_path(path: str | os.PathLike) -> Path:
+    """The run-config file ``path``; failing that, a shipped one named ``[systems/]NAME/FILE``
+    (e.g. ``systems/aldp/reverse_kl_quick.yaml`` outside a checkout, or
+    ``aldp/reverse_kl_quick.yaml``), looked up with `boltzgen.systems.system_dir`.
+
+    Raises:
+        ConfigError: neither exists.
+    """
+    from boltzgen.errors import SystemLoadError
+    from boltzgen.systems import system_dir
+
+    p = Path(path)
+    if p.is_file():
+        return p
+    parts = p.parts[1:] if p.parts[:1] == ("systems",) else p.parts
+    if len(parts) == 2:
+        try:
+            shipped = system_dir(parts[0]) / parts[1]
+        except SystemLoadError:
+            shipped = None
+        if shipped is not None and shipped.is_file():
+            return shipped
+    raise ConfigError(f"config file {p} does not exist")
+
+
 def load_config(path: str | os.PathLike) -> RunConfig:
-    """Read a YAML run config.
+    """Read a YAML run config (a file, or a shipped one: see `config_path`).
 
     Raises:
         ConfigError: missing file, YAML syntax error, unknown key, invalid value.
     """
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    path = config_path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
