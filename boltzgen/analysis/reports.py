@@ -135,7 +135,7 @@ def _states_json(res: Any, kT: float) -> list[dict[str, Any]]:
 
 def reweight_report(
     samples: SampleSet,
-    states: list[Any],
+    states: list[State],
     cv: str = "phi,psi",
     bins: int = 60,
     n_bootstrap: int = 200,
@@ -313,14 +313,16 @@ def _bond_graph(system: str, positions: np.ndarray) -> list[tuple[int, int]]:
 def evaluate_samples(
     samples: SampleSet,
     reference: SampleSet,
-    states: list[Any],
+    states: list[State],
     out_dir: str | Path | None = None,
     bins: int = 60,
     n_bootstrap: int = 100,
     block_length: int | None = None,
     seed: int = 0,
+    training_log: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Metrics of `samples` against `reference`; plots into `out_dir` when given.
+    """Metrics of `samples` against `reference`; plots into `out_dir` when given (with the
+    curves of a CSV `training_log` too).
 
     Metrics: ESS, k-hat, Ramachandran ``KL(reference || sample)`` raw and reweighted, per-torsion
     marginal KLs (from positions), state free energies of both with errors and their
@@ -412,6 +414,12 @@ def evaluate_samples(
         m["plots"] = _evaluate_plots(
             samples, reference, lw, block, block_ref, Path(out_dir), bins, n_bootstrap, seed
         )
+        if training_log is not None:
+            from boltzgen.analysis import plots
+
+            paths = [Path(out_dir) / "training.png", Path(out_dir) / "training.pdf"]
+            plots.plot_training_curves(training_log, paths)
+            m["plots"].extend(str(p) for p in paths)
     return m
 
 

@@ -58,13 +58,8 @@ def run(args: argparse.Namespace) -> int:
         n_bootstrap=args.n_bootstrap,
         block_length=args.block_length,
         seed=args.seed,
+        training_log=args.training_log,
     )
-    if args.training_log and not args.no_plots:
-        from boltzgen.analysis import plots
-
-        paths = [out_dir / "training.png", out_dir / "training.pdf"]
-        plots.plot_training_curves(args.training_log, paths)
-        metrics.setdefault("plots", []).extend(str(p) for p in paths)
     write_json(metrics, out_dir / "metrics.json")
     print(f"ESS {100 * metrics['ess_fraction']:.1f} %, k-hat {metrics['khat']:.2f}")
     if "ramachandran_kl_reweighted" in metrics:

@@ -16,12 +16,16 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from boltzgen.cli._common import add_threads_argument, print_train_summary, set_threads
 from boltzgen.errors import BoltzgenError, ConfigError
+
+if TYPE_CHECKING:
+    from boltzgen.analysis import SampleSet
+    from boltzgen.analysis.reweighting import State
 
 __all__ = ["register", "run"]
 
@@ -60,7 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _basin_table(samples: Any, report: dict, states: list, system: str) -> dict[str, Any]:
+def _basin_table(
+    samples: SampleSet, report: dict[str, Any], states: list[State], system: str
+) -> dict[str, Any]:
     """Print raw and reweighted state fractions next to the MD reference; return them."""
     from boltzgen.analysis.reports import reference_populations, sample_cvs
 
@@ -172,15 +178,17 @@ def run(args: argparse.Namespace) -> int:
         summary["states"] = _basin_table(samples, report, states, samples.system)
     ref_npz = sdir / "reference" / "reference.npz"
     if not args.no_plots and ref_npz.is_file():
-        from boltzgen.analysis import plots
-
         eval_dir = out / "evaluation"
-        metrics = evaluate_samples(
-            samples, load_samples(ref_npz), states, eval_dir, n_bootstrap=50, seed=0
-        )
         log = out / "log.csv"
-        if log.is_file():
-            plots.plot_training_curves(log, [eval_dir / "training.png", eval_dir / "training.pdf"])
+        metrics = evaluate_samples(
+            samples,
+            load_samples(ref_npz),
+            states,
+            eval_dir,
+            n_bootstrap=50,
+            seed=0,
+            training_log=log if log.is_file() else None,
+        )
         write_json(metrics, eval_dir / "metrics.json")
         if "ramachandran_kl_reweighted" in metrics:
             print(
