@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from boltzgen.protocols import Density, LogDensity, SampleFilter, Sampler
 
 __all__ = [
     "ObjectiveResult",
@@ -86,7 +87,7 @@ def _rows_finite(x: Tensor) -> Tensor:
     return torch.isfinite(x.reshape(x.shape[0], -1)).all(-1)
 
 
-def _target_log_prob(target: Any, x: Tensor) -> tuple[Tensor, Tensor, int]:
+def _target_log_prob(target: LogDensity, x: Tensor) -> tuple[Tensor, Tensor, int]:
     """``(log_p, ok, n_evals)`` with ``ok`` False for rows to drop (their log_p set to 0).
 
     A row is dropped if its log density is not finite or, for a target with an ``energy_cut``
@@ -110,10 +111,10 @@ def _target_log_prob(target: Any, x: Tensor) -> tuple[Tensor, Tensor, int]:
 
 
 def reverse_kl(
-    model: Any,
-    target: Any,
+    model: Sampler,
+    target: LogDensity,
     n: int,
-    sample_filter: Callable[[Tensor], Tensor] | None = None,
+    sample_filter: SampleFilter | None = None,
 ) -> ObjectiveResult:
     """Reverse KL ``E_q[log q(x) - log p(x)]`` (up to log Z) from ``n`` model samples.
 
@@ -150,7 +151,7 @@ def reverse_kl(
     )
 
 
-def forward_kl(model: Any, x_data: Tensor) -> ObjectiveResult:
+def forward_kl(model: LogDensity, x_data: Tensor) -> ObjectiveResult:
     """Forward KL ``-E_data[log q(x)]`` (up to the data entropy) on a batch ``x_data``.
 
     Args:
@@ -169,12 +170,12 @@ def forward_kl(model: Any, x_data: Tensor) -> ObjectiveResult:
 
 
 def mixed_kl(
-    model: Any,
-    target: Any,
+    model: Density,
+    target: LogDensity,
     n: int,
     x_data: Tensor,
     alpha: float = 0.5,
-    sample_filter: Callable[[Tensor], Tensor] | None = None,
+    sample_filter: SampleFilter | None = None,
 ) -> ObjectiveResult:
     """``alpha * reverse_kl + (1 - alpha) * forward_kl`` (Noe et al. 2019 mix the two).
 
