@@ -10,28 +10,36 @@ from boltzgen.errors import ConfigError
 if TYPE_CHECKING:
     from boltzgen.pipeline import TrainResult
 
-__all__ = ["add_threads_argument", "print_train_summary", "set_threads"]
+__all__ = ["DEFAULT_THREADS", "add_threads_argument", "print_train_summary", "set_threads"]
+
+
+#: torch CPU threads when ``--threads`` is not given. One thread trains the quick ALDP config as
+#: fast as two on a quiet 2-core CPU and keeps 97 % of its speed when another CPU-bound process
+#: runs; two threads dropped to 39 % (see the README, "More than one core").
+DEFAULT_THREADS = 1
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
-    """``--threads N``: torch CPU threads (1 is fastest on a busy or 2-core machine)."""
+    """``--threads N``: torch CPU threads (default `DEFAULT_THREADS`)."""
     p.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (default: torch's choice; use 1 when other jobs share the CPU)",
+        help=f"torch CPU threads (default {DEFAULT_THREADS}: robust when other jobs share the "
+        "cores; more can pay for large flows and batches on an otherwise idle machine)",
     )
 
 
-def set_threads(n: int | None) -> None:
-    """Apply ``--threads`` (None: leave torch's default)."""
-    if n is None:
-        return
-    if n < 1:
+def set_threads(n: int | None) -> int:
+    """Apply ``--threads`` (None: `DEFAULT_THREADS`); returns the count, which the commands
+    print with their first line of progress."""
+    if n is not None and n < 1:
         raise ConfigError(f"--threads must be at least 1, got {n}")
     import torch
 
-    torch.set_num_threads(n)
+    chosen = DEFAULT_THREADS if n is None else n
+    torch.set_num_threads(chosen)
+    return chosen
 
 
 def print_train_summary(result: TrainResult) -> None:

@@ -114,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
         raise BoltzgenError(f"--ais must be >= 0, got {args.ais}")
     if args.n_samples < 10:
         raise BoltzgenError(f"-n must be at least 10, got {args.n_samples}")
-    set_threads(args.threads)
     sdir = system_dir(args.system)
     config_path = Path(args.config) if args.config else sdir / "reverse_kl_quick.yaml"
     if not config_path.is_file():
@@ -126,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         output_dir=args.output_dir,
     )
+    threads = set_threads(args.threads)
     out = Path(config.output_dir)
     max_iter = config.train.max_iter
     ckpt = out / "checkpoint.pt"
@@ -137,7 +137,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         resume = ckpt.is_file()
         verb = "resuming" if resume else "training"
-        print(f"[1/3] {verb} {config_path} -> {out} ({max_iter} iterations)", flush=True)
+        print(
+            f"[1/3] {verb} {config_path} -> {out} ({max_iter} iterations, {threads} torch CPU "
+            f"thread{'s' * (threads > 1)}; --threads N to change)",
+            flush=True,
+        )
         try:
             print_train_summary(pipeline.train(config, resume=resume))
         except KeyboardInterrupt:

@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
         raise BoltzgenError("-n and --batch-size must be positive")
     if args.ais < 0:
         raise BoltzgenError(f"--ais must be >= 0, got {args.ais}")
-    set_threads(args.threads)
     out = check_output(args.output)
+    threads = set_threads(args.threads)
     run_ = pipeline.load_run(args.checkpoint)
     seed = run_.config.train.seed + 1 if args.seed is None else args.seed
     samples = pipeline.draw_samples(
@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     lw = samples.log_weights
     print(
         f"wrote {samples.n} samples to {out}; ESS {ess(lw):.1f} ({100 * ess_fraction(lw):.2f}%); "
-        f"dropped non-finite {samples.n_nonfinite}, D-form {samples.n_filtered}"
+        f"dropped non-finite {samples.n_nonfinite}, D-form {samples.n_filtered}; "
+        f"{threads} torch CPU thread{'s' * (threads > 1)}"
     )
     return 0

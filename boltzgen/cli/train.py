@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from boltzgen import pipeline
     from boltzgen.config import load_config
 
-    set_threads(args.threads)
+    threads = set_threads(args.threads)
     config = pipeline.with_overrides(
         load_config(args.config),
         device=args.device,
@@ -38,11 +38,16 @@ def run(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
     )
     ckpt = Path(config.output_dir) / "checkpoint.pt"
+    start = "from scratch"
     if args.resume:
         from boltzgen.train import load_checkpoint
 
-        it = load_checkpoint(ckpt)["iteration"]
-        print(f"resuming {ckpt} at iteration {it}", file=sys.stderr)
+        start = f"resuming at iteration {load_checkpoint(ckpt)['iteration']}"
+    print(
+        f"training {args.config} -> {config.output_dir} ({start}, {config.train.max_iter} "
+        f"iterations, {threads} torch CPU thread{'s' * (threads > 1)})",
+        flush=True,
+    )
     try:
         result = pipeline.train(config, resume=args.resume)
     except KeyboardInterrupt:
