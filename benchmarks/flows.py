@@ -28,13 +28,13 @@ import torch
 N_DIM, N_CIRC, N_BLOCKS, N_BINS, HIDDEN, TAIL = 60, 12, 12, 8, 256, 5.0
 
 
-def _masks():
+def _masks(n_dim: int = N_DIM, n_blocks: int = N_BLOCKS):
     out, mask = [], None
-    for i in range(N_BLOCKS):
+    for i in range(n_blocks):
         if i % 2 == 0:
             g = torch.Generator().manual_seed(i)
-            mask = torch.zeros(N_DIM, dtype=torch.bool)
-            mask[torch.randperm(N_DIM, generator=g)[: N_DIM // 2]] = True
+            mask = torch.zeros(n_dim, dtype=torch.bool)
+            mask[torch.randperm(n_dim, generator=g)[: n_dim // 2]] = True
         else:
             mask = ~mask
         out.append(mask)
@@ -48,22 +48,28 @@ def build_boltzgen(device: str):
     return fab_aldp_flow(domains).to(device)
 
 
-def build_normflows(device: str):
+def build_normflows(device: str, ind_circ=None, n_dim=N_DIM, n_blocks=N_BLOCKS, hidden=HIDDEN):
+    """normflows 1.7.3 built to boltzgen's architecture: circular RQ-spline couplings (the
+    conditioning dims splined too), a random periodic shift after each, Gaussian x uniform base.
+    ``ind_circ``: the circular dims (default: the last ``N_CIRC``)."""
     import normflows as nf
 
-    ind_circ = list(range(N_DIM - N_CIRC, N_DIM))
-    bound = torch.full((N_DIM,), TAIL)
+    if ind_circ is None:
+        ind_circ = list(range(n_dim - N_CIRC, n_dim))
+    ind_circ = list(ind_circ)
+    n_circ = len(ind_circ)
+    bound = torch.full((n_dim,), TAIL)
     bound[ind_circ] = math.pi
-    scale = torch.ones(N_DIM)
+    scale = torch.ones(n_dim)
     scale[ind_circ] = 2 * math.pi
-    base = nf.distributions.UniformGaussian(N_DIM, ind_circ, scale)
+    base = nf.distributions.UniformGaussian(n_dim, ind_circ, scale)
     layers = []
-    for i, mask in enumerate(_masks()):
+    for i, mask in enumerate(_masks(n_dim, n_blocks)):
         layers.append(
             nf.flows.CircularCoupledRationalQuadraticSpline(
-                N_DIM,
+                n_dim,
                 1,
-                HIDDEN,
+                hidden,
                 ind_circ,
                 tail_bound=bound,
                 num_bins=N_BINS,
@@ -72,7 +78,7 @@ def build_normflows(device: str):
             )
         )
         g = torch.Generator().manual_seed(1000 + i)
-        shift = (torch.rand(N_CIRC, generator=g) * 2 - 1) * math.pi
+        shift = (torch.rand(n_circ, generator=g) * 2 - 1) * math.pi
         layers.append(nf.flows.PeriodicShift(ind_circ, bound=math.pi, shift=shift))
     return nf.NormalizingFlow(base, layers).to(device)
 

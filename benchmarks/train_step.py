@@ -1,0 +1,175 @@
+"""Benchmark: one full reverse-KL training step, boltzgen vs normflows 1.7.3, on alanine dipeptide.
+
+The step: flow sample with log q (latent -> internal coordinates), the internal -> Cartesian
+transform with its log-det (boltzgen's `InternalCoordinates`, both libraries), the
+torch-native energy (`TorchEnergy`, both), the reverse-KL loss, backward, Adam step. Only the
+flow differs: boltzgen's `make_spline_flow` as the run configs build it, and normflows built to
+the same architecture (circular rational-quadratic spline couplings with the conditioning dims
+splined too, 8 bins, residual conditioners with one block, a random periodic shift after each
+block, Gaussian x uniform base; `benchmarks/flows.py` has the builder).
+
+Architectures: ``quick`` (reverse_kl_quick.yaml: 6 blocks x 64 hidden, batch 256) and ``fab``
+(FAB's ALDP flow: 12 blocks x 256 hidden, batch 1024). Prints JSON: CPU model, torch's vector
+capability, threads; per architecture the median step time of each library (interleaved
+repeats, same conditions), the normflows/boltzgen ratio, ATen calls per step (torch profiler
+events named ``aten::*``, nested calls and backward included) and the peak resident-memory
+growth of one step (fresh child process per library, Linux VmHWM).
+
+Run:  python benchmarks/train_step.py [--arch quick fab] [--reps 7] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from flows import _perturb, _status_kib, build_normflows  # noqa: E402
+
+ARCHS = {"quick": (6, 64, 256), "fab": (12, 256, 1024)}  # blocks, hidden, batch
+
+
+def _setup(lib: str, arch: str):
+    """A ``step()`` closure of one library and architecture (model, optimiser, energy)."""
+    from boltzgen import systems
+    from boltzgen.coordinates import InternalCoordinates
+    from boltzgen.energy import BoltzmannTarget, TorchEnergy
+    from boltzgen.flows import circular_mask, make_spline_flow
+    from boltzgen.pipeline import minimized_positions
+
+    n_blocks, hidden, batch = ARCHS[arch]
+    aldp = systems.load("aldp")
+    ic = InternalCoordinates.from_topology(aldp.topology, minimized_positions(aldp))
+    target = BoltzmannTarget(TorchEnergy.from_openmm(aldp.system), aldp.kT)
+    torch.manual_seed(0)
+    if lib == "boltzgen":
+        flow = make_spline_flow(ic.domains, n_blocks=n_blocks, hidden=hidden)
+
+        def draw():
+            return flow.sample_and_log_prob(batch)
+    else:
+        circ = circular_mask(ic.domains).nonzero().flatten().tolist()
+        flow = build_normflows("cpu", circ, len(ic.domains), n_blocks, hidden)
+
+        def draw():
+            return flow.sample(batch)
+
+    _perturb(flow, 1)
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-4)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        y, log_q = draw()
+        x, log_det = ic.forward_and_log_det(y)
+        log_p = target.log_prob(x)
+        loss = (log_q - log_det - log_p).mean()
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _aten_calls(step) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+def _memory_child(lib: str, arch: str, threads: int, q) -> None:
+    torch.set_num_threads(threads)
+    step = _setup(lib, arch)
+    step()  # warm-up: lazily allocated buffers and optimiser state are not counted
+    import gc
+
+    gc.collect()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset the peak resident set size (VmHWM)
+    step()
+    q.put((_status_kib("VmHWM") - before) / 1024)
+
+
+def peak_memory_mib(lib: str, arch: str, threads: int) -> float:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_memory_child, args=(lib, arch, threads, q))
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large blocks returned on free
+    try:
+        p.start()
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    value = q.get()
+    p.join()
+    return float(value)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", nargs="+", default=["quick", "fab"], choices=list(ARCHS))
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-memory", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out: dict = {
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "reps": args.reps,
+        "aten_calls": "profiler events named aten::*, nested and backward included, one step",
+        "archs": {},
+    }
+    for arch in args.arch:
+        steps = {lib: _setup(lib, arch) for lib in ("boltzgen", "normflows")}
+        times: dict = {lib: [] for lib in steps}
+        for r in range(args.warmup + args.reps):
+            for lib, step in steps.items():  # interleaved: the same conditions for both
+                t0 = time.perf_counter()
+                step()
+                if r >= args.warmup:
+                    times[lib].append(time.perf_counter() - t0)
+        med = {lib: statistics.median(v) for lib, v in times.items()}
+        n_blocks, hidden, batch = ARCHS[arch]
+        row = {
+            "blocks": n_blocks,
+            "hidden": hidden,
+            "batch": batch,
+            "median_step_s": med,
+            "all_s": {lib: [round(t, 4) for t in v] for lib, v in times.items()},
+            "speedup_normflows_over_boltzgen": med["normflows"] / med["boltzgen"],
+            "aten_calls_per_step": {lib: _aten_calls(step) for lib, step in steps.items()},
+        }
+        if not args.no_memory:
+            row["peak_memory_mib"] = {
+                lib: peak_memory_mib(lib, arch, args.threads) for lib in steps
+            }
+        out["archs"][arch] = row
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
