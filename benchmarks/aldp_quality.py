@@ -1,0 +1,160 @@
+"""ALDP generator quality against the shipped MD reference (never a training set).
+
+For a trained checkpoint (or a run config, trained first), draws ``-n`` samples (default
+100,000) from the flow and, unless ``--ais 0``, as many AIS-refined ones, and prints JSON:
+training wall time and target evaluations (from the checkpoint), Kish ESS and PSIS k-hat of
+each sample set, the three basin populations and free-energy differences (kT) with bootstrap
+standard errors next to ``systems/aldp/reference`` (block bootstrap of its MD time series) with
+z-scores ``(dF - dF_ref) / sqrt(se^2 + se_ref^2)``, and the 64 x 64 Ramachandran
+``KL(reference || reweighted samples)`` next to its noise floor: the KL of an equally sized
+weighted resample of the reference itself, averaged over 5 resamples.
+
+Run:  python benchmarks/aldp_quality.py runs/aldp_reverse_kl_quick/checkpoint.pt [-n 100000]
+      python benchmarks/aldp_quality.py systems/aldp/reverse_kl_quick.yaml   # trains first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from boltzgen import pipeline
+from boltzgen.analysis import load_samples, phi_psi, ramachandran_kl
+from boltzgen.analysis import reweighting as rw
+from boltzgen.analysis.reports import load_states
+from boltzgen.config import load_config
+from boltzgen.systems import shipped_path
+from boltzgen.train import load_checkpoint
+
+BINS = 64
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _states(pp: np.ndarray, log_w: np.ndarray | None, kT: float, block: int, seed: int):
+    states = load_states(None, "aldp")
+    cvs = {"phi": pp[:, 0], "psi": pp[:, 1]}
+    res = rw.state_free_energies(states, cvs, log_w, kT, 200, block, seed)
+    return {
+        name: {
+            "population": float(p),
+            "population_error": float(pe),
+            "dF_kT": float(f / kT),
+            "dF_kT_error": float(fe / kT),
+        }
+        for name, p, pe, f, fe in zip(
+            res.names, res.population, res.population_error, res.free_energy, res.free_energy_error
+        )
+    }
+
+
+def evaluate(pp: np.ndarray, log_w: np.ndarray, reference, ref_states: dict, seed: int) -> dict:
+    """ESS, k-hat, basins vs the reference with z-scores, Ramachandran KL vs noise floor."""
+    n = len(log_w)
+    basins = _states(pp, log_w, reference.kT, 1, seed)
+    for name, row in basins.items():
+        ref = ref_states[name]
+        row["reference"] = {k: ref[k] for k in ("population", "population_error", "dF_kT")}
+        row["reference"]["dF_kT_error"] = ref["dF_kT_error"]
+        if name != next(iter(basins)):
+            err = math.hypot(row["dF_kT_error"], ref["dF_kT_error"])
+            row["dF_error_kT"] = row["dF_kT"] - ref["dF_kT"]
+            row["z"] = row["dF_error_kT"] / err if err > 0 else float("nan")
+    kl = ramachandran_kl(pp, reference.phi_psi, log_w, BINS, reference_log_w=reference.log_w)
+    rng = np.random.default_rng(seed)
+    p_ref = np.exp(reference.log_w - reference.log_w.max())
+    p_ref /= p_ref.sum()
+    floors = []
+    for _ in range(5):
+        idx = rng.choice(reference.n, size=n, p=p_ref)
+        floors.append(
+            ramachandran_kl(
+                reference.phi_psi[idx],
+                reference.phi_psi,
+                None,
+                BINS,
+                reference_log_w=reference.log_w,
+            )
+        )
+    return {
+        "n": n,
+        "ess_fraction": rw.ess_fraction(log_w),
+        "khat": rw.pareto_khat(log_w),
+        "basins": basins,
+        "ramachandran_kl": kl,
+        "ramachandran_kl_noise_floor": float(np.mean(floors)),
+        "kl_over_floor": kl / float(np.mean(floors)),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", help="checkpoint.pt, or a run config (.yaml) to train first")
+    p.add_argument("-n", "--n-samples", type=int, default=100_000)
+    p.add_argument("--ais", type=int, default=8, help="AIS levels of the refined set (0: none)")
+    p.add_argument("--batch-size", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out: dict = {
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+    }
+    model = Path(args.model)
+    if model.suffix in (".yaml", ".yml"):
+        config = load_config(model)
+        ckpt_path = Path(config.output_dir) / "checkpoint.pt"
+        if (
+            not ckpt_path.is_file()
+            or load_checkpoint(ckpt_path)["iteration"] < config.train.max_iter
+        ):
+            pipeline.train(config, resume=ckpt_path.is_file())
+        model = ckpt_path
+    ckpt = load_checkpoint(model)
+    meta = ckpt.get("metadata", {})
+    out["checkpoint"] = str(model)
+    out["config"] = meta.get("config")
+    out["training"] = {
+        "iterations": ckpt["iteration"],
+        "wall_s": ckpt.get("wall_s"),
+        "target_evals": ckpt.get("counters", {}).get("target_evals"),
+    }
+    reference = load_samples(shipped_path("aldp", "reference", "reference.npz"))
+    ref_block = max(1, reference.n // 20)
+    ref_states = _states(reference.phi_psi, reference.log_w, reference.kT, ref_block, 0)
+    out["reference"] = {"n": reference.n, "states": ref_states}
+    run = pipeline.load_run(model)
+    for name, ais in (("flow", 0), (f"ais{args.ais}", args.ais)):
+        if name != "flow" and args.ais == 0:
+            continue
+        t0 = time.perf_counter()
+        s = pipeline.draw_samples(run, args.n_samples, args.batch_size, ais=ais, seed=args.seed)
+        wall = time.perf_counter() - t0
+        pp = phi_psi(s.positions, run.system)
+        out[name] = {
+            "sampling_wall_s": wall,
+            **evaluate(pp, s.log_weights, reference, ref_states, 0),
+        }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
