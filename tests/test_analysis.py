@@ -326,3 +326,10 @@ def test_shipped_reference_halves_agree_and_sample_phi_positive():
     assert np.all(z < 2.0), z
     readme = (REFERENCE / "README.md").read_text()
     assert "Length" in readme and "alpha_L_C7ax" in readme
+
+
+def test_samples_file_with_wrong_atom_count_is_named(tmp_path):
+    path = tmp_path / "s.npz"
+    np.savez(path, positions=np.zeros((5, 21, 3)), system="aldp", log_weights=np.zeros(5))
+    with pytest.raises(analysis.SamplesFileError, match="21 atoms, system 'aldp' has 22"):
+        analysis.load_samples(path)

@@ -97,11 +97,17 @@ def phi_psi(positions: np.ndarray, molecule: Any) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _phi_psi_atoms(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _system_backbone(name: str) -> tuple[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``(n_atoms, (phi atoms, psi atoms))`` of a shipped or user system, by name."""
     from boltzgen import systems
     from boltzgen.coordinates import phi_psi_atoms
 
-    return phi_psi_atoms(systems.load(name, solvent="vacuum").topology)
+    system = systems.load(name, solvent="vacuum")
+    return system.n_atoms, phi_psi_atoms(system.topology)
+
+
+def _phi_psi_atoms(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return _system_backbone(name)[1]
 
 
 def ramachandran(
@@ -287,12 +293,12 @@ def _array(data: Any, key: str, path: str, ndim: int, n: int | None) -> np.ndarr
 def _known_phi_psi(positions: np.ndarray, system: str) -> np.ndarray | None:
     """phi/psi of a shipped or user peptide system by name; None for other molecules."""
     try:
-        quads = _phi_psi_atoms(system)
+        n_atoms, quads = _system_backbone(system)
     except BoltzgenError:  # unknown system, or no peptide backbone
         return None
-    if max(max(q) for q in quads) >= positions.shape[1]:
+    if positions.shape[1] != n_atoms:
         raise SamplesFileError(
-            f"positions have {positions.shape[1]} atoms, fewer than system {system!r} has"
+            f"positions have {positions.shape[1]} atoms, system {system!r} has {n_atoms}"
         )
     return np.stack([dihedral(positions, q) for q in quads], axis=1)
 
