@@ -209,6 +209,12 @@ def _gb_energy_and_grad(
         energy = torch.cat([e for e, _ in parts])
         return energy, torch.cat([g for _, g in parts]) if need_grad else None
     xc, r2 = _pair_matrix(x)
+    energy, g = _gb_from_r2(term, r2, need_grad)
+    return energy, None if g is None else _grad_from_r2(xc, g)
+
+
+def _gb_from_r2(term: GBSAOBCTerm, r2: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """OBC energy ``(B,)`` from squared distances ``(B, N, N)`` and, if ``need_grad``, dE/dr2."""
     (
         born,
         psi,
@@ -269,7 +275,7 @@ def _gb_energy_and_grad(
     g = torch.add(h, he, alpha=-0.25).mul_(-0.5 * term.prefactor)
     d_term.mul_(active_f).mul_(inv_r)
     g = torch.addcmul(g, d_term, (0.25 * d_integral)[:, :, None])
-    return energy, _grad_from_r2(xc, g)
+    return energy, g
 
 
 #: batch chunk of the dense GB pair maths (~128 x 22 x 22 temporaries stay in cache)
