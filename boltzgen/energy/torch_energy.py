@@ -515,8 +515,10 @@ def _dense_nonbonded_from_r2(
 
 _FUSABLE = (HarmonicBondTerm, HarmonicAngleTerm, PeriodicTorsionTerm, NonbondedTerm, GBSAOBCTerm)
 
-#: batch chunk of the fused evaluation (~128 x 22 x 22 pair temporaries stay in cache)
-_FUSED_CHUNK = 128
+#: batch chunk of the bonded terms' ``(3, chunk, n_vectors)`` temporaries
+_BONDED_CHUNK = 1024
+#: bytes of one ``(chunk, N, N)`` pair temporary (128 x 22 x 22 float32 for alanine dipeptide)
+_PAIR_BYTES = 1 << 18
 
 
 class _FusedEnergy(nn.Module):
@@ -574,42 +576,70 @@ class _FusedEnergy(nn.Module):
         self.register_buffer("incidence", m)
 
     def evaluate(
-        self, x: Tensor, need_grad: bool, chunk: int = _FUSED_CHUNK
+        self, x: Tensor, need_grad: bool, chunked: bool = True
     ) -> tuple[Tensor, Tensor | None]:
-        """Per-term energies ``(B, n_terms)`` and, if ``need_grad``, the total dE/dx."""
-        if chunk and x.shape[0] > chunk:
-            parts = [self.evaluate(xs, need_grad, 0) for xs in x.split(chunk)]
-            energies = torch.cat([e for e, _ in parts])
-            return energies, torch.cat([g for _, g in parts]) if need_grad else None
+        """Per-term energies ``(B, n_terms)`` and, if ``need_grad``, the total dE/dx.
+
+        ``chunked`` splits the batch (bonded and pair parts separately) so that temporaries
+        stay cache-sized; the compiled evaluation runs unchunked.
+        """
         energies: list[Tensor | None] = [None] * self.n_terms
         grad = None
-        if self.bonded_slot:
-            v = _vectors(x, self.incidence)
-            gv = []
-            pieces = v.split(self.sizes, -1)
-            for term, fn, k, piece in zip(self.bonded, self.bonded_fn, self.bonded_slot, pieces):
-                energies[k], g = fn(term, piece, need_grad)
-                gv.append(g)
-            if need_grad:
-                grad = _vectors_grad(torch.cat(gv, -1), self.incidence)
-        if self.pair_slot:
-            xc, r2 = _pair_matrix(x)
-            g_sum = None
-            for term, fn, k in zip(self.pair, self.pair_fn, self.pair_slot):
-                energies[k], g = fn(term, r2, need_grad)
-                if need_grad:
-                    g_sum = g if g_sum is None else g_sum + g
-            if need_grad:
-                gp = _grad_from_r2(xc, g_sum)
-                grad = gp if grad is None else grad + gp
+        for part, chunk in ((self._bonded, _BONDED_CHUNK), (self._pairs, self._pair_chunk(x))):
+            if chunked and x.shape[0] > chunk:
+                pieces = [part(xs, need_grad) for xs in x.split(chunk)]
+                e = {k: torch.cat([p[0][k] for p in pieces]) for k in pieces[0][0]}
+                g = (
+                    torch.cat([p[1] for p in pieces])
+                    if need_grad and pieces[0][1] is not None
+                    else None
+                )
+            else:
+                e, g = part(x, need_grad)
+            for k, value in e.items():
+                energies[k] = value
+            if g is not None:
+                grad = g if grad is None else grad + g
         return torch.stack(energies, -1), grad
+
+    def _pair_chunk(self, x: Tensor) -> int:
+        """Batch chunk whose ``(chunk, N, N)`` pair temporaries take about `_PAIR_BYTES`."""
+        return max(1, _PAIR_BYTES // (x.shape[1] ** 2 * x.element_size()))
+
+    def _bonded(self, x: Tensor, need_grad: bool) -> tuple[dict[int, Tensor], Tensor | None]:
+        energies: dict[int, Tensor] = {}
+        if not self.bonded_slot:
+            return energies, None
+        v = _vectors(x, self.incidence)
+        gv = []
+        pieces = v.split(self.sizes, -1)
+        for term, fn, k, piece in zip(self.bonded, self.bonded_fn, self.bonded_slot, pieces):
+            energies[k], g = fn(term, piece, need_grad)
+            gv.append(g)
+        if not need_grad:
+            return energies, None
+        return energies, _vectors_grad(torch.cat(gv, -1), self.incidence)
+
+    def _pairs(self, x: Tensor, need_grad: bool) -> tuple[dict[int, Tensor], Tensor | None]:
+        energies: dict[int, Tensor] = {}
+        if not self.pair_slot:
+            return energies, None
+        xc, r2 = _pair_matrix(x)
+        g_sum = None
+        for term, fn, k in zip(self.pair, self.pair_fn, self.pair_slot):
+            energies[k], g = fn(term, r2, need_grad)
+            if need_grad:
+                g_sum = g if g_sum is None else g_sum + g
+        if not need_grad:
+            return energies, None
+        return energies, _grad_from_r2(xc, g_sum)
 
 
 def _evaluate_whole(
     fused: _FusedEnergy, x: Tensor, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
     """Unchunked evaluation (what `TorchEnergy.compile_energy` compiles)."""
-    return fused.evaluate(x, need_grad, 0)
+    return fused.evaluate(x, need_grad, chunked=False)
 
 
 def _plain_total(fused: _FusedEnergy, x: Tensor) -> Tensor:
