@@ -161,7 +161,7 @@ def _bond_energy_and_grad(
 ) -> tuple[Tensor, Tensor | None]:
     m = _incidence(term, x, *_bond_vectors(term))
     energy, g = _bond_from_vectors(term, _vectors(x, m), need_grad)
-    return energy, None if g is None else _vectors_grad(g, m)
+    return energy, None if g is None else _vectors_grad(torch.cat(g, -1), m)
 
 
 def _bond_vectors(term: HarmonicBondTerm) -> tuple[Tensor, Tensor]:
@@ -171,14 +171,15 @@ def _bond_vectors(term: HarmonicBondTerm) -> tuple[Tensor, Tensor]:
 
 def _bond_from_vectors(
     term: HarmonicBondTerm, d: Tensor, need_grad: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Bond energy ``(B,)`` from bond vectors ``(3, B, K)`` and, if ``need_grad``, dE/dvector."""
+) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """Bond energy ``(B,)`` from bond vectors ``(3, B, K)`` and, if ``need_grad``, dE/dvector
+    (as a tuple of consecutive pieces, like the other ``*_from_vectors``)."""
     r = torch.sqrt((d * d).sum(0))
     k_dr = term.k * (r - term.r0)
     energy = (0.5 * k_dr * (r - term.r0)).sum(-1)
     if not need_grad:
         return energy, None
-    return energy, (k_dr / r) * d
+    return energy, ((k_dr / r) * d,)
 
 
 def _angle_energy_and_grad(
@@ -186,7 +187,7 @@ def _angle_energy_and_grad(
 ) -> tuple[Tensor, Tensor | None]:
     m = _incidence(term, x, *_angle_vectors(term))
     energy, g = _angle_from_vectors(term, _vectors(x, m), need_grad)
-    return energy, None if g is None else _vectors_grad(g, m)
+    return energy, None if g is None else _vectors_grad(torch.cat(g, -1), m)
 
 
 def _angle_vectors(term: HarmonicAngleTerm) -> tuple[Tensor, Tensor]:
@@ -196,7 +197,7 @@ def _angle_vectors(term: HarmonicAngleTerm) -> tuple[Tensor, Tensor]:
 
 def _angle_from_vectors(
     term: HarmonicAngleTerm, v: Tensor, need_grad: bool
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     a, b = v.chunk(2, dim=-1)
     ab = (a * b).sum(0)
     cn = torch.sqrt((_cross(a, b) ** 2).sum(0))
@@ -208,7 +209,7 @@ def _angle_from_vectors(
     s = -(term.k * dtheta) / cn.clamp_min(torch.finfo(v.dtype).tiny)
     ga = s * (b - (ab / (a * a).sum(0)) * a)
     gb = s * (a - (ab / (b * b).sum(0)) * b)
-    return energy, torch.cat([ga, gb], -1)
+    return energy, (ga, gb)
 
 
 def _torsion_energy_and_grad(
@@ -216,7 +217,7 @@ def _torsion_energy_and_grad(
 ) -> tuple[Tensor, Tensor | None]:
     m = _incidence(term, x, *_torsion_vectors(term))
     energy, g = _torsion_from_vectors(term, _vectors(x, m), need_grad)
-    return energy, None if g is None else _vectors_grad(g, m)
+    return energy, None if g is None else _vectors_grad(torch.cat(g, -1), m)
 
 
 def _torsion_vectors(term: PeriodicTorsionTerm) -> tuple[Tensor, Tensor]:
@@ -226,7 +227,7 @@ def _torsion_vectors(term: PeriodicTorsionTerm) -> tuple[Tensor, Tensor]:
 
 def _torsion_from_vectors(
     term: PeriodicTorsionTerm, v: Tensor, need_grad: bool
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     f, g, h = v.chunk(3, dim=-1)
     a, b = _cross(f, g), _cross(h, g)
     g2 = (g * g).sum(0)
@@ -245,7 +246,7 @@ def _torsion_from_vectors(
     fg, hg = (f * g).sum(0) / g2, (h * g).sum(0) / g2
     sa, sb = s0 * a, s3 * b
     # dE/df, dE/dg, dE/dh (the atom gradients are -sa, (1 + fg) sa - hg sb, ..., sb)
-    return energy, torch.cat([-sa, fg * sa - hg * sb, sb], -1)
+    return energy, (-sa, fg * sa - hg * sb, sb)
 
 
 class NonbondedTerm(nn.Module):
@@ -516,7 +517,7 @@ def _dense_nonbonded_from_r2(
 _FUSABLE = (HarmonicBondTerm, HarmonicAngleTerm, PeriodicTorsionTerm, NonbondedTerm, GBSAOBCTerm)
 
 #: batch chunk of the bonded terms' ``(3, chunk, n_vectors)`` temporaries
-_BONDED_CHUNK = 1024
+_BONDED_CHUNK = 256
 #: bytes of one ``(chunk, N, N)`` pair temporary (128 x 22 x 22 float32 for alanine dipeptide)
 _PAIR_BYTES = 1 << 18
 
@@ -611,14 +612,21 @@ class _FusedEnergy(nn.Module):
         if not self.bonded_slot:
             return energies, None
         v = _vectors(x, self.incidence)
-        gv = []
+        # dE/dvector of every term goes straight into one (B, 3, K) buffer, the layout the
+        # gradient product reads without a copy
+        gbuf = x.new_empty(x.shape[0], 3, v.shape[-1]) if need_grad else None
+        start = 0
         pieces = v.split(self.sizes, -1)
         for term, fn, k, piece in zip(self.bonded, self.bonded_fn, self.bonded_slot, pieces):
             energies[k], g = fn(term, piece, need_grad)
-            gv.append(g)
-        if not need_grad:
+            for gi in g or ():
+                gbuf[:, :, start : start + gi.shape[-1]] = gi.transpose(0, 1)
+                start += gi.shape[-1]
+        if gbuf is None:
             return energies, None
-        return energies, _vectors_grad(torch.cat(gv, -1), self.incidence)
+        b, n = x.shape[0], x.shape[1]
+        grad = torch.mm(gbuf.view(b * 3, -1), self.incidence.T).view(b, 3, n).transpose(1, 2)
+        return energies, grad
 
     def _pairs(self, x: Tensor, need_grad: bool) -> tuple[dict[int, Tensor], Tensor | None]:
         energies: dict[int, Tensor] = {}
