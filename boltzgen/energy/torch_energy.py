@@ -18,6 +18,11 @@ Anything else raises `UnsupportedForceError` naming the force. Positions are ``(
 in nm; energies ``(B,)`` in kJ/mol. Parameters are buffers, so ``.to(device, dtype)`` moves them.
 Pairwise terms are dense over all ``N (N - 1) / 2`` pairs: right for small molecules in implicit
 solvent (the use case), quadratic in memory for large ones.
+
+`TorchEnergy` evaluates all terms in one fused pass (`_FusedEnergy`): the bonded terms share one
+product for their bond/angle/torsion vectors and one for the gradient, and Coulomb + LJ + GB share
+one ``(B, N, N)`` squared-distance matrix and one position gradient; the term modules themselves
+still work on their own (``energy.terms[name](x)``) and give the same numbers.
 """
 
 from __future__ import annotations
@@ -329,7 +334,9 @@ class TorchEnergy(Energy):
     """Potential energy of an `openmm.System`, in torch: ``(B, n_atoms, 3)`` nm -> ``(B,)`` kJ/mol.
 
     Differentiable (forces by autograd), batched, device- and dtype-agnostic (the terms follow
-    the input's dtype; parameters are float64 buffers cast on the fly).
+    the input's dtype; parameters are float64 buffers, cast copies cached per dtype/device).
+    The fused evaluator is built from the terms at construction: changing a term's buffers
+    afterwards is not seen by `forward`.
 
     Example:
         >>> energy = TorchEnergy.from_openmm(boltzgen.systems.load("aldp").system)
