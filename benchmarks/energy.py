@@ -2,7 +2,8 @@
 
 Prints JSON: microseconds per sample (median over repeats) for energy and energy+forces at
 batch 1, 64, 1024 and 8192, all measured in this one run, and the speed-up ratios of
-TorchEnergy over one OpenMM CPU context. Usage::
+TorchEnergy over one OpenMM CPU context, next to the CPU model, torch's CPU capability
+(AVX2/AVX512), the torch version and thread counts. Usage::
 
     python benchmarks/energy.py [--system aldp] [--repeats 5] [--batches 1 64 1024 8192]
 """
@@ -36,6 +37,18 @@ def _time(fn, repeats, min_time=0.2):
     return statistics.median(per_call)
 
 
+def _cpu_model():
+    """The CPU model name from /proc/cpuinfo (Linux), else platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--system", default="aldp")
@@ -56,6 +69,7 @@ def main():
     rng = np.random.default_rng(0)
     te = TorchEnergy.from_openmm(s.system)
     tc = TorchEnergy.from_openmm(s.system).compile_energy(dynamic=False) if args.compile else None
+    compile_s = {}
     single = OpenMMEnergy(s.system, n_workers=1, platform="CPU")
     # for a 22-atom molecule OpenMM's threading overhead dominates: a 1-thread context is shown too
     single1 = OpenMMEnergy(
@@ -88,7 +102,9 @@ def main():
             1e6 * _time(lambda x=x: te.energy_and_forces(x), args.repeats) / batch
         )
         if tc is not None:
-            tc.energy_and_forces(x)  # compile for this shape (not timed)
+            t0 = time.perf_counter()
+            tc.energy_and_forces(x)  # compile for this shape (timed once, not in the ratio)
+            compile_s[batch] = time.perf_counter() - t0
             row["torch_compiled_energy_forces_us"] = (
                 1e6 * _time(lambda x=x: tc.energy_and_forces(x), args.repeats) / batch
             )
@@ -113,9 +129,16 @@ def main():
                 "system": f"{args.system}/{args.solvent}",
                 "n_atoms": s.n_atoms,
                 "torch_dtype": args.dtype,
+                "torch_version": torch.__version__,
                 "torch_threads": torch.get_num_threads(),
+                "torch_interop_threads": torch.get_num_interop_threads(),
+                "openmm_threads": {"single": "default", "single1": 1, "pool2": "default x 2"},
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                 "cpu_count": os.cpu_count(),
-                "machine": platform.processor() or platform.machine(),
+                "cpu_model": _cpu_model(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "machine": platform.machine(),
+                "compile_seconds": compile_s,
                 "statistic": f"median of {args.repeats} repeats, microseconds per sample",
                 "results": results,
             },

@@ -69,6 +69,21 @@ class GBSAOBCTerm(nn.Module):
         self.surface_area_energy = surface_area_energy  # includes the 4 pi
         self.probe_radius = probe_radius
         self.engulfed_term = engulfed_term
+        # derived constants, prepared once (not saved: they follow from the buffers above)
+        orad, srad = self.offset_radius, self.scaled_radius
+        derived = {
+            "or_col": orad[:, None],
+            "sr_row": srad[None, :],
+            "neg_sr2_row": -(srad**2)[None, :],
+            "two_inv_or_col": 2 / orad[:, None],
+            "half_or": 0.5 * orad,
+            "inv_or": 1 / orad,
+            "inv_radius": 1 / radius,
+            "or_over_radius": orad / radius,
+            "sa_coef": surface_area_energy * (radius + probe_radius) ** 2 * radius**6,
+        }
+        for name, value in derived.items():
+            self.register_buffer(name, value, persistent=False)
 
     @classmethod
     def from_openmm(cls, force: Any) -> GBSAOBCTerm:
@@ -135,8 +150,8 @@ class GBSAOBCTerm(nn.Module):
         r = torch.sqrt(r2 + self.eye)  # no infinite sqrt'(0) on the diagonal under autograd
         active = r > self.threshold
         r = torch.maximum(r, self.r_floor)
-        or_i = self.offset_radius[:, None]
-        sr_j = self.scaled_radius[None, :]
+        or_i = self.or_col
+        sr_j = self.sr_row
         inv_u = torch.reciprocal(r + sr_j)
         diff = r - sr_j
         abs_diff = diff.abs()
@@ -145,18 +160,18 @@ class GBSAOBCTerm(nn.Module):
         inv_l, inv_r = torch.reciprocal(lower), torch.reciprocal(r)
         inv_l2, inv_u2 = inv_l * inv_l, inv_u * inv_u
         diff_ul = inv_u2 - inv_l2
-        a = torch.addcmul(r, -(sr_j**2), inv_r)  # r - sr_j^2 / r
+        a = torch.addcmul(r, self.neg_sr2_row, inv_r)  # r - sr_j^2 / r
         log_lu = torch.log(lower * inv_u)
         term = torch.addcmul(inv_l - inv_u, a, diff_ul, value=0.25)
         term = torch.addcmul(term, log_lu, inv_r, value=0.5)
         engulfed = None
         if self.engulfed_term:
             engulfed = (or_i < sr_j - r) & active
-            term = term + torch.where(engulfed, 2 * (1 / or_i - inv_l), 0.0)
+            term = term + torch.where(engulfed, self.two_inv_or_col - 2 * inv_l, 0.0)
         active_f = active.to(r2.dtype)
-        psi = (0.5 * self.offset_radius) * (term * active_f).sum(-1)
+        psi = self.half_or * (term * active_f).sum(-1)
         t = torch.tanh(psi * (self.alpha + psi * (self.gamma * psi - self.beta)))
-        born = 1 / (1 / self.offset_radius - t / self.radius)
+        born = torch.reciprocal(torch.addcmul(self.inv_or, t, self.inv_radius, value=-1.0))
         return (
             born,
             psi,
@@ -209,6 +224,12 @@ def _gb_energy_and_grad(
         energy = torch.cat([e for e, _ in parts])
         return energy, torch.cat([g for _, g in parts]) if need_grad else None
     xc, r2 = _pair_matrix(x)
+    energy, g = _gb_from_r2(term, r2, need_grad)
+    return energy, None if g is None else _grad_from_r2(xc, g)
+
+
+def _gb_from_r2(term: GBSAOBCTerm, r2: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """OBC energy ``(B,)`` from squared distances ``(B, N, N)`` and, if ``need_grad``, dE/dr2."""
     (
         born,
         psi,
@@ -237,9 +258,7 @@ def _gb_energy_and_grad(
     energy = term.prefactor * pair.sum((-1, -2))
     sa = None
     if term.surface_area_energy:
-        sa = (term.surface_area_energy * (term.radius + term.probe_radius) ** 2) * (
-            term.radius * inv_born
-        ) ** 6
+        sa = term.sa_coef * inv_born**6
         energy = energy + sa.sum(-1)
     if not need_grad:
         return energy, None
@@ -252,7 +271,7 @@ def _gb_energy_and_grad(
     if sa is not None:
         d_born = d_born - 6 * sa * inv_born
     d_psi = term.alpha + psi * (3 * term.gamma * psi - 2 * term.beta)
-    d_integral = d_born * born**2 * (1 - t * t) * d_psi * (term.offset_radius / term.radius)
+    d_integral = d_born * born**2 * (1 - t * t) * d_psi * term.or_over_radius
     # d(term)/dr with lower' = sign(diff) where lower = |diff|, else 0; inv_d = lower' / lower
     inv_d = torch.where(use_diff, torch.reciprocal(diff), 0.0)
     lp_inv_l2 = inv_d * inv_l
@@ -269,7 +288,7 @@ def _gb_energy_and_grad(
     g = torch.add(h, he, alpha=-0.25).mul_(-0.5 * term.prefactor)
     d_term.mul_(active_f).mul_(inv_r)
     g = torch.addcmul(g, d_term, (0.25 * d_integral)[:, :, None])
-    return energy, _grad_from_r2(xc, g)
+    return energy, g
 
 
 #: batch chunk of the dense GB pair maths (~128 x 22 x 22 temporaries stay in cache)

@@ -18,6 +18,11 @@ Anything else raises `UnsupportedForceError` naming the force. Positions are ``(
 in nm; energies ``(B,)`` in kJ/mol. Parameters are buffers, so ``.to(device, dtype)`` moves them.
 Pairwise terms are dense over all ``N (N - 1) / 2`` pairs: right for small molecules in implicit
 solvent (the use case), quadratic in memory for large ones.
+
+`TorchEnergy` evaluates all terms in one fused pass (`_FusedEnergy`): the bonded terms share one
+product for their bond/angle/torsion vectors and one for the gradient, and Coulomb + LJ + GB share
+one ``(B, N, N)`` squared-distance matrix and one position gradient; the term modules themselves
+still work on their own (``energy.terms[name](x)``) and give the same numbers.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from torch import Tensor, nn
 
 from boltzgen.energy._common import ONE_4PI_EPS0, _analytic, _f64, _i64, _val
 from boltzgen.energy.base import Energy
-from boltzgen.energy.gb import GBSAOBCTerm
+from boltzgen.energy.gb import GBSAOBCTerm, _gb_from_r2, _grad_from_r2, _pair_matrix
 from boltzgen.errors import UnsupportedForceError
 
 __all__ = [
@@ -159,22 +164,46 @@ def _vectors_grad(g: Tensor, m: Tensor) -> Tensor:
 def _bond_energy_and_grad(
     term: HarmonicBondTerm, x: Tensor, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    m = _incidence(term, x, term.pairs[:, 1], term.pairs[:, 0])
-    d = _vectors(x, m)
+    m = _incidence(term, x, *_bond_vectors(term))
+    energy, g = _bond_from_vectors(term, _vectors(x, m), need_grad)
+    return energy, None if g is None else _vectors_grad(torch.cat(g, -1), m)
+
+
+def _bond_vectors(term: HarmonicBondTerm) -> tuple[Tensor, Tensor]:
+    """Atom indices ``(plus, minus)`` of the bond vectors ``x[plus] - x[minus]``."""
+    return term.pairs[:, 1], term.pairs[:, 0]
+
+
+def _bond_from_vectors(
+    term: HarmonicBondTerm, d: Tensor, need_grad: bool
+) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """Bond energy ``(B,)`` from bond vectors ``(3, B, K)`` and, if ``need_grad``, dE/dvector
+    (as a tuple of consecutive pieces, like the other ``*_from_vectors``)."""
     r = torch.sqrt((d * d).sum(0))
     k_dr = term.k * (r - term.r0)
     energy = (0.5 * k_dr * (r - term.r0)).sum(-1)
     if not need_grad:
         return energy, None
-    return energy, _vectors_grad((k_dr / r) * d, m)
+    return energy, ((k_dr / r) * d,)
 
 
 def _angle_energy_and_grad(
     term: HarmonicAngleTerm, x: Tensor, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
+    m = _incidence(term, x, *_angle_vectors(term))
+    energy, g = _angle_from_vectors(term, _vectors(x, m), need_grad)
+    return energy, None if g is None else _vectors_grad(torch.cat(g, -1), m)
+
+
+def _angle_vectors(term: HarmonicAngleTerm) -> tuple[Tensor, Tensor]:
     t = term.triples
-    m = _incidence(term, x, torch.cat([t[:, 0], t[:, 2]]), torch.cat([t[:, 1], t[:, 1]]))
-    a, b = _vectors(x, m).chunk(2, dim=-1)
+    return torch.cat([t[:, 0], t[:, 2]]), torch.cat([t[:, 1], t[:, 1]])
+
+
+def _angle_from_vectors(
+    term: HarmonicAngleTerm, v: Tensor, need_grad: bool
+) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    a, b = v.chunk(2, dim=-1)
     ab = (a * b).sum(0)
     cn = torch.sqrt((_cross(a, b) ** 2).sum(0))
     dtheta = torch.atan2(cn, ab) - term.theta0
@@ -182,19 +211,29 @@ def _angle_energy_and_grad(
     if not need_grad:
         return energy, None
     # d theta / d a = -(b - (a.b / a.a) a) / |a x b|, and likewise for b
-    s = -(term.k * dtheta) / cn.clamp_min(torch.finfo(x.dtype).tiny)
+    s = -(term.k * dtheta) / cn.clamp_min(torch.finfo(v.dtype).tiny)
     ga = s * (b - (ab / (a * a).sum(0)) * a)
     gb = s * (a - (ab / (b * b).sum(0)) * b)
-    return energy, _vectors_grad(torch.cat([ga, gb], -1), m)
+    return energy, (ga, gb)
 
 
 def _torsion_energy_and_grad(
     term: PeriodicTorsionTerm, x: Tensor, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
+    m = _incidence(term, x, *_torsion_vectors(term))
+    energy, g = _torsion_from_vectors(term, _vectors(x, m), need_grad)
+    return energy, None if g is None else _vectors_grad(torch.cat(g, -1), m)
+
+
+def _torsion_vectors(term: PeriodicTorsionTerm) -> tuple[Tensor, Tensor]:
     q = term.unique_quads
-    plus, minus = torch.cat([q[:, 0], q[:, 1], q[:, 3]]), torch.cat([q[:, 1], q[:, 2], q[:, 2]])
-    m = _incidence(term, x, plus, minus)
-    f, g, h = _vectors(x, m).chunk(3, dim=-1)
+    return torch.cat([q[:, 0], q[:, 1], q[:, 3]]), torch.cat([q[:, 1], q[:, 2], q[:, 2]])
+
+
+def _torsion_from_vectors(
+    term: PeriodicTorsionTerm, v: Tensor, need_grad: bool
+) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    f, g, h = v.chunk(3, dim=-1)
     a, b = _cross(f, g), _cross(h, g)
     g2 = (g * g).sum(0)
     g_norm = torch.sqrt(g2)
@@ -204,7 +243,7 @@ def _torsion_energy_and_grad(
     energy = (term.k * (1 + torch.cos(arg))).sum(-1)
     if not need_grad:
         return energy, None
-    d_phi = x.new_zeros(phi.shape).index_add_(
+    d_phi = v.new_zeros(phi.shape).index_add_(
         1, term.quad_index, -(term.k * term.periodicity) * torch.sin(arg)
     )
     s0 = d_phi * g_norm / (a * a).sum(0)
@@ -212,7 +251,7 @@ def _torsion_energy_and_grad(
     fg, hg = (f * g).sum(0) / g2, (h * g).sum(0) / g2
     sa, sb = s0 * a, s3 * b
     # dE/df, dE/dg, dE/dh (the atom gradients are -sa, (1 + fg) sa - hg sb, ..., sb)
-    return energy, _vectors_grad(torch.cat([-sa, fg * sa - hg * sb, sb], -1), m)
+    return energy, (-sa, fg * sa - hg * sb, sb)
 
 
 class NonbondedTerm(nn.Module):
@@ -295,7 +334,9 @@ class TorchEnergy(Energy):
     """Potential energy of an `openmm.System`, in torch: ``(B, n_atoms, 3)`` nm -> ``(B,)`` kJ/mol.
 
     Differentiable (forces by autograd), batched, device- and dtype-agnostic (the terms follow
-    the input's dtype; parameters are float64 buffers cast on the fly).
+    the input's dtype; parameters are float64 buffers, cast copies cached per dtype/device).
+    The fused evaluator is built from the terms at construction: changing a term's buffers
+    afterwards is not seen by `forward`.
 
     Example:
         >>> energy = TorchEnergy.from_openmm(boltzgen.systems.load("aldp").system)
@@ -307,6 +348,14 @@ class TorchEnergy(Energy):
         super().__init__(n_atoms)
         self.terms = nn.ModuleDict(terms)
         self._compiled: Any = None
+        self._analytic = True
+        # the fused evaluator keeps its own float64 master (not a submodule: no state_dict
+        # entries, and `.to()` leaves it alone); cast copies are cached per (dtype, device)
+        fused = None
+        if terms and all(isinstance(t, _FUSABLE) for t in terms.values()):
+            fused = _FusedEnergy(terms, n_atoms)
+        self.__dict__["_fused"] = fused
+        self.__dict__["_fused_cache"] = {}
 
     def set_analytic_gradients(self, enabled: bool = True) -> TorchEnergy:
         """Choose analytic, once-differentiable gradients (default, fast) or plain autograd.
@@ -314,6 +363,7 @@ class TorchEnergy(Energy):
         Plain autograd (``enabled=False``) is needed for second derivatives, e.g. training
         through MALA/HMC proposals that use forces. Returns ``self``.
         """
+        self._analytic = bool(enabled)
         for term in self.terms.values():
             term.analytic_gradients = bool(enabled)
             for cached in term.__dict__.get("_cast_cache", {}).values():
@@ -321,12 +371,20 @@ class TorchEnergy(Energy):
         return self
 
     def compile_energy(self, **kwargs: Any) -> TorchEnergy:
-        """Use `torch.compile` for the total energy (fuses the elementwise pair maths).
+        """Use `torch.compile` for the total energy and its analytic gradient.
 
-        The first call per input shape/dtype compiles (tens of seconds on a CPU); later calls
-        are 2-3x faster on CPU. Keyword arguments go to `torch.compile`. Returns ``self``.
+        The whole fused evaluation (all terms, energy and forces) is one compiled function, so
+        it compiles once per input shape/dtype (and once more for the plain-autograd path of
+        `set_analytic_gradients(False)`, if used). Keyword arguments go to `torch.compile`
+        (``dynamic=False`` suits a fixed batch size). Returns ``self``.
         """
-        self._compiled = torch.compile(self._total, **kwargs)
+        if self._fused is None:
+            self._compiled = torch.compile(self._total, **kwargs)
+            return self
+        self._compiled = {
+            True: torch.compile(_evaluate_whole, **kwargs),
+            False: torch.compile(_plain_total, **kwargs),
+        }
         return self
 
     @classmethod
@@ -363,18 +421,42 @@ class TorchEnergy(Energy):
         return cls(terms, system.getNumParticles())
 
     def energy_terms(self, x: Tensor) -> dict[str, Tensor]:
-        """Per-force energies, each ``(B,)`` kJ/mol, keyed like `terms`."""
+        """Per-force energies, each ``(B,)`` kJ/mol, keyed like `terms`.
+
+        Without a gradient to track, one fused evaluation gives them all; when ``x`` requires
+        grad, each term is evaluated on its own so that each energy is differentiable.
+        """
         x = self._check_positions(x)
+        if self._fused is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            energies, _ = self._fused_for(x).evaluate(x, False)
+            return dict(zip(self.terms, energies.unbind(-1)))
         return {name: _run_term(term, x) for name, term in self.terms.items()}
 
     def forward(self, x: Tensor) -> Tensor:
         """Total potential energy ``(B,)`` in kJ/mol of positions ``(B, n_atoms, 3)`` in nm."""
         x = self._check_positions(x)
-        if self._compiled is not None:
+        if self._compiled is not None and self._fused is None:
             return self._compiled(x)
         return self._total(x)
 
+    def _fused_for(self, x: Tensor) -> _FusedEnergy:
+        """The fused evaluator with its parameters in ``x``'s dtype and device (cached)."""
+        key = (x.dtype, x.device)
+        if key not in self._fused_cache:
+            self._fused_cache[key] = copy.deepcopy(self._fused).to(device=x.device, dtype=x.dtype)
+        return self._fused_cache[key]
+
     def _total(self, x: Tensor) -> Tensor:
+        if self._fused is not None:
+            fused = self._fused_for(x)
+            compiled = self._compiled
+            if not self._analytic or torch.compiler.is_compiling():
+                if compiled is not None:
+                    return compiled[False](fused, x)
+                return _plain_total(fused, x)
+            if compiled is not None:
+                return _FusedTotal.apply(x, lambda x, need: compiled[True](fused, x, need))
+            return _FusedTotal.apply(x, fused.evaluate)
         total = x.new_zeros(x.shape[0])
         for term in self.terms.values():
             total = total + _run_term(term, x)
@@ -394,3 +476,203 @@ def _run_term(term: nn.Module, x: Tensor) -> Tensor:
     if key not in cache:
         cache[key] = copy.deepcopy(term).to(device=x.device, dtype=x.dtype)
     return cache[key](x)
+
+
+class _DenseNonbonded(nn.Module):
+    """A `NonbondedTerm` as symmetric ``(N, N)`` parameter matrices for the fused pair pass.
+
+    Each pair's parameters sit at ``(i, j)`` and ``(j, i)`` with half weight, so sums over the
+    full matrix count each pair once; excluded pairs and the diagonal are zero and padded to
+    ``r^2 + 1`` (finite even where two excluded atoms coincide).
+    """
+
+    def __init__(self, term: NonbondedTerm, n_atoms: int) -> None:
+        super().__init__()
+        i, j = term.pairs[:, 0], term.pairs[:, 1]
+
+        def dense(values: Tensor) -> Tensor:
+            m = torch.zeros(n_atoms, n_atoms, dtype=values.dtype)
+            m.index_put_((i, j), values, accumulate=True)
+            m.index_put_((j, i), values, accumulate=True)
+            return m
+
+        qq = dense(0.5 * ONE_4PI_EPS0 * term.qq)
+        eps4 = dense(2.0 * term.epsilon)  # half of 4 epsilon
+        self.register_buffer("qq", qq)
+        self.register_buffer("eps4", eps4)
+        self.register_buffer("sigma6", dense(term.sigma**6))
+        self.register_buffer("pad", ((qq == 0) & (eps4 == 0)).to(qq.dtype))
+
+
+def _dense_nonbonded_from_r2(
+    term: _DenseNonbonded, r2: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Coulomb + LJ energy ``(B,)`` from squared distances ``(B, N, N)``; dE/dr2 if asked."""
+    inv_r2 = torch.reciprocal(r2 + term.pad)
+    coulomb = term.qq * torch.sqrt(inv_r2)
+    sr6 = term.sigma6 * inv_r2 * inv_r2 * inv_r2
+    lj6 = term.eps4 * sr6
+    lj12 = lj6 * sr6
+    energy = (coulomb + lj12 - lj6).sum((-1, -2))
+    if not need_grad:
+        return energy, None
+    # dE/dr2 = (-coulomb / 2 - 6 lj12 + 3 lj6) / r2
+    g = torch.add(lj6, lj12, alpha=-2.0).mul_(3.0).sub_(coulomb, alpha=0.5).mul_(inv_r2)
+    return energy, g
+
+
+_FUSABLE = (HarmonicBondTerm, HarmonicAngleTerm, PeriodicTorsionTerm, NonbondedTerm, GBSAOBCTerm)
+
+#: batch chunk of the bonded terms' ``(3, chunk, n_vectors)`` temporaries
+_BONDED_CHUNK = 256
+#: bytes of one ``(chunk, N, N)`` pair temporary (128 x 22 x 22 float32 for alanine dipeptide)
+_PAIR_BYTES = 1 << 18
+
+
+class _FusedEnergy(nn.Module):
+    """All terms of a `TorchEnergy` in one evaluation, returning every term's energy.
+
+    Bonded terms share one incidence product for their bond/angle/torsion vectors and one for
+    the gradient; pair terms (Coulomb + LJ, GB) share one ``(B, N, N)`` squared-distance matrix
+    and sum their ``dE/dr^2`` before a single position gradient. Parameters are prepared once
+    (float64 master here; `TorchEnergy` caches cast copies per dtype/device).
+    """
+
+    def __init__(self, terms: dict[str, nn.Module], n_atoms: int) -> None:
+        super().__init__()
+        self.n_terms = len(terms)
+        self.bonded = nn.ModuleList()
+        self.pair = nn.ModuleList()
+        self.bonded_fn: list[Any] = []
+        self.pair_fn: list[Any] = []
+        self.bonded_slot: list[int] = []
+        self.pair_slot: list[int] = []
+        self.sizes: list[int] = []
+        plus, minus = [], []
+        bonded = {
+            HarmonicBondTerm: (_bond_vectors, _bond_from_vectors),
+            HarmonicAngleTerm: (_angle_vectors, _angle_from_vectors),
+            PeriodicTorsionTerm: (_torsion_vectors, _torsion_from_vectors),
+        }
+        for k, term in enumerate(terms.values()):
+            term = copy.deepcopy(term)
+            for cache in ("_incidence_cache", "_cast_cache"):
+                term.__dict__.pop(cache, None)
+            if type(term) in bonded:
+                vectors, fn = bonded[type(term)]
+                p, m = vectors(term)
+                plus.append(p)
+                minus.append(m)
+                self.sizes.append(p.shape[0])
+                self.bonded.append(term)
+                self.bonded_fn.append(fn)
+                self.bonded_slot.append(k)
+            elif isinstance(term, NonbondedTerm):
+                self.pair.append(_DenseNonbonded(term, n_atoms))
+                self.pair_fn.append(_dense_nonbonded_from_r2)
+                self.pair_slot.append(k)
+            else:
+                self.pair.append(term)
+                self.pair_fn.append(_gb_from_r2)
+                self.pair_slot.append(k)
+        m = torch.zeros(n_atoms, sum(self.sizes), dtype=torch.float64)
+        if plus:
+            p, q = torch.cat(plus), torch.cat(minus)
+            cols = torch.arange(p.shape[0])
+            m.index_put_((p, cols), torch.ones(p.shape[0], dtype=m.dtype), accumulate=True)
+            m.index_put_((q, cols), -torch.ones(p.shape[0], dtype=m.dtype), accumulate=True)
+        self.register_buffer("incidence", m)
+
+    def evaluate(
+        self, x: Tensor, need_grad: bool, chunked: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-term energies ``(B, n_terms)`` and, if ``need_grad``, the total dE/dx.
+
+        ``chunked`` splits the batch (bonded and pair parts separately) so that temporaries
+        stay cache-sized; the compiled evaluation runs unchunked.
+        """
+        energies: list[Tensor | None] = [None] * self.n_terms
+        grad = None
+        for part, chunk in ((self._bonded, _BONDED_CHUNK), (self._pairs, self._pair_chunk(x))):
+            if chunked and x.shape[0] > chunk:
+                pieces = [part(xs, need_grad) for xs in x.split(chunk)]
+                e = {k: torch.cat([p[0][k] for p in pieces]) for k in pieces[0][0]}
+                g = (
+                    torch.cat([p[1] for p in pieces])
+                    if need_grad and pieces[0][1] is not None
+                    else None
+                )
+            else:
+                e, g = part(x, need_grad)
+            for k, value in e.items():
+                energies[k] = value
+            if g is not None:
+                grad = g if grad is None else grad + g
+        return torch.stack(energies, -1), grad
+
+    def _pair_chunk(self, x: Tensor) -> int:
+        """Batch chunk whose ``(chunk, N, N)`` pair temporaries take about `_PAIR_BYTES`."""
+        return max(1, _PAIR_BYTES // (x.shape[1] ** 2 * x.element_size()))
+
+    def _bonded(self, x: Tensor, need_grad: bool) -> tuple[dict[int, Tensor], Tensor | None]:
+        energies: dict[int, Tensor] = {}
+        if not self.bonded_slot:
+            return energies, None
+        v = _vectors(x, self.incidence)
+        # dE/dvector of every term goes straight into one (B, 3, K) buffer, the layout the
+        # gradient product reads without a copy
+        gbuf = x.new_empty(x.shape[0], 3, v.shape[-1]) if need_grad else None
+        start = 0
+        pieces = v.split(self.sizes, -1)
+        for term, fn, k, piece in zip(self.bonded, self.bonded_fn, self.bonded_slot, pieces):
+            energies[k], g = fn(term, piece, need_grad)
+            for gi in g or ():
+                gbuf[:, :, start : start + gi.shape[-1]] = gi.transpose(0, 1)
+                start += gi.shape[-1]
+        if gbuf is None:
+            return energies, None
+        b, n = x.shape[0], x.shape[1]
+        grad = torch.mm(gbuf.view(b * 3, -1), self.incidence.T).view(b, 3, n).transpose(1, 2)
+        return energies, grad
+
+    def _pairs(self, x: Tensor, need_grad: bool) -> tuple[dict[int, Tensor], Tensor | None]:
+        energies: dict[int, Tensor] = {}
+        if not self.pair_slot:
+            return energies, None
+        xc, r2 = _pair_matrix(x)
+        g_sum = None
+        for term, fn, k in zip(self.pair, self.pair_fn, self.pair_slot):
+            energies[k], g = fn(term, r2, need_grad)
+            if need_grad:
+                g_sum = g if g_sum is None else g_sum + g
+        if not need_grad:
+            return energies, None
+        return energies, _grad_from_r2(xc, g_sum)
+
+
+def _evaluate_whole(
+    fused: _FusedEnergy, x: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Unchunked evaluation (what `TorchEnergy.compile_energy` compiles)."""
+    return fused.evaluate(x, need_grad, chunked=False)
+
+
+def _plain_total(fused: _FusedEnergy, x: Tensor) -> Tensor:
+    """Total energy through plain autograd (differentiable any number of times)."""
+    return fused.evaluate(x, False)[0].sum(-1)
+
+
+class _FusedTotal(torch.autograd.Function):
+    """Total energy with the fused analytic gradient (once-differentiable)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, evaluate: Any) -> Tensor:  # noqa: D102
+        energies, grad = evaluate(x, ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad)
+        return energies.sum(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        (grad,) = ctx.saved_tensors
+        return grad_out[:, None, None] * grad, None
