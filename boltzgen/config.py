@@ -69,6 +69,26 @@ class FlowConfig:
     tail_bound: float = 5.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.layer_type not in LAYER_TYPES:
+            raise ConfigError(
+                f"flow.layer_type must be one of {', '.join(LAYER_TYPES)}, got {self.layer_type!r}"
+            )
+        if self.mixing not in MIXINGS:
+            raise ConfigError(
+                f"flow.mixing must be one of {', '.join(map(str, MIXINGS))} (null: none), "
+                f"got {self.mixing!r}"
+            )
+        if min(self.n_blocks, self.n_bins, self.hidden, self.n_res_blocks) < 1:
+            raise ConfigError("flow: n_blocks, n_bins, hidden and n_res_blocks must be >= 1")
+        if not self.tail_bound > 0:
+            raise ConfigError(f"flow.tail_bound must be positive, got {self.tail_bound}")
+
+
+#: Values of ``flow.layer_type`` and ``flow.mixing`` (`boltzgen.flows.make_spline_flow`).
+LAYER_TYPES = ("coupling", "autoregressive", "affine_coupling", "maf")
+MIXINGS = (None, "reverse", "permute", "lu")
+
 
 @dataclass
 class SNFConfig:

@@ -333,3 +333,12 @@ def test_samples_file_with_wrong_atom_count_is_named(tmp_path):
     np.savez(path, positions=np.zeros((5, 21, 3)), system="aldp", log_weights=np.zeros(5))
     with pytest.raises(analysis.SamplesFileError, match="21 atoms, system 'aldp' has 22"):
         analysis.load_samples(path)
+
+
+def test_a_file_that_is_not_npz_is_named(tmp_path):
+    path = tmp_path / "s.npz"
+    path.write_text("positions: none\n")
+    with pytest.raises(analysis.SamplesFileError, match="is not an .npz samples file"):
+        analysis.load_samples(path)
+    with pytest.raises(analysis.SamplesFileError, match="cannot read"):
+        analysis.load_samples(tmp_path / "missing.npz")

@@ -227,3 +227,10 @@ def test_states_parsing_and_errors():
         rw.state_free_energies(
             rw.states_from_dict({"b": {"x": [5, 6]}, "a": {"x": [0, 1]}}), {"x": np.full(10, 0.5)}
         )
+
+
+def test_khat_names_the_samples_it_needs():
+    rng = np.random.default_rng(0)
+    with pytest.raises(rw.WeightError, match=f"at least {rw.KHAT_MIN_SAMPLES} samples.*got 15"):
+        rw.pareto_khat(rng.normal(size=15))
+    assert np.isfinite(rw.pareto_khat(rng.normal(size=rw.KHAT_MIN_SAMPLES)))

@@ -259,6 +259,11 @@ def test_cli_errors_are_one_line_exit_2(tiny_config, tmp_path, capsys):
     bad.write_text(TINY.replace("name: aldp", "name: nosuchmolecule").replace("OUT", "x"))
     code, err = _exit_code_and_message(["train", str(bad)], capsys)
     assert code == 2 and "nosuchmolecule" in err
+    for field, line in (("layer_type", "layer_type: nonsense"), ("mixing", "mixing: twist")):
+        bad.write_text(TINY.replace("hidden: 16", "hidden: 16, " + line).replace("OUT", "x"))
+        code, err = _exit_code_and_message(["train", str(bad)], capsys)
+        assert code == 2 and f"flow.{field} must be one of" in err
+        assert err.count("\n") == 1 and "Traceback" not in err
     code, err = _exit_code_and_message(
         ["sample", str(tmp_path / "no.pt"), "-n", "2", "-o", str(tmp_path / "a.npz")], capsys
     )

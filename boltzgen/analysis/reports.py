@@ -159,7 +159,7 @@ def reweight_report(
         "ess_fraction": rw.ess_fraction(lw),
         "block_length": block,
     }
-    khat = rw.pareto_khat(lw) if n >= 10 else float("nan")
+    khat = rw.pareto_khat(lw) if n >= rw.KHAT_MIN_SAMPLES else float("nan")
     report["khat"] = khat
     report["khat_verdict"] = rw.khat_verdict(khat, n) if np.isfinite(khat) or khat < 0 else ""
     if samples.log_w is not None:
@@ -342,7 +342,7 @@ def evaluate_samples(
         "n_reference": reference.n,
         "ess": rw.ess(lw),
         "ess_fraction": rw.ess_fraction(lw),
-        "khat": rw.pareto_khat(lw) if n >= 10 else float("nan"),
+        "khat": rw.pareto_khat(lw) if n >= rw.KHAT_MIN_SAMPLES else float("nan"),
         "bins": bins,
     }
     m["khat_verdict"] = rw.khat_verdict(m["khat"], n)

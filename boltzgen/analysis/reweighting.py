@@ -40,6 +40,7 @@ __all__ = [
     "khat_verdict",
     "log_z",
     "normalized_log_weights",
+    "KHAT_MIN_SAMPLES",
     "pareto_khat",
     "reweight_to",
     "state_free_energies",
@@ -151,6 +152,10 @@ def _gpd_fit(x: np.ndarray) -> float:
     return (n * xi_hat + 10 * 0.5) / (n + 10)
 
 
+#: Fewest samples `pareto_khat` takes: its tail of ``ceil(min(n/5, 3 sqrt(n)))`` weights needs 5.
+KHAT_MIN_SAMPLES = 21
+
+
 def pareto_khat(log_w: np.ndarray) -> float:
     """Pareto-smoothed importance sampling diagnostic k-hat (Vehtari et al., arXiv:1507.02646).
 
@@ -165,8 +170,10 @@ def pareto_khat(log_w: np.ndarray) -> float:
     lw = _check_log_w(log_w)
     n = lw.shape[0]
     m = int(np.ceil(min(0.2 * n, 3.0 * np.sqrt(n))))
-    if m < 5 or n < 10:
-        raise WeightError(f"k-hat needs at least 10 samples, got {n}")
+    if n < KHAT_MIN_SAMPLES:
+        raise WeightError(
+            f"k-hat needs at least {KHAT_MIN_SAMPLES} samples (a Pareto tail of 5 weights), got {n}"
+        )
     lw = np.sort(lw - np.max(lw))
     tail = np.exp(lw[-m:])
     cut = np.exp(lw[-m - 1])

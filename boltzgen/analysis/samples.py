@@ -317,6 +317,13 @@ def load_samples(path: str | Path) -> SampleSet:
     """
     path = str(path)
     try:
+        with open(path, "rb") as fh:
+            is_zip = fh.read(4) == b"PK\x03\x04"  # an .npz is a zip archive
+    except OSError as exc:
+        raise SamplesFileError(f"cannot read samples file {path}: {exc}") from exc
+    if not is_zip:
+        raise SamplesFileError(f"{path} is not an .npz samples file (boltzgen sample / md output)")
+    try:
         data = np.load(path, allow_pickle=False)
         keys = set(data.files)
     except Exception as exc:
