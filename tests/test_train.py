@@ -408,3 +408,48 @@ def _train_and_sample_shipped(name, tmp_path, capsys, main):
         main(["sample", str(out / "checkpoint.pt"), "-n", "8", "-o", str(tmp_path / "s.npz")]) == 0
     )
     assert "wrote 8 samples" in capsys.readouterr().out
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path):
+    """SIGTERM mid-run: the step in progress finishes, the checkpoint is written at that
+    iteration, exit code 143; ``--resume`` then ends with the parameters of a run that was
+    never interrupted (the periodic checkpoint interval is longer than the run)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = TINY.replace("max_iter: 4", "max_iter: 200").replace(
+        "checkpoint_every: 2", "checkpoint_every: 1000"
+    )
+    runs = {}
+    for name in ("stopped", "straight"):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(text.replace("OUT", str(tmp_path / name)))
+        runs[name] = cfg
+    cmd = [sys.executable, "-m", "boltzgen", "train", "--no-progress", "--threads", "1"]
+    proc = subprocess.Popen(
+        cmd + [str(runs["stopped"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    log = tmp_path / "stopped" / "log.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) > 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM at iteration" in err and "Traceback" not in err
+    stopped_at = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")["iteration"]
+    assert 20 <= stopped_at < 200
+    assert len(log.read_text().splitlines()) == stopped_at + 1  # header + one row per step
+    done = subprocess.run(cmd + [str(runs["stopped"]), "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    straight = subprocess.run(cmd + [str(runs["straight"])], capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    a = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    assert a["iteration"] == b["iteration"] == 200
+    for key, value in b["model"].items():
+        assert torch.equal(a["model"][key], value), key

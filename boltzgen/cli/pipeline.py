@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from boltzgen.config import load_config
     from boltzgen.files import write_json
     from boltzgen.systems import system_dir
-    from boltzgen.train import load_checkpoint
+    from boltzgen.train import TrainingInterrupted, load_checkpoint
 
     if args.ais < 0:
         raise BoltzgenError(f"--ais must be >= 0, got {args.ais}")
@@ -144,9 +144,13 @@ def run(args: argparse.Namespace) -> int:
         )
         try:
             print_train_summary(pipeline.train(config, resume=resume))
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; run the same command again to resume {ckpt}", file=sys.stderr)
-            return 130
+        except TrainingInterrupted as stop:
+            print(
+                f"\n{stop}: checkpoint {stop.checkpoint} written; run the same command again "
+                "to resume",
+                file=sys.stderr,
+            )
+            return 128 + stop.signum
 
     # 2. sample
     samples_path = out / "samples.npz"

@@ -25,9 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``boltzgen train``; returns the exit code (130 when interrupted)."""
+    """Run ``boltzgen train``; returns the exit code (128 + signal number when stopped by
+    SIGINT or SIGTERM, after writing the checkpoint)."""
     from boltzgen import pipeline
     from boltzgen.config import load_config
+    from boltzgen.train import TrainingInterrupted
 
     threads = set_threads(args.threads)
     config = pipeline.with_overrides(
@@ -50,11 +52,11 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         result = pipeline.train(config, resume=args.resume)
-    except KeyboardInterrupt:
+    except TrainingInterrupted as stop:
         print(
-            f"\ninterrupted; the last checkpoint {ckpt} is intact (continue with --resume)",
+            f"\n{stop}: checkpoint {stop.checkpoint} written; continue with --resume",
             file=sys.stderr,
         )
-        return 130
+        return 128 + stop.signum
     print_train_summary(result)
     return 0

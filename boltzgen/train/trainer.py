@@ -7,10 +7,14 @@ The trainer takes typed arguments (`TrainOptions`); reading YAML is the CLI's jo
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -34,6 +38,7 @@ __all__ = [
     "CheckpointError",
     "TrainOptions",
     "Trainer",
+    "TrainingInterrupted",
     "load_checkpoint",
     "lr_factor",
     "options_from_dict",
@@ -77,6 +82,8 @@ class TrainOptions:
         device: torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         seed: Seed of torch's random number generator at the start of a fresh run.
         checkpoint_every: Write the checkpoint every this many iterations (and at the end).
+        checkpoint_seconds: Also write it when this many seconds of training have passed since
+            the last write (0: only by iterations).
         progress: Show a tqdm progress bar.
     """
 
@@ -94,6 +101,7 @@ class TrainOptions:
     device: str = "cpu"
     seed: int = 0
     checkpoint_every: int = 100
+    checkpoint_seconds: float = 600.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -114,6 +122,8 @@ class TrainOptions:
             raise bad(f"alpha must be in [0, 1], got {self.alpha}")
         if self.checkpoint_every < 1:
             raise bad("checkpoint_every must be >= 1")
+        if not self.checkpoint_seconds >= 0:
+            raise bad("checkpoint_seconds must be >= 0")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -403,8 +413,11 @@ class Trainer:
     def run(self, stop_at: int | None = None) -> dict:
         """Train until iteration ``stop_at`` (default ``max_iter``); returns the last log row.
 
-        The checkpoint is written every ``checkpoint_every`` iterations and at the end. An
-        interruption (Ctrl-C) between two writes leaves the previous checkpoint intact.
+        The checkpoint is written every ``checkpoint_every`` iterations, every
+        ``checkpoint_seconds`` of training, and at the end. SIGINT (Ctrl-C) or SIGTERM (what a
+        cluster sends before pre-emption) lets the current step finish, writes the checkpoint
+        at that iteration and raises `TrainingInterrupted`: nothing done is lost, and `resume`
+        continues exactly.
         """
         from tqdm.auto import tqdm
 
@@ -417,26 +430,61 @@ class Trainer:
             disable=not self.options.progress,
             dynamic_ncols=True,
         )
-        try:
-            while self.iteration < stop:
-                row = self.step()
-                self._write_log(row)
-                bar.update(1)
-                extra = {k: f"{v:.3g}" for k, v in row.items() if k not in LOG_COLUMNS}
-                bar.set_postfix(
-                    loss=f"{row['loss']:.3g}",
-                    ess=f"{100 * row['ess_fraction']:.1f}%",
-                    evals=row["target_evals"],
-                    **extra,
-                    refresh=False,
-                )
-                if self.iteration % self.options.checkpoint_every == 0:
-                    self.save_checkpoint()
-        finally:
-            bar.close()
-        if self.iteration % self.options.checkpoint_every != 0 or stop == 0:
+        every, seconds = self.options.checkpoint_every, self.options.checkpoint_seconds
+        last_save = time.monotonic()
+        with _deferred_signals() as received:
+            try:
+                while self.iteration < stop:
+                    row = self.step()
+                    self._write_log(row)
+                    bar.update(1)
+                    extra = {k: f"{v:.3g}" for k, v in row.items() if k not in LOG_COLUMNS}
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.3g}",
+                        ess=f"{100 * row['ess_fraction']:.1f}%",
+                        evals=row["target_evals"],
+                        **extra,
+                        refresh=False,
+                    )
+                    due = self.iteration % every == 0
+                    due = due or (seconds > 0 and time.monotonic() - last_save >= seconds)
+                    if due or received:
+                        self.save_checkpoint()
+                        last_save = time.monotonic()
+                    if received:
+                        raise TrainingInterrupted(received[0], self.iteration, self.checkpoint_path)
+            finally:
+                bar.close()
+        if self.iteration % every != 0 or stop == 0:
             self.save_checkpoint()
         return self.last
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM after the step in progress, with the checkpoint
+    written at that iteration (``checkpoint`` is None without an output folder)."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint: Path | None) -> None:
+        super().__init__(f"{signal.Signals(signum).name} at iteration {iteration}")
+        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+
+
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[list[int]]:
+    """While inside, SIGINT and SIGTERM are recorded in the yielded list instead of acting
+    (main thread only; elsewhere signals keep their handlers and the list stays empty)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def options_from_dict(data: dict) -> TrainOptions:
