@@ -229,27 +229,17 @@ def config_to_dict(config: RunConfig) -> dict:
 
 def config_path(path: str | os.PathLike) -> Path:
     """The run-config file ``path``; failing that, a shipped one named ``[systems/]NAME/FILE``
-    (e.g. ``systems/aldp/reverse_kl_quick.yaml`` outside a checkout, or
-    ``aldp/reverse_kl_quick.yaml``), looked up with `boltzgen.systems.system_dir`.
+    (e.g. ``systems/aldp/reverse_kl_quick.yaml`` outside a checkout; `systems.resolve_path`).
 
     Raises:
         ConfigError: neither exists.
     """
-    from boltzgen.errors import SystemLoadError
-    from boltzgen.systems import system_dir
+    from boltzgen.systems import resolve_path
 
-    p = Path(path)
-    if p.is_file():
-        return p
-    parts = p.parts[1:] if p.parts[:1] == ("systems",) else p.parts
-    if len(parts) == 2:
-        try:
-            shipped = system_dir(parts[0]) / parts[1]
-        except SystemLoadError:
-            shipped = None
-        if shipped is not None and shipped.is_file():
-            return shipped
-    raise ConfigError(f"config file {p} does not exist")
+    p = resolve_path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    return p
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:

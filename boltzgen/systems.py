@@ -32,6 +32,7 @@ __all__ = [
     "from_pdb",
     "from_prmtop",
     "load",
+    "resolve_path",
     "search_paths",
     "shipped_path",
     "system_dir",
@@ -178,6 +179,25 @@ def shipped_path(*parts: str) -> Path:
     if not path.exists():
         raise SystemLoadError(f"{path} is not among the systems shipped with boltzgen")
     return path
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """``path`` if it exists; failing that, the same path inside a system's folder when it
+    reads ``[systems/]NAME/REST`` (e.g. ``systems/aldp/reference`` or ``aldp/fab.yaml``
+    outside a checkout), looked up with `system_dir`; else ``path`` unchanged (the caller
+    reports it missing)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    parts = p.parts[1:] if p.parts[:1] == ("systems",) else p.parts
+    if len(parts) >= 2:
+        try:
+            candidate = system_dir(parts[0]).joinpath(*parts[1:])
+        except SystemLoadError:
+            return p
+        if candidate.exists():
+            return candidate
+    return p
 
 
 def _user_dir() -> Path | None:

@@ -342,3 +342,19 @@ def test_a_file_that_is_not_npz_is_named(tmp_path):
         analysis.load_samples(path)
     with pytest.raises(analysis.SamplesFileError, match="cannot read"):
         analysis.load_samples(tmp_path / "missing.npz")
+
+
+def test_plots_leave_matplotlib_global_state_alone(tmp_path):
+    import matplotlib
+
+    from boltzgen.analysis import plots
+
+    backend, font = matplotlib.get_backend(), matplotlib.rcParams["font.size"]
+    rng = np.random.default_rng(0)
+    pp = rng.uniform(-np.pi, np.pi, (500, 2))
+    surfaces = plots.plot_ramachandran([("a", pp, None)], tmp_path / "r.png", bins=12)
+    assert (tmp_path / "r.png").stat().st_size > 0 and surfaces[0].free_energy.shape == (12, 12)
+    assert matplotlib.get_backend() == backend and matplotlib.rcParams["font.size"] == font
+    import sys
+
+    assert "matplotlib.pyplot" not in sys.modules or matplotlib.pyplot.get_fignums() == []

@@ -83,12 +83,14 @@ def test_installed_wheel_finds_shipped_systems(wheel_site, tmp_path):
     code = (
         "import json, boltzgen; from boltzgen import systems; "
         "from boltzgen.config import load_config; "
+        "from boltzgen.analysis.reports import reference_path; "
         "print(json.dumps({'file': boltzgen.__file__, "
         "'paths': [str(p) for p in systems.search_paths()], "
         "'available': systems.available_systems(), "
         "'n_atoms': systems.load('aldp').n_atoms, "
         "'npz': str(systems.shipped_path('aldp', 'reference', 'reference.npz')), "
-        "'config': load_config('systems/aldp/reverse_kl_quick.yaml').train.objective}))"
+        "'config': load_config('systems/aldp/reverse_kl_quick.yaml').train.objective, "
+        "'reference': reference_path('systems/aldp/reference')}))"
     )
     proc = _run_isolated(site, code, tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -99,6 +101,7 @@ def test_installed_wheel_finds_shipped_systems(wheel_site, tmp_path):
     assert out["n_atoms"] == 22
     assert Path(out["npz"]).is_file() and Path(out["npz"]).is_relative_to(site)
     assert out["config"] == "reverse_kl"  # the README's config path works outside a checkout
+    assert Path(out["reference"]).is_relative_to(site)  # and so does --reference
     assert not (tmp_path / "systems").exists()
 
 

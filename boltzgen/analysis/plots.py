@@ -1,10 +1,12 @@
-"""Publication-ready figures of free energies, energies and training curves (matplotlib, Agg).
+"""Publication-ready figures of free energies, energies and training curves (matplotlib).
 
 Every function computes what it draws with `boltzgen.analysis.reweighting` /
 `boltzgen.analysis`, saves the figure to each given path (the suffix picks the format:
 ``.png``, ``.pdf``, ``.svg``) and returns the plotted data, so that tests (and users) can check
 the numbers behind a figure.
-matplotlib is imported inside the functions, with the non-interactive Agg backend.
+matplotlib is imported inside the functions; figures are `matplotlib.figure.Figure` objects
+made without pyplot, so no backend is switched and no global setting changes (a notebook's
+inline plots keep working).
 
 Units: angles are given in radians and drawn in degrees; free energies in kJ/mol when `kT` is in
 kJ/mol (the default labels say so), energies in kJ/mol.
@@ -24,6 +26,7 @@ from boltzgen.analysis import SampleError, energy_histogram
 from boltzgen.analysis.reweighting import FreeEnergySurface, free_energy_surface
 
 __all__ = [
+    "STYLE",
     "plot_energy_distributions",
     "plot_fes_1d",
     "plot_ramachandran",
@@ -35,38 +38,42 @@ _PERIOD = (-np.pi, np.pi)
 Paths = str | os.PathLike | Sequence[str | os.PathLike]
 
 
-def _pyplot() -> Any:
+#: Sizes for small publication figures, applied per figure through `matplotlib.rc_context`
+#: (the global rcParams, and with them a notebook's own figures, stay as they are).
+STYLE = {
+    "font.size": 9,
+    "axes.labelsize": 9,
+    "axes.titlesize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "savefig.dpi": 300,
+    "savefig.bbox": "tight",
+}
+
+
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A `matplotlib.figure.Figure` made without pyplot: no backend switch, no global state,
+    nothing left open; it saves to files on any backend and shows inline in Jupyter."""
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update(
-        {
-            "font.size": 9,
-            "axes.labelsize": 9,
-            "axes.titlesize": 9,
-            "legend.fontsize": 8,
-            "xtick.labelsize": 8,
-            "ytick.labelsize": 8,
-            "savefig.dpi": 300,
-            "savefig.bbox": "tight",
-        }
-    )
-    return plt
+    with matplotlib.rc_context(STYLE):
+        return Figure(figsize=figsize)
 
 
 def _save(fig: Any, paths: Paths) -> list[Path]:
-    plt = _pyplot()
+    import matplotlib
+
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out = []
-    for p in paths:
-        p = Path(p)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(p)
-        out.append(p)
-    plt.close(fig)
+    with matplotlib.rc_context(STYLE):
+        for p in paths:
+            p = Path(p)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(p)
+            out.append(p)
     return out
 
 
@@ -94,10 +101,10 @@ def plot_ramachandran(
     Returns:
         The `FreeEnergySurface` drawn in each panel (axis 0 phi, axis 1 psi).
     """
-    plt = _pyplot()
     f_max = 12.0 * kT if f_max is None else f_max
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 0.6, 2.6), squeeze=False, sharey=True)
+    fig = _figure((2.6 * n + 0.6, 2.6))
+    axes = fig.subplots(1, n, squeeze=False, sharey=True)
     surfaces = []
     mesh = None
     for ax, (title, pp, log_w) in zip(axes[0], panels):
@@ -149,8 +156,8 @@ def plot_fes_1d(
     Returns:
         The `FreeEnergySurface` of each curve (bands are +- one standard error).
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(3.4, 2.6))
+    fig = _figure((3.4, 2.6))
+    ax = fig.subplots()
     out = []
     for label, cv, log_w, block in profiles:
         cv = np.asarray(cv, np.float64)
@@ -198,7 +205,6 @@ def plot_energy_distributions(
     Returns:
         ``(density, edges)`` per set.
     """
-    plt = _pyplot()
     if ranges is None:
         allv = np.concatenate([np.asarray(e, np.float64) for _, e, _ in sets])
         allv = allv[np.isfinite(allv)]
@@ -206,7 +212,8 @@ def plot_energy_distributions(
             raise SampleError("no finite energies to plot")
         lo, hi = np.percentile(allv, [0.5, 99.5])
         ranges = (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
-    fig, ax = plt.subplots(figsize=(3.4, 2.6))
+    fig = _figure((3.4, 2.6))
+    ax = fig.subplots()
     out = []
     for label, e, log_w in sets:
         dens, edges = energy_histogram(e, log_w, bins=bins, ranges=ranges)
@@ -255,7 +262,6 @@ def plot_training_curves(
     Returns:
         The columns drawn (x first), as arrays.
     """
-    plt = _pyplot()
     cols = read_training_log(csv_path)
     if x is None:
         x = next((c for c in ("step", "iteration", "iter", "epoch") if c in cols), None)
@@ -263,9 +269,8 @@ def plot_training_curves(
     names = [c for c in (columns or cols) if c != x and c in cols]
     if not names:
         raise SampleError(f"{csv_path}: no numeric metric columns")
-    fig, axes = plt.subplots(
-        len(names), 1, figsize=(3.6, 1.5 * len(names) + 0.4), sharex=True, squeeze=False
-    )
+    fig = _figure((3.6, 1.5 * len(names) + 0.4))
+    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         ax.plot(xs, cols[name], lw=1.0)
         ax.set_ylabel(name)

@@ -284,8 +284,11 @@ def print_report(report: dict[str, Any], out: IO[str] | None = None) -> None:
 
 
 def reference_path(ref: str | Path) -> str:
-    """A reference ``.npz``, or the ``reference.npz`` in a folder (e.g. systems/aldp/reference)."""
-    p = Path(ref)
+    """A reference ``.npz``, or the ``reference.npz`` in a folder (e.g. systems/aldp/reference,
+    found among the shipped systems outside a checkout: `boltzgen.systems.resolve_path`)."""
+    from boltzgen.systems import resolve_path
+
+    p = resolve_path(ref)
     if p.is_dir():
         p = p / "reference.npz"
     if not p.is_file():
