@@ -103,6 +103,11 @@ def test_cli_md_writes_trajectory_and_samples_file(tmp_path, capsys):
     samples = analysis.load_samples(str(out) + ".npz")
     assert samples.n == 6 and samples.log_w is None and samples.time_series
     np.testing.assert_allclose(samples.phi_psi, analysis.phi_psi(traj.xyz, "aldp"), atol=1e-5)
+    from boltzgen.analysis.reports import reweight_report
+
+    report = reweight_report(samples, [], n_bootstrap=5)  # MD frames: time-correlated
+    assert report["ess"] == 6 and report["statistical_inefficiency"] >= 1.0
+    assert report["ess_time_series"] == report["ess"] / report["statistical_inefficiency"]
     assert (
         cli.main(
             [

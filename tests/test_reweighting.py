@@ -234,3 +234,18 @@ def test_khat_names_the_samples_it_needs():
     with pytest.raises(rw.WeightError, match=f"at least {rw.KHAT_MIN_SAMPLES} samples.*got 15"):
         rw.pareto_khat(rng.normal(size=15))
     assert np.isfinite(rw.pareto_khat(rng.normal(size=rw.KHAT_MIN_SAMPLES)))
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.9])
+def test_statistical_inefficiency_of_an_ar1_process(rho):
+    """AR(1), x_t = rho x_{t-1} + e_t: g = (1 + rho) / (1 - rho) exactly."""
+    rng = np.random.default_rng(1)
+    n = 100_000
+    e = rng.normal(size=n)
+    x = np.empty(n)
+    x[0] = e[0] / np.sqrt(1 - rho**2)
+    for i in range(1, n):
+        x[i] = rho * x[i - 1] + e[i]
+    g = rw.statistical_inefficiency(x)
+    assert g == pytest.approx((1 + rho) / (1 - rho), rel=0.1)
+    assert rw.statistical_inefficiency(np.ones(10)) == 1.0

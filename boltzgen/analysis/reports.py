@@ -16,6 +16,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from boltzgen.analysis import reweighting as rw
 from boltzgen.analysis.reweighting import State, states_from_dict
 from boltzgen.analysis.samples import SampleSet
 from boltzgen.errors import BoltzgenError
@@ -30,6 +31,7 @@ __all__ = [
     "reference_populations",
     "reweight_report",
     "sample_cvs",
+    "time_series_inefficiency",
 ]
 
 
@@ -44,6 +46,19 @@ def _system_file(system: str | None, *parts: str) -> Path | None:
     except BoltzgenError:
         return None
     return path if path.is_file() else None
+
+
+def time_series_inefficiency(samples: SampleSet) -> float:
+    """The largest statistical inefficiency (`reweighting.statistical_inefficiency`) of an MD
+    samples file's energies and (cos, sin) of its phi and psi: ``n / g`` frames are worth as
+    much as independent samples."""
+    series = []
+    if samples.energies is not None:
+        series.append(samples.energies)
+    if samples.phi_psi is not None:
+        for k in range(samples.phi_psi.shape[1]):
+            series += [np.cos(samples.phi_psi[:, k]), np.sin(samples.phi_psi[:, k])]
+    return max((rw.statistical_inefficiency(s) for s in series), default=1.0)
 
 
 def reference_populations(system: str) -> dict[str, tuple[float, float]]:
@@ -144,7 +159,6 @@ def reweight_report(
     seed: int = 0,
 ) -> dict[str, Any]:
     """The numbers ``boltzgen reweight`` prints and writes, as a JSON-ready dict."""
-    from boltzgen.analysis import reweighting as rw
 
     n = samples.n
     lw = samples.log_w if samples.log_w is not None else np.zeros(n)
@@ -159,6 +173,10 @@ def reweight_report(
         "ess_fraction": rw.ess_fraction(lw),
         "block_length": block,
     }
+    if samples.time_series:
+        g = time_series_inefficiency(samples)
+        report["statistical_inefficiency"] = g
+        report["ess_time_series"] = report["ess"] / g
     khat = rw.pareto_khat(lw) if n >= rw.KHAT_MIN_SAMPLES else float("nan")
     report["khat"] = khat
     report["khat_verdict"] = rw.khat_verdict(khat, n) if np.isfinite(khat) or khat < 0 else ""
@@ -261,6 +279,12 @@ def print_report(report: dict[str, Any], out: IO[str] | None = None) -> None:
         f"({100 * report['ess_fraction']:.1f} %)",
         file=out,
     )
+    if "ess_time_series" in report:
+        print(
+            f"  ESS of the time series {report['ess_time_series']:.1f} (Kish ESS / statistical "
+            f"inefficiency {report['statistical_inefficiency']:.1f} of the correlated frames)",
+            file=out,
+        )
     print(f"  k-hat  {report['khat']:.2f}  {report['khat_verdict']}", file=out)
     if "log_z" in report:
         print(f"  log Z  {report['log_z']:.3f} +- {report['log_z_error']:.3f}", file=out)
@@ -332,7 +356,6 @@ def evaluate_samples(
     difference, mean potential energies.
     """
     from boltzgen import analysis
-    from boltzgen.analysis import reweighting as rw
 
     n = samples.n
     lw = samples.log_w if samples.log_w is not None else np.zeros(n)

@@ -44,6 +44,7 @@ __all__ = [
     "pareto_khat",
     "reweight_to",
     "state_free_energies",
+    "statistical_inefficiency",
     "states_from_dict",
 ]
 
@@ -105,6 +106,31 @@ def ess(log_w: np.ndarray) -> float:
 def ess_fraction(log_w: np.ndarray) -> float:
     """Kish effective sample size as a fraction of the number of samples (between 1/n and 1)."""
     return ess(log_w) / np.asarray(log_w).shape[0]
+
+
+def statistical_inefficiency(x: np.ndarray, window: float = 5.0) -> float:
+    """Statistical inefficiency ``g = 1 + 2 sum_k rho_k`` of a time series ``x`` ``(n,)``.
+
+    ``n / g`` samples of the series are worth as much as ``n`` independent ones. The
+    autocorrelation ``rho_k`` comes from an FFT; the sum stops at the first lag ``M`` with
+    ``M >= window * tau(M)`` (Sokal's self-consistent window). Returns 1 for a constant series.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1 or x.shape[0] < 2 or not np.isfinite(x).all():
+        raise WeightError("statistical_inefficiency needs a finite (n,) series with n >= 2")
+    n = x.shape[0]
+    d = x - x.mean()
+    if not np.any(d):
+        return 1.0
+    size = 1 << (2 * n - 1).bit_length()
+    f = np.fft.rfft(d, size)
+    acf = np.fft.irfft(f * np.conj(f), size)[:n]
+    rho = acf / acf[0]
+    tau = 0.5 + np.cumsum(rho[1:])  # tau(M) = 1/2 + sum_{k=1..M} rho_k
+    lags = np.arange(1, n)
+    ok = lags >= window * tau
+    m = int(np.argmax(ok)) if ok.any() else n - 2
+    return float(max(1.0, 2.0 * tau[m]))
 
 
 def log_z(log_w: np.ndarray, kT: float | None = None) -> tuple[float, float]:
