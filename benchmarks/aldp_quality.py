@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import cpu_model  # benchmarks/ is on sys.path
 
 from boltzgen import pipeline
 from boltzgen.analysis import load_samples, phi_psi, ramachandran_kl
@@ -34,16 +34,6 @@ from boltzgen.systems import shipped_path
 from boltzgen.train import load_checkpoint
 
 BINS = 64
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _states(pp: np.ndarray, log_w: np.ndarray | None, kT: float, block: int, seed: int):
@@ -113,7 +103,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out: dict = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "threads": args.threads,

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+from _machine import cpu_model  # benchmarks/ is on sys.path
 
 from boltzgen import systems
 from boltzgen.energy import OpenMMEnergy, TorchEnergy
@@ -35,18 +36,6 @@ def _time(fn, repeats, min_time=0.2):
                 break
         per_call.append((time.perf_counter() - t0) / n)
     return statistics.median(per_call)
-
-
-def _cpu_model():
-    """The CPU model name from /proc/cpuinfo (Linux), else platform's processor string."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main():
@@ -135,7 +124,7 @@ def main():
                 "openmm_threads": {"single": "default", "single1": 1, "pool2": "default x 2"},
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                 "cpu_count": os.cpu_count(),
-                "cpu_model": _cpu_model(),
+                "cpu_model": cpu_model(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "machine": platform.machine(),
                 "compile_seconds": compile_s,

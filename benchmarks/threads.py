@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
+
+from _machine import cpu_model  # benchmarks/ is on sys.path
 
 CHILD = r"""
 import json, subprocess, sys, time
@@ -46,16 +47,6 @@ print(json.dumps({"it_per_s": n / wall}))
 """
 
 
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -64,7 +55,7 @@ def main() -> None:
     import torch
 
     out = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "iterations": args.iters,

@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _machine import cpu_model  # noqa: E402 (benchmarks/ is on sys.path)
 from flows import _perturb, _status_kib, build_normflows  # noqa: E402
 
 ARCHS = {"quick": (6, 64, 256), "fab": (12, 256, 1024)}  # blocks, hidden, batch
@@ -115,16 +115,6 @@ def peak_memory_mib(lib: str, arch: str, threads: int) -> float:
     return float(value)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", nargs="+", default=["quick", "fab"], choices=list(ARCHS))
@@ -135,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out: dict = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
