@@ -39,6 +39,7 @@ def test_shared_helpers_are_defined_once():
         "batch_ess_fraction",
         "phi_psi",
         "dihedral",
+        "torsions",
         "load_states",
         "atomic_open",
         "save_npz",

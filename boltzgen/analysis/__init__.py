@@ -16,6 +16,7 @@ from boltzgen.analysis.samples import (
     ramachandran,
     ramachandran_kl,
     torsion_quadruples,
+    torsions,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "ramachandran",
     "ramachandran_kl",
     "torsion_quadruples",
+    "torsions",
 ]

@@ -388,8 +388,8 @@ def evaluate_samples(
             )
         quads = analysis.torsion_quadruples(_bond_graph(samples.system, reference.positions))
         if quads:
-            ts = np.stack([analysis.dihedral(samples.positions, q) for q in quads], 1)
-            tr = np.stack([analysis.dihedral(reference.positions, q) for q in quads], 1)
+            ts = analysis.torsions(samples.positions, quads)
+            tr = analysis.torsions(reference.positions, quads)
             kls = analysis.marginal_kls(
                 ts,
                 tr,

@@ -36,6 +36,7 @@ __all__ = [
     "ramachandran",
     "ramachandran_kl",
     "torsion_quadruples",
+    "torsions",
 ]
 
 _PERIOD = (-np.pi, np.pi)
@@ -88,11 +89,18 @@ def phi_psi(positions: np.ndarray, molecule: Any) -> np.ndarray:
     Raises:
         ZMatrixError: no residue with both torsions.
     """
-    quads = _phi_psi_atoms(molecule) if isinstance(molecule, str) else None
-    if quads is None:
+    if isinstance(molecule, str):
+        quads = _system_backbone(molecule)[1]
+    else:
         from boltzgen.coordinates import phi_psi_atoms
 
         quads = phi_psi_atoms(getattr(molecule, "topology", molecule))
+    return torsions(positions, quads)
+
+
+def torsions(positions: np.ndarray, quads: Sequence[Sequence[int]]) -> np.ndarray:
+    """`dihedral` of each atom quadruple, stacked: positions `(n, n_atoms, 3)` nm ->
+    `(n, len(quads))` radians."""
     return np.stack([dihedral(positions, q) for q in quads], axis=1)
 
 
@@ -104,10 +112,6 @@ def _system_backbone(name: str) -> tuple[int, tuple[tuple[int, ...], tuple[int, 
 
     system = systems.load(name, solvent="vacuum")
     return system.n_atoms, phi_psi_atoms(system.topology)
-
-
-def _phi_psi_atoms(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    return _system_backbone(name)[1]
 
 
 def ramachandran(
@@ -300,7 +304,7 @@ def _known_phi_psi(positions: np.ndarray, system: str) -> np.ndarray | None:
         raise SamplesFileError(
             f"positions have {positions.shape[1]} atoms, system {system!r} has {n_atoms}"
         )
-    return np.stack([dihedral(positions, q) for q in quads], axis=1)
+    return torsions(positions, quads)
 
 
 def load_samples(path: str | Path) -> SampleSet:
