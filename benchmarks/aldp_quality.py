@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _machine import cpu_model  # benchmarks/ is on sys.path
+from _machine import machine  # benchmarks/ is on sys.path
 
 from boltzgen import pipeline
 from boltzgen.analysis import load_samples, phi_psi, ramachandran_kl
@@ -102,12 +102,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    out: dict = {
-        "cpu": cpu_model(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "threads": args.threads,
-    }
+    out: dict = machine()
     model = Path(args.model)
     if model.suffix in (".yaml", ".yml"):
         config = load_config(model)

@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 
-from _machine import cpu_model  # benchmarks/ is on sys.path
+from _machine import machine  # benchmarks/ is on sys.path
 
 CHILD = r"""
 import json, subprocess, sys, time
@@ -52,12 +52,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--iters", type=int, default=100)
     args = p.parse_args()
-    import torch
 
     out = {
-        "cpu": cpu_model(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
+        **{k: v for k, v in machine().items() if k != "threads"},  # each run sets its own
         "iterations": args.iters,
         "runs": [],
     }

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import cpu_model  # noqa: E402 (benchmarks/ is on sys.path)
+from _machine import machine  # noqa: E402 (benchmarks/ is on sys.path)
 from flows import _perturb, _status_kib, build_normflows  # noqa: E402
 
 ARCHS = {"quick": (6, 64, 256), "fab": (12, 256, 1024)}  # blocks, hidden, batch
@@ -125,10 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out: dict = {
-        "cpu": cpu_model(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **machine(),
         "reps": args.reps,
         "aten_calls": "profiler events named aten::*, nested and backward included, one step",
         "archs": {},
