@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from boltzgen.errors import BoltzgenError, ConfigError
+from boltzgen.errors import BoltzgenError, ConfigError, yaml_problem
 from boltzgen.train import TrainOptions
 from boltzgen.train.fab import FABOptions
 
@@ -254,7 +254,7 @@ def load_config(path: str | os.PathLike) -> RunConfig:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+        raise ConfigError(f"cannot parse {path}: {yaml_problem(exc)}") from exc
     try:
         return config_from_dict(data or {})
     except ConfigError as exc:

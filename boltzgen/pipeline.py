@@ -40,6 +40,7 @@ __all__ = [
     "Run",
     "TrainResult",
     "build_run",
+    "check_device",
     "draw_samples",
     "load_run",
     "load_training_data",
@@ -157,6 +158,22 @@ def build_run(config: RunConfig) -> Run:
     return Run(config, system, coords, model, target, sample_filter)
 
 
+def check_device(device: str) -> None:
+    """Raise `ConfigError` unless ``device`` names a torch device this machine has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"device must be a torch device such as cpu or cuda, got {device!r}"
+        ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: torch sees no CUDA GPU on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: torch sees no MPS device on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {device!r}: boltzgen runs on cpu, cuda or mps")
+
+
 def load_training_data(path: str | Path, n_atoms: int) -> tuple[Tensor, Tensor | None]:
     """MD frames for the forward KL: ``(positions (N, n_atoms, 3) nm, log_weights (N,) | None)``.
 
@@ -242,14 +259,17 @@ def train(config: RunConfig, resume: bool = False) -> TrainResult:
         raise BoltzgenError(
             f"{ckpt} exists; pass --resume to continue it or choose another --output-dir"
         )
+    if config.data is None and config.train.objective in ("forward_kl", "mixed_kl"):
+        raise ConfigError(
+            f"objective {config.train.objective} needs MD frames: set 'data: FRAMES.npz'"
+        )
+    if config.data is not None and not Path(config.data).is_file():
+        raise ConfigError(f"data: training data {config.data} does not exist")
+    check_device(config.train.device)
     run = build_run(config)
     x_data = data_weights = None
     if config.data is not None:
         x_data, data_weights = load_training_data(config.data, run.system.n_atoms)
-    elif config.train.objective in ("forward_kl", "mixed_kl"):
-        raise ConfigError(
-            f"objective {config.train.objective} needs MD frames: set 'data: FRAMES.npz'"
-        )
     trainer = Trainer(
         run.model,
         run.target,

@@ -157,7 +157,7 @@ def test_load_samples_validates(tmp_path, aldp, aldp_frames):
         "nan": (dict(positions=pos, log_weights=np.r_[np.nan, np.zeros(n - 1)]), "NaN"),
         "zero": (dict(positions=pos, log_weights=np.full(n, -np.inf)), "all weights are zero"),
         "shape": (dict(positions=pos[:, :, :2]), r"expected \(n, n_atoms, 3\)"),
-        "len": (dict(positions=pos, log_weights=np.zeros(n + 1)), "positions but"),
+        "len": (dict(positions=pos, log_weights=np.zeros(n + 1)), "but .log_weights. has"),
         "logq": (dict(positions=pos, log_q=np.zeros(n)), "without 'energies'"),
         "wshape": (dict(positions=pos, log_weights=np.zeros((n, 2))), "shape"),
     }

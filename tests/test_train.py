@@ -166,7 +166,7 @@ def test_atomic_checkpoint_and_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="not a readable boltzgen checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
 
 

@@ -332,10 +332,11 @@ def load_samples(path: str | Path) -> SampleSet:
         keys = set(data.files)
     except Exception as exc:
         raise SamplesFileError(f"cannot read samples file {path}: {exc}") from exc
-    n = None
+    n = n_key = None
     for key in ("log_weights", "phi", "energies", "log_q"):
         if key in keys:
             n = int(np.asarray(data[key]).shape[0]) if np.asarray(data[key]).ndim else None
+            n_key = key
             break
     pos = idx = None
     if "positions" in keys:
@@ -353,7 +354,9 @@ def load_samples(path: str | Path) -> SampleSet:
             idx = np.arange(pos.shape[0])
             n = pos.shape[0] if n is None else n
             if n != pos.shape[0]:
-                raise SamplesFileError(f"{path}: {pos.shape[0]} positions but {n} other entries")
+                raise SamplesFileError(
+                    f"{path}: 'positions' has {pos.shape[0]} frames but {n_key!r} has {n} entries"
+                )
     if n is None or n == 0:
         raise SamplesFileError(f"{path}: no samples (need positions, phi/psi or log_weights)")
     if idx is not None and (idx.min() < 0 or idx.max() >= n):

@@ -19,10 +19,11 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from boltzgen.errors import BoltzgenError
 
-__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+__all__ = ["SUBCOMMANDS", "ArgumentParser", "build_parser", "main"]
 
 #: Subcommand modules of `boltzgen.cli`, in ``--help`` order. Each defines
 #: ``register(subparsers)`` (adds its parser, ``set_defaults(func=run)``) and ``run(args)``.
@@ -38,11 +39,27 @@ SUBCOMMANDS = (
 )
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is one ``boltzgen: error:`` line (exit 2) that
+    names the subcommand and points to its ``--help``, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print one line and exit with code 2."""
+        where = self.prog.removeprefix("boltzgen").strip()
+        prefix = f"{where}: " if where else ""
+        self.exit(2, f"boltzgen: error: {prefix}{message} (see {self.prog} --help)\n")
+
+
+def one_line(message: str) -> str:
+    """``message`` with its whitespace runs (newlines included) collapsed to single spaces."""
+    return " ".join(str(message).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     from boltzgen import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="boltzgen",
         description="Boltzmann generators for molecules: learn, sample, reweight.",
     )
@@ -61,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BoltzgenError as exc:
-        print(f"boltzgen: error: {exc}", file=sys.stderr)
+        print(f"boltzgen: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("boltzgen: interrupted", file=sys.stderr)

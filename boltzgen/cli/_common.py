@@ -10,7 +10,13 @@ from boltzgen.errors import ConfigError
 if TYPE_CHECKING:
     from boltzgen.pipeline import TrainResult
 
-__all__ = ["DEFAULT_THREADS", "add_threads_argument", "print_train_summary", "set_threads"]
+__all__ = [
+    "DEFAULT_THREADS",
+    "add_threads_argument",
+    "check_analysis_args",
+    "print_train_summary",
+    "set_threads",
+]
 
 
 #: torch CPU threads when ``--threads`` is not given. One thread trains the quick ALDP config as
@@ -52,3 +58,30 @@ def print_train_summary(result: TrainResult) -> None:
         f"{c['nonfinite']}, D-form {c['filtered']}; skipped steps {c['skipped_steps']}\n"
         f"checkpoint: {result.checkpoint}\nlog: {result.log}"
     )
+
+
+def check_analysis_args(args: argparse.Namespace) -> None:
+    """The numeric and path options of ``reweight`` / ``evaluate``, before any work."""
+    from pathlib import Path
+
+    from boltzgen.errors import BoltzgenError
+
+    if args.bins < 2:
+        raise BoltzgenError(f"--bins must be at least 2, got {args.bins}")
+    if args.n_bootstrap < 2:
+        raise BoltzgenError(f"--n-bootstrap must be at least 2, got {args.n_bootstrap}")
+    if args.block_length is not None and args.block_length < 1:
+        raise BoltzgenError(f"--block-length must be at least 1, got {args.block_length}")
+    target = getattr(args, "target_temperature", None)
+    if target is not None and not target > 0:
+        raise BoltzgenError(f"--target-temperature must be positive (K), got {target}")
+    for option in ("states", "training_log"):
+        path = getattr(args, option, None)
+        if path is not None and not Path(path).is_file():
+            flag = "--" + option.replace("_", "-")
+            raise BoltzgenError(f"{flag}: file {path} does not exist")
+    for option in ("out", "out_dir"):
+        path = getattr(args, option, None)
+        if path is not None and not Path(path).absolute().parent.is_dir():
+            flag = "--" + option.replace("_", "-")
+            raise BoltzgenError(f"{flag}: folder {Path(path).absolute().parent} does not exist")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from boltzgen.analysis import load_samples
 from boltzgen.analysis.reports import evaluate_samples, load_states, reference_path
+from boltzgen.cli._common import check_analysis_args
 from boltzgen.files import write_json
 
 __all__ = ["register", "run"]
@@ -45,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``boltzgen evaluate``."""
+    check_analysis_args(args)
     samples = load_samples(args.samples)
     reference = load_samples(reference_path(args.reference))
     states = load_states(args.states, samples.system)

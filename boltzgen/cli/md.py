@@ -70,11 +70,44 @@ def _steps(ps: float, timestep_ps: float, what: str) -> int:
     return int(n)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Every option of ``boltzgen md`` that needs no system, before anything runs."""
+    from pathlib import Path
+
+    from boltzgen.sampling.md import platform_names
+
+    if not args.timestep_fs > 0:
+        raise BoltzgenError(f"--timestep-fs must be positive, got {args.timestep_fs}")
+    if not args.friction >= 0:
+        raise BoltzgenError(f"--friction must be >= 0 (1/ps), got {args.friction}")
+    if args.temperature is not None and not args.temperature > 0:
+        raise BoltzgenError(f"--temperature must be positive (K), got {args.temperature}")
+    if args.threads < 1:
+        raise BoltzgenError(f"--threads must be at least 1, got {args.threads}")
+    if args.replica_temperatures is not None and not all(t > 0 for t in args.replica_temperatures):
+        raise BoltzgenError(
+            f"--replica-temperatures must be positive K, got {args.replica_temperatures}"
+        )
+    if args.bias_scales is not None and not all(0 <= b <= 1 for b in args.bias_scales):
+        raise BoltzgenError(f"--bias-scales must lie in [0, 1], got {args.bias_scales}")
+    if not args.bias_kappa >= 0:
+        raise BoltzgenError(f"--bias-kappa must be >= 0, got {args.bias_kappa}")
+    names = platform_names()
+    if args.platform not in names:
+        raise BoltzgenError(
+            f"--platform {args.platform!r} is not available; OpenMM has {', '.join(names)}"
+        )
+    for option, path in (("--out", args.out), ("--checkpoint", args.checkpoint)):
+        if path is not None and not Path(path).absolute().parent.is_dir():
+            raise BoltzgenError(f"{option}: folder {Path(path).absolute().parent} does not exist")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``boltzgen md``."""
     from boltzgen import systems
     from boltzgen.sampling import md
 
+    _check_args(args)
     system = systems.load(args.system, solvent=args.solvent)
     if args.temperature is not None:
         system = system.with_temperature(args.temperature)

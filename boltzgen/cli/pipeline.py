@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
     )
     threads = set_threads(args.threads)
+    pipeline.check_device(config.train.device)
     out = Path(config.output_dir)
     max_iter = config.train.max_iter
     ckpt = out / "checkpoint.pt"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from boltzgen.analysis import load_samples
 from boltzgen.analysis.reports import load_states, print_report, reweight_report
+from boltzgen.cli._common import check_analysis_args
 from boltzgen.files import write_json
 
 __all__ = ["register", "run"]
@@ -49,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``boltzgen reweight``."""
+    check_analysis_args(args)
     samples = load_samples(args.samples)
     states = load_states(args.states, samples.system)
     report = reweight_report(

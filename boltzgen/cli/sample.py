@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise BoltzgenError(f"--ais must be >= 0, got {args.ais}")
     out = check_output(args.output)
     threads = set_threads(args.threads)
+    pipeline.check_device(args.device)
     run_ = pipeline.load_run(args.checkpoint)
     seed = run_.config.train.seed + 1 if args.seed is None else args.seed
     samples = pipeline.draw_samples(

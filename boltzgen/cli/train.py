@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from boltzgen.cli._common import add_threads_argument, print_train_summary, set_threads
+from boltzgen.errors import CheckpointError
 
 __all__ = ["register", "run"]
 
@@ -41,9 +42,14 @@ def run(args: argparse.Namespace) -> int:
     )
     ckpt = Path(config.output_dir) / "checkpoint.pt"
     start = "from scratch"
+    pipeline.check_device(config.train.device)
     if args.resume:
         from boltzgen.train import load_checkpoint
 
+        if not ckpt.is_file():
+            raise CheckpointError(
+                f"--resume: there is no checkpoint {ckpt} to resume (drop --resume to start)"
+            )
         start = f"resuming at iteration {load_checkpoint(ckpt)['iteration']}"
     print(
         f"training {args.config} -> {config.output_dir} ({start}, {config.train.max_iter} "

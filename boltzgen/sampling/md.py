@@ -46,11 +46,10 @@ __all__ = [
     "MDResult",
     "TorsionBias",
     "backbone_dihedrals",
+    "platform_names",
     "run_md",
     "write_outputs",
 ]
-
-#: Boltzmann constant times Avogadro's number in kJ/(mol K).
 
 
 @dataclass(frozen=True)
@@ -153,6 +152,15 @@ def backbone_dihedrals(system: Any, positions: np.ndarray) -> tuple[np.ndarray, 
     return phi[:, 0].numpy(), psi[:, 0].numpy()
 
 
+def platform_names() -> list[str]:
+    """The OpenMM platforms this machine can run (``Reference``, ``CPU``, ``CUDA``, ...)."""
+    import openmm
+
+    return [
+        openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())
+    ]
+
+
 def _platform(name: str, threads: int) -> tuple[Any, dict[str, str]]:
     import openmm
 
@@ -171,7 +179,11 @@ def _check_settings(
     temperatures: list[float],
     scales: list[float],
     t0: float,
+    timestep: float,
+    friction: float,
 ) -> int:
+    if not timestep > 0 or not friction >= 0:
+        raise MDError(f"need timestep > 0 ps and friction >= 0 /ps, got {timestep}, {friction}")
     if n_steps <= 0 or save_interval <= 0 or exchange_interval <= 0:
         raise MDError("n_steps, save_interval and exchange_interval must be positive")
     if any(t <= 0 for t in temperatures):
@@ -246,7 +258,9 @@ def run_md(
 
     t0 = float(system.temperature)
     ladder, scales = _ladders(t0, temperatures, bias, bias_scales)
-    target = _check_settings(n_steps, save_interval, exchange_interval, ladder, scales, t0)
+    target = _check_settings(
+        n_steps, save_interval, exchange_interval, ladder, scales, t0, timestep, friction
+    )
     n_rep = len(ladder)
     settings = {
         "system": system.name,

@@ -122,6 +122,12 @@ class TrainOptions:
             raise bad(f"alpha must be in [0, 1], got {self.alpha}")
         if self.checkpoint_every < 1:
             raise bad("checkpoint_every must be >= 1")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise bad(
+                f"device must be a torch device such as cpu or cuda, got {self.device!r}"
+            ) from exc
         if not self.checkpoint_seconds >= 0:
             raise bad("checkpoint_seconds must be >= 0")
 
@@ -152,7 +158,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many kinds for corrupt files
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} is not a readable boltzgen checkpoint (torch.load: {first[:120]})"
+        ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a boltzgen checkpoint")
     return ckpt
