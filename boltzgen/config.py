@@ -129,7 +129,9 @@ class RunConfig:
 
     ``data`` is an optional ``.npz`` of MD frames (``positions`` (N, n_atoms, 3) nm, optionally
     ``log_weights``) for the forward-KL and mixed objectives; a relative path is read from the
-    working directory.
+    working directory. ``init_from`` is an optional checkpoint whose model weights start a fresh
+    run (a stage of a multi-stage recipe); its system, coordinates, flow and snf sections must
+    equal this config's except the temperature.
     """
 
     system: SystemConfig = field(default_factory=SystemConfig)
@@ -141,6 +143,7 @@ class RunConfig:
     output_dir: str = "runs/boltzgen"
     chirality_filter: bool = True
     data: str | None = None
+    init_from: str | None = None
 
 
 _SECTIONS = {
@@ -200,7 +203,7 @@ def config_from_dict(data: dict) -> RunConfig:
     """`RunConfig` from a plain dict (as read from YAML); unknown keys raise `ConfigError`."""
     if not isinstance(data, dict):
         raise ConfigError("a run config must be a mapping at the top level")
-    known = set(_SECTIONS) | {"output_dir", "chirality_filter", "data"}
+    known = set(_SECTIONS) | {"output_dir", "chirality_filter", "data", "init_from"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
@@ -215,6 +218,10 @@ def config_from_dict(data: dict) -> RunConfig:
         if not isinstance(data["data"], str):
             raise ConfigError(f"data must be a path to an .npz file, got {data['data']!r}")
         kwargs["data"] = data["data"]
+    if data.get("init_from") is not None:
+        if not isinstance(data["init_from"], str):
+            raise ConfigError(f"init_from must be a checkpoint path, got {data['init_from']!r}")
+        kwargs["init_from"] = data["init_from"]
     if "chirality_filter" in data:
         if not isinstance(data["chirality_filter"], bool):
             raise ConfigError("chirality_filter must be true or false")

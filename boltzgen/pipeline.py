@@ -235,6 +235,31 @@ def _check_resumable(config: RunConfig, checkpoint: Path) -> None:
             )
 
 
+def _initial_weights(config: RunConfig, checkpoint: Path) -> dict[str, Tensor]:
+    """The model weights of ``init_from``: a checkpoint of the same system and model sections
+    (the temperature may differ: annealing stages)."""
+    from boltzgen.train import load_checkpoint
+
+    old = load_checkpoint(checkpoint)
+    meta = old.get("metadata", {})
+    if meta.get("system") != config.system.name:
+        raise ConfigError(
+            f"init_from: {checkpoint} is a checkpoint of system {meta.get('system')!r}, "
+            f"not {config.system.name!r}"
+        )
+    new = config_to_dict(config)
+    for section in MODEL_SECTIONS:
+        a, b = dict(meta.get("config", {}).get(section, {})), dict(new[section])
+        if section == "system":
+            a.pop("temperature", None)
+            b.pop("temperature", None)
+        if a != b:
+            raise ConfigError(
+                f"init_from: {checkpoint} was trained with a different '{section}' section"
+            )
+    return old["model"]
+
+
 def train(config: RunConfig, resume: bool = False) -> TrainResult:
     """Train the run of ``config`` into ``config.output_dir`` (``checkpoint.pt``, ``log.csv``).
 
@@ -266,7 +291,12 @@ def train(config: RunConfig, resume: bool = False) -> TrainResult:
     if config.data is not None and not Path(config.data).is_file():
         raise ConfigError(f"data: training data {config.data} does not exist")
     check_device(config.train.device)
+    initial = None
+    if config.init_from is not None and not resume:
+        initial = _initial_weights(config, Path(config.init_from))
     run = build_run(config)
+    if initial is not None:
+        run.model.load_state_dict(initial)
     x_data = data_weights = None
     if config.data is not None:
         x_data, data_weights = load_training_data(config.data, run.system.n_atoms)

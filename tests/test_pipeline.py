@@ -53,3 +53,34 @@ def test_pipeline_bad_input_exit_2(tmp_path, capsys) -> None:
     assert "--threads must be at least 1" in capsys.readouterr().err
     assert cli.main(["pipeline", "aldp", "--ais", "-1"]) == 2
     assert "--ais must be >= 0" in capsys.readouterr().err
+
+
+def test_init_from_starts_a_stage_from_another_runs_weights(tmp_path) -> None:
+    import pytest
+    import torch
+
+    from boltzgen import pipeline
+    from boltzgen.config import config_from_dict, load_config
+    from boltzgen.errors import ConfigError
+
+    cfg = tmp_path / "stage1.yaml"
+    cfg.write_text(TINY.replace("OUT", str(tmp_path / "s1")))
+    first = pipeline.train(load_config(cfg)).checkpoint
+    # stage 2 at another temperature, 0 iterations: its checkpoint holds stage 1's weights
+    stage2 = config_from_dict(
+        {
+            "system": {"name": "aldp", "temperature": 600.0},
+            "flow": {"n_blocks": 2, "n_bins": 4, "hidden": 16},
+            "train": {"max_iter": 0, "batch_size": 32, "progress": False},
+            "output_dir": str(tmp_path / "s2"),
+            "init_from": str(first),
+        }
+    )
+    second = pipeline.train(stage2).checkpoint
+    a, b = torch.load(first)["model"], torch.load(second)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = pipeline.build_run(stage2).model.state_dict()
+    assert not all(torch.equal(fresh[k].to(a[k].dtype), a[k]) for k in a)  # not a fresh init
+    other = config_from_dict({**{"flow": {"n_blocks": 3}}, "init_from": str(first)})
+    with pytest.raises(ConfigError, match="different 'flow' section"):
+        pipeline.train(other)
