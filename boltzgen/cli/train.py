@@ -63,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
             f"\n{stop}: checkpoint {stop.checkpoint} written; continue with --resume",
             file=sys.stderr,
         )
-        return 128 + stop.signum
+        return stop.exit_code
     print_train_summary(result)
     return 0
