@@ -1,7 +1,8 @@
 """Atomic file writes: a reader, or a run killed mid-write, sees the old file or the new one.
 
 Each writer writes a temporary file in the target's folder, flushes and fsyncs it, then renames
-it over the target (`os.replace`, atomic on POSIX and Windows).
+it over the target (`os.replace`, atomic on POSIX and Windows). `atomic_path` does the same for
+writers that take a file name (mdtraj's trajectory formats).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "atomic_open",
+    "atomic_path",
     "atomic_write",
     "save_npz",
     "save_torch",
@@ -25,17 +27,42 @@ __all__ = [
 ]
 
 
+def _temporary(path: Path) -> Path:
+    """A hidden name beside ``path`` with its suffix (for writers that go by the suffix)."""
+    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing; on a clean exit it is flushed,
     fsynced and renamed to ``path``, on an exception removed (``path`` stays as it was)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary(path)
     try:
         with open(tmp, mode, **kwargs) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix) for a writer that takes a file name; on a
+    clean exit the file written there is fsynced and renamed to ``path``, on an exception
+    removed (``path`` stays as it was)."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
