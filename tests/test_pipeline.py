@@ -1,10 +1,16 @@
 """``boltzgen pipeline``: train -> sample -> reweight on a tiny ALDP config."""
 
 import json
+import os
+import signal
 
 import numpy as np
+import pytest
+import torch
+import yaml
 
 from boltzgen import cli
+from boltzgen.errors import BoltzgenError
 
 TINY = """\
 system: {name: aldp}
@@ -84,3 +90,114 @@ def test_init_from_starts_a_stage_from_another_runs_weights(tmp_path) -> None:
     other = config_from_dict({**{"flow": {"n_blocks": 3}}, "init_from": str(first)})
     with pytest.raises(ConfigError, match="different 'flow' section"):
         pipeline.train(other)
+
+
+# ------------------------------------------------------------------ interrupted sampling
+TINY_ALDP = """\
+system: {name: aldp, energy: torch}
+flow: {n_blocks: 2, n_bins: 4, hidden: 16}
+train: {max_iter: 1, batch_size: 32, progress: false}
+output_dir: OUT
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A checkpoint of a tiny ALDP flow (one training step)."""
+    from boltzgen import pipeline
+    from boltzgen.config import config_from_dict
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    config = config_from_dict(yaml.safe_load(TINY_ALDP.replace("OUT", str(out))))
+    return pipeline.train(config).checkpoint
+
+
+@pytest.mark.parametrize("ais", [0, 2])
+def test_draw_samples_stopped_by_sigterm_resumes_to_the_uninterrupted_samples(
+    tiny_checkpoint, tmp_path, monkeypatch, ais
+):
+    """SIGTERM during the third batch: the batch finishes, the progress file holds three
+    batches, ``resume=True`` ends with exactly the arrays of a call that was never stopped
+    (with AIS also the sampler's step sizes, which it adapts to every batch, are restored)."""
+    from boltzgen import pipeline
+
+    run = pipeline.load_run(tiny_checkpoint)
+    kw = dict(batch_size=20, ais=ais, seed=5)
+    straight = pipeline.draw_samples(run, 90, **kw)
+    valid_rows, calls = pipeline._valid_rows, []
+
+    def signalled(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded, acted on after this batch
+        return valid_rows(*args)
+
+    partial = tmp_path / "s.partial.npz"
+    monkeypatch.setattr(pipeline, "_valid_rows", signalled)
+    torch.manual_seed(123)  # the resumed call must not depend on the state it starts in
+    with pytest.raises(pipeline.SamplingInterrupted) as stop:
+        pipeline.draw_samples(run, 90, partial=partial, **kw)
+    assert stop.value.exit_code == 128 + signal.SIGTERM and len(calls) == 3
+    assert stop.value.n_done == stop.value.samples.n == len(np.load(partial)["energies"])
+    assert bool(np.load(partial)["partial"]) and 40 < stop.value.n_done <= 60
+    with pytest.raises(BoltzgenError, match="exists"):
+        pipeline.draw_samples(run, 90, partial=partial, **kw)
+    with pytest.raises(BoltzgenError, match="seed=5"):
+        pipeline.draw_samples(run, 90, partial=partial, resume=True, **{**kw, "seed": 6})
+    monkeypatch.setattr(pipeline, "_valid_rows", valid_rows)
+    resumed = pipeline.draw_samples(run, 90, partial=partial, resume=True, **kw)
+    for key, value in straight.arrays().items():
+        np.testing.assert_array_equal(resumed.arrays()[key], value, err_msg=key)
+
+
+def test_cli_sample_stopped_by_sigterm_resumes_to_the_uninterrupted_file(
+    tiny_checkpoint, tmp_path, capsys
+):
+    """``boltzgen sample`` in a subprocess, SIGTERM once its progress bar shows a finished
+    batch: exit 143 with one line, the samples so far in OUTPUT.partial.npz; the same command
+    with ``--resume`` writes the file an uninterrupted run with the same seed writes."""
+    import re
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    args = ["sample", str(tiny_checkpoint), "-n", "600", "--batch-size", "50", "--ais", "1"]
+    stopped, straight = tmp_path / "stopped.npz", tmp_path / "straight.npz"
+    partial = tmp_path / "stopped.partial.npz"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "boltzgen", *args, "-o", str(stopped)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    err: list[bytes] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read1(), b"")))
+    reader.start()
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        done = re.findall(rb"(\d+)/600 \[", b"".join(err))
+        if done and int(done[-1]) > 0:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    reader.join()
+    text = b"".join(err).decode()
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    message = text.strip().splitlines()[-1]
+    assert re.fullmatch(r"SIGTERM after \d+ of 600 samples: they are in .*--resume", message)
+    assert "Traceback" not in text and not stopped.exists()
+    data = np.load(partial)
+    assert bool(data["partial"]) and 0 < len(data["energies"]) < 600
+
+    assert cli.main([*args, "-o", str(stopped)]) == 2  # an unfinished run is not overwritten
+    assert "pass --resume" in capsys.readouterr().err
+    assert cli.main([*args, "-o", str(straight), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert cli.main([*args, "-o", str(stopped), "--resume", "--no-progress"]) == 0
+    assert not partial.exists()
+    assert cli.main([*args, "-o", str(straight), "--no-progress"]) == 0
+    a, b = np.load(stopped), np.load(straight)
+    assert sorted(a.files) == sorted(b.files) and len(b["energies"]) == 600
+    for key in b.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

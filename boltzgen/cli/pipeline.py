@@ -6,8 +6,8 @@ Boltzmann density through 8 intermediate distributions), prints the effective sa
 the fraction of samples in each state of the system's ``states.yaml`` (raw and reweighted,
 with bootstrap errors) next to the shipped MD reference, and writes plots. A finished
 checkpoint in the output folder is reused and an unfinished one resumed, so an interrupted
-pipeline continues where it stopped. Every step is a `boltzgen.pipeline` or
-`boltzgen.analysis.reports` call.
+pipeline continues where it stopped, in training or in sampling (``samples.partial.npz``).
+Every step is a `boltzgen.pipeline` or `boltzgen.analysis.reports` call.
 """
 
 from __future__ import annotations
@@ -151,18 +151,37 @@ def run(args: argparse.Namespace) -> int:
                 "to resume",
                 file=sys.stderr,
             )
-            return 128 + stop.signum
+            return stop.exit_code
 
     # 2. sample
     samples_path = out / "samples.npz"
     how = f"flow + AIS with {args.ais} intermediate distributions" if args.ais else "flow"
-    print(f"[2/3] drawing {args.n_samples} samples ({how}) -> {samples_path}", flush=True)
+    partial = out / "samples.partial.npz"
+    resume = partial.is_file()
+    verb = f"resuming {partial}:" if resume else "drawing"
+    print(f"[2/3] {verb} {args.n_samples} samples ({how}) -> {samples_path}", flush=True)
     t0 = time.perf_counter()
     trained = pipeline.load_run(ckpt)
-    drawn = pipeline.draw_samples(
-        trained, args.n_samples, 1000, ais=args.ais, device=args.device or "cpu", seed=args.seed
-    )
+    try:
+        drawn = pipeline.draw_samples(
+            trained,
+            args.n_samples,
+            1000,
+            ais=args.ais,
+            device=args.device or "cpu",
+            seed=args.seed,
+            partial=partial,
+            resume=resume,
+            progress=not args.no_progress,
+        )
+    except pipeline.SamplingInterrupted as stop:
+        print(
+            f"\n{stop}: they are in {partial}; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return stop.exit_code
     drawn.save(samples_path)
+    partial.unlink(missing_ok=True)
     print(
         f"      {drawn.n} samples in {time.perf_counter() - t0:.1f} s; dropped non-finite "
         f"{drawn.n_nonfinite}, D-form {drawn.n_filtered}"
