@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from boltzgen.errors import BoltzgenError, ConfigError, yaml_problem
+from boltzgen.errors import BoltzgenError, ConfigError
 from boltzgen.train import TrainOptions
 from boltzgen.train.fab import FABOptions
 
@@ -255,13 +255,10 @@ def load_config(path: str | os.PathLike) -> RunConfig:
     Raises:
         ConfigError: missing file, YAML syntax error, unknown key, invalid value.
     """
-    import yaml
+    from boltzgen.files import read_yaml
 
     path = config_path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse {path}: {yaml_problem(exc)}") from exc
+    data = read_yaml(path, ConfigError, "run config")
     try:
         return config_from_dict(data or {})
     except ConfigError as exc:

@@ -2,7 +2,8 @@
 
 Each writer writes a temporary file in the target's folder, flushes and fsyncs it, then renames
 it over the target (`os.replace`, atomic on POSIX and Windows). `atomic_path` does the same for
-writers that take a file name (mdtraj's trajectory formats).
+writers that take a file name (mdtraj's trajectory formats). `read_yaml` reads the YAML inputs
+(run configs, system configs, states files) with one-line errors.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import IO, Any
 import numpy as np
 
 __all__ = [
+    "read_yaml",
     "atomic_open",
     "atomic_path",
     "atomic_write",
@@ -110,3 +112,21 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     text = json.dumps(to_json_safe(obj), indent=2) + "\n"
     with atomic_open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
+
+
+def read_yaml(path: str | os.PathLike, error: type[Exception], what: str = "file") -> Any:
+    """The contents of a YAML file; a missing file or a syntax error raises ``error`` with one
+    line naming the file (and the line, column and problem of a syntax error)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise error(f"cannot parse {what} {path}: {where}{problem}") from exc
