@@ -24,9 +24,9 @@ three references); see `boltzgen.coordinates`.
    sibling-relative and ring torsions are narrow and are standardised instead.
 
 For peptides the backbone phi (C-N-CA-C) and psi (N-CA-C-N) torsions are explicit coordinates;
-`ZMatrix.named_dihedrals` maps ``"phi_<n>"``/``"psi_<n>"`` (``n`` the residue number of the structure
-file, PDB resSeq; see `backbone_torsions`; plain ``"phi"`` and ``"psi"`` when a molecule has one of
-each, as alanine dipeptide) to their torsion position.
+`ZMatrix.named_dihedrals` maps ``"phi_<n>"``/``"psi_<n>"`` (``n`` the residue number of the
+structure file, PDB resSeq; see `backbone_torsions`; plain ``"phi"`` and ``"psi"`` when a
+molecule has one of each, as alanine dipeptide) to their torsion position.
 """
 
 from __future__ import annotations
