@@ -124,21 +124,23 @@ def plot_ramachandran(
     f_max: float | None = None,
     *,
     ax: AxesArg | None = None,
+    labels: tuple[str, str] = (r"$\phi$ (deg)", r"$\psi$ (deg)"),
 ) -> Figure | SubFigure:
     """Ramachandran free-energy surfaces side by side (e.g. flow raw, reweighted, MD).
 
     Args:
-        panels: ``(title, phi_psi, log_w)`` per panel; phi_psi `(n, 2)` radians, log_w `(n,)` or
-            None.
+        panels: ``(title, phi_psi, log_w)`` per panel; phi_psi `(n, 2)` radians (any two
+            dihedral CVs), log_w `(n,)` or None.
         paths: File(s) to write (None: none).
         bins: Bins per angle on [-pi, pi).
         kT: Energy unit (kJ/mol) of the colour scale; 1 for kT units.
         f_max: Top of the colour scale (default ``12 kT``).
         ax: One Axes per panel to draw into (a single Axes for one panel); None: a new Figure.
+        labels: Axis labels of the two angles (x, y).
 
     Returns:
         The Figure (``ax.figure`` when `ax` is given); panel k's mesh holds the free energy
-        `(psi bins, phi bins)` of panel k, empty bins masked.
+        `(second-angle bins, first-angle bins)` of panel k, empty bins masked.
     """
     f_max = 12.0 * kT if f_max is None else f_max
     n = len(panels)
@@ -155,11 +157,11 @@ def plot_ramachandran(
                 deg[0], deg[1], shown.T, cmap="viridis", vmin=0.0, vmax=f_max, shading="flat"
             )
             a.set_title(title)
-            a.set_xlabel(r"$\phi$ (deg)")
+            a.set_xlabel(labels[0])
             a.set_xticks([-180, -90, 0, 90, 180])
             a.set_yticks([-180, -90, 0, 90, 180])
             a.set_aspect("equal")
-        axes[0].set_ylabel(r"$\psi$ (deg)")
+        axes[0].set_ylabel(labels[1])
         cbar = fig.colorbar(mesh, ax=axes, shrink=0.9)
         cbar.set_label(f"free energy ({_unit(kT)})")
     if paths is not None:

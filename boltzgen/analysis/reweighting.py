@@ -485,13 +485,21 @@ def states_from_dict(spec: Mapping, scale: float = 1.0) -> list[State]:
             raise WeightError(f"state {name!r}: expected a mapping of CV name to intervals")
         ivs = {}
         for cv_name, raw in cvs.items():
-            arr = np.asarray(raw, dtype=np.float64)
+            try:
+                arr = np.asarray(raw, dtype=np.float64)
+            except (TypeError, ValueError):  # strings, ragged lists
+                arr = np.full(3, np.nan)
             if arr.ndim == 1:
                 arr = arr[None, :]
-            if arr.ndim != 2 or arr.shape[1] != 2 or np.any(arr[:, 0] >= arr[:, 1]):
+            if (
+                arr.ndim != 2
+                or arr.shape[1] != 2
+                or np.isnan(arr).any()
+                or np.any(arr[:, 0] >= arr[:, 1])
+            ):
                 raise WeightError(
-                    f"state {name!r}, CV {cv_name!r}: intervals must be [lo, hi] pairs with "
-                    f"lo < hi, got {raw!r}"
+                    f"state {name!r}, CV {cv_name!r}: intervals must be [lo, hi] pairs of "
+                    f"numbers with lo < hi, got {raw!r}"
                 )
             ivs[str(cv_name)] = tuple((float(lo) * scale, float(hi) * scale) for lo, hi in arr)
         states.append(State(str(name), ivs))

@@ -4,7 +4,9 @@ With the defaults it trains ``systems/<system>/reverse_kl_quick.yaml`` (minutes 
 CPU), draws 10,000 samples (flow samples refined by annealed importance sampling toward the
 Boltzmann density through 8 intermediate distributions), prints the effective sample size and
 the fraction of samples in each state of the system's ``states.yaml`` (raw and reweighted,
-with bootstrap errors) next to the shipped MD reference, and writes plots. A finished
+with bootstrap errors) next to the shipped MD reference, and writes plots (without a shipped
+reference, as for xylene and trpzip2, it says so and skips the comparison). Every shipped
+system has a ``reverse_kl_quick.yaml`` and a ``states.yaml``. A finished
 checkpoint in the output folder is reused and an unfinished one resumed, so an interrupted
 pipeline continues where it stopped, in training or in sampling (``samples.partial.npz``).
 Every step is a `boltzgen.pipeline` or `boltzgen.analysis.reports` call.
@@ -25,7 +27,7 @@ from boltzgen.errors import BoltzgenError, ConfigError
 
 if TYPE_CHECKING:
     from boltzgen.analysis import SampleSet
-    from boltzgen.analysis.reweighting import State
+    from boltzgen.analysis.cvs import StatesFile
 
 __all__ = ["register", "run"]
 
@@ -65,17 +67,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _basin_table(
-    samples: SampleSet, report: dict[str, Any], states: list[State], system: str
+    samples: SampleSet, report: dict[str, Any], states: StatesFile, system: str
 ) -> dict[str, Any]:
-    """Print raw and reweighted state fractions next to the MD reference; return them."""
-    from boltzgen.analysis.reports import reference_populations, sample_cvs
+    """Print raw and reweighted state fractions (next to the MD reference, if the system ships
+    one); return them."""
+    from boltzgen.analysis.cvs import sample_cvs
+    from boltzgen.analysis.reports import reference_populations
 
-    cvs = sample_cvs(samples)
+    cvs = sample_cvs(samples, states.cvs)
     ref = reference_populations(system)
     rows = {r["name"]: r for r in report["states"]}
-    print(f"  {'state':<16} {'raw fraction':>12} {'reweighted':>20} {'MD reference':>20}")
+    head = f"  {'state':<16} {'raw fraction':>12} {'reweighted':>20}"
+    print(head + (f" {'MD reference':>20}" if ref else ""))
     basins = {}
-    for st in states:
+    for st in states.states:
         raw = float(np.mean(st.contains(cvs)))
         r = rows[st.name]
         pop, err = r["population"], r["population_error"]
@@ -125,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         output_dir=args.output_dir,
     )
+    states = load_states(None, config.system.name)  # a bad states file stops before training
     threads = set_threads(args.threads)
     pipeline.check_device(config.train.device)
     out = Path(config.output_dir)
@@ -190,22 +196,28 @@ def run(args: argparse.Namespace) -> int:
     # 3. reweight and compare
     print("[3/3] reweighting", flush=True)
     samples = load_samples(samples_path)
-    states = load_states(None, samples.system)
     report = reweight_report(samples, states, n_bootstrap=200, seed=0)
     print_report(report)
+    write_json(report, out / "reweight.json")
     summary: dict[str, Any] = {
         "config": str(config_path),
         "checkpoint": str(ckpt),
         "samples": str(samples_path),
+        "reweight": str(out / "reweight.json"),
         "n_samples": samples.n,
         "ais_intermediate": args.ais,
         "ess_fraction": report["ess_fraction"],
         "khat": report["khat"],
     }
-    if states:
+    if states.states:
         summary["states"] = _basin_table(samples, report, states, samples.system)
     ref_npz = sdir / "reference" / "reference.npz"
-    if not args.no_plots and ref_npz.is_file():
+    if not ref_npz.is_file():
+        print(
+            f"  no MD reference shipped for {args.system} ({ref_npz} does not exist): "
+            "comparison with a reference and its plots skipped"
+        )
+    elif not args.no_plots:
         eval_dir = out / "evaluation"
         log = out / "log.csv"
         metrics = evaluate_samples(
@@ -219,8 +231,9 @@ def run(args: argparse.Namespace) -> int:
         )
         write_json(metrics, eval_dir / "metrics.json")
         if "ramachandran_kl_reweighted" in metrics:
+            pair = ", ".join(metrics["ramachandran_cvs"])
             print(
-                "  Ramachandran KL(reference || samples): raw "
+                f"  Ramachandran KL(reference || samples) over ({pair}): raw "
                 f"{metrics['ramachandran_kl_raw']:.4f}, reweighted "
                 f"{metrics['ramachandran_kl_reweighted']:.4f} nats"
             )

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from boltzgen.errors import MDError, ZMatrixError
+from boltzgen.errors import MDError
 from boltzgen.files import atomic_path, save_npz
 from boltzgen.interrupts import Interrupted, deferred_signals
 from boltzgen.units import MOLAR_GAS_CONSTANT
@@ -152,26 +152,25 @@ class MDInterrupted(Interrupted):
         self.step, self.n_steps, self.checkpoint, self.result = step, n_steps, checkpoint, result
 
 
-def backbone_dihedrals(system: Any, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Backbone phi and psi (radians, in [-pi, pi)) of the first residue with both, per frame.
+def backbone_dihedrals(system: Any, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """The backbone torsions of a peptide per frame, by CV name (radians, in [-pi, pi)).
+
+    Names as `boltzgen.coordinates.backbone_cvs`: ``phi``/``psi`` for a molecule with one of
+    each (alanine dipeptide), else ``phi_<n>``/``psi_<n>`` by residue number.
 
     Args:
         system: A `MolecularSystem`.
         positions: `(n_frames, n_atoms, 3)` nm.
 
     Returns:
-        `(phi, psi)`, each `(n_frames,)`, or None if the molecule has no peptide backbone.
+        CV name -> `(n_frames,)`; empty if the molecule has no peptide backbone.
     """
     import torch
 
-    from boltzgen.coordinates import phi_psi
+    from boltzgen.coordinates import backbone_cvs, named_dihedrals
 
     x = torch.as_tensor(np.asarray(positions), dtype=torch.float64)
-    try:
-        phi, psi = phi_psi(x, system.topology)
-    except ZMatrixError:
-        return None
-    return phi[:, 0].numpy(), psi[:, 0].numpy()
+    return {k: v.numpy() for k, v in named_dihedrals(x, backbone_cvs(system.topology)).items()}
 
 
 def platform_names() -> list[str]:
@@ -544,7 +543,8 @@ def write_outputs(system: Any, result: MDResult, prefix: str | os.PathLike) -> d
     """Write ``<prefix>.dcd`` + ``<prefix>.pdb`` (trajectory) and ``<prefix>.npz`` (samples file).
 
     The npz is a boltzgen samples file: ``positions`` (float32 nm), ``energies`` (kJ/mol),
-    ``temperature`` (K), ``system``, ``time_ps``, and ``phi``/``psi`` (radians) for peptides;
+    ``temperature`` (K), ``system``, ``time_ps``, and the backbone torsions of peptides
+    (radians, by CV name: ``phi``/``psi`` for alanine dipeptide, ``phi_<n>``/``psi_<n>`` else);
     ``log_weights`` only when the kept replica was biased (unbiased MD frames have equal weights);
     ``partial`` is True when the run stopped before the steps it was asked for (`MDInterrupted`).
     Every file is written atomically.
@@ -578,8 +578,6 @@ def write_outputs(system: Any, result: MDResult, prefix: str | os.PathLike) -> d
     if result.log_weights is not None:
         arrays["log_weights"] = result.log_weights
     if result.positions.shape[0] > 0:
-        dihedrals = backbone_dihedrals(system, result.positions)
-        if dihedrals is not None:
-            arrays["phi"], arrays["psi"] = dihedrals
+        arrays.update(backbone_dihedrals(system, result.positions))
     save_npz(paths["npz"], **arrays)
     return paths
