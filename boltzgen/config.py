@@ -132,6 +132,12 @@ class RunConfig:
     working directory. ``init_from`` is an optional checkpoint whose model weights start a fresh
     run (a stage of a multi-stage recipe); its system, coordinates, flow and snf sections must
     equal this config's except the temperature.
+
+    ``chirality_filter`` drops samples whose chiral alpha carbons are not all in the L form
+    (`boltzgen.coordinates.is_l_form`). None (the key absent or null) means: on for a molecule
+    with a chiral alpha carbon (a peptide with a residue other than glycine), off for one
+    without (xylene); `boltzgen.pipeline.build_run` decides, and rejects ``true`` for a molecule
+    without one.
     """
 
     system: SystemConfig = field(default_factory=SystemConfig)
@@ -141,7 +147,7 @@ class RunConfig:
     train: TrainOptions = field(default_factory=TrainOptions)
     fab: FABOptions = field(default_factory=FABOptions)
     output_dir: str = "runs/boltzgen"
-    chirality_filter: bool = True
+    chirality_filter: bool | None = None
     data: str | None = None
     init_from: str | None = None
 
@@ -222,9 +228,12 @@ def config_from_dict(data: dict) -> RunConfig:
         if not isinstance(data["init_from"], str):
             raise ConfigError(f"init_from must be a checkpoint path, got {data['init_from']!r}")
         kwargs["init_from"] = data["init_from"]
-    if "chirality_filter" in data:
+    if data.get("chirality_filter") is not None:
         if not isinstance(data["chirality_filter"], bool):
-            raise ConfigError("chirality_filter must be true or false")
+            raise ConfigError(
+                "chirality_filter must be true, false or null (null or absent: on where the "
+                f"molecule has a chiral alpha carbon), got {data['chirality_filter']!r}"
+            )
         kwargs["chirality_filter"] = data["chirality_filter"]
     return RunConfig(**kwargs)
 

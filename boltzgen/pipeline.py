@@ -43,6 +43,7 @@ __all__ = [
     "TrainResult",
     "build_run",
     "check_device",
+    "chirality_filter",
     "draw_samples",
     "load_run",
     "load_training_data",
@@ -65,7 +66,8 @@ class Run:
         coordinates: Internal coordinates, flow space -> Cartesian (`InternalCoordinates`).
         model: Flow + coordinates (+ SNF layers) (`BoltzmannGenerator`).
         target: ``log p(x) = -U(x)/kT`` (`BoltzmannTarget`).
-        sample_filter: Keep-mask of Cartesian samples (L-form chirality), or None.
+        sample_filter: Keep-mask of Cartesian samples (L-form chirality), or None (see
+            `chirality_filter`).
     """
 
     config: RunConfig
@@ -90,10 +92,34 @@ def minimized_positions(system: MolecularSystem) -> np.ndarray:
     return np.asarray(pos, dtype=np.float64)
 
 
+def chirality_filter(config: RunConfig, system: MolecularSystem) -> bool:
+    """Whether a run drops samples that are not in the L form: ``config.chirality_filter``, or
+    where that is None, whether the molecule has a chiral alpha carbon (a residue with N, CA, C
+    and CB: every amino acid but glycine).
+
+    Raises:
+        ConfigError: ``chirality_filter: true`` for a molecule without a chiral alpha carbon.
+    """
+    from boltzgen.coordinates import alpha_carbons
+
+    has_centre = bool(alpha_carbons(system.topology))
+    if config.chirality_filter is None:
+        return has_centre
+    if config.chirality_filter and not has_centre:
+        raise ConfigError(
+            f"chirality_filter: true, but {config.system.name} has no chiral alpha carbon (an "
+            "amino-acid residue with N, CA, C and CB) to filter on; remove the key or set false"
+        )
+    return config.chirality_filter
+
+
 def build_run(config: RunConfig) -> Run:
     """Construct the system, coordinates, flow (+ SNF layers), target and filter of a config.
 
     The flow's weights are drawn with ``config.flow.seed``: the same config builds the same model.
+
+    Raises:
+        ConfigError: see `chirality_filter`; SystemLoadError: an unknown system.
     """
     from boltzgen import systems
     from boltzgen.coordinates import InternalCoordinates, is_l_form
@@ -104,6 +130,7 @@ def build_run(config: RunConfig) -> Run:
 
     sc = config.system
     system = systems.load(sc.name, solvent=sc.solvent, temperature=sc.temperature)
+    use_filter = chirality_filter(config, system)  # before any work
     ref = minimized_positions(system) if config.coordinates.minimize else system.positions
     coords = InternalCoordinates.from_topology(
         system.topology, reference_positions=ref, torsions=config.coordinates.torsions
@@ -151,7 +178,7 @@ def build_run(config: RunConfig) -> Run:
         )
         model.add_stochastic_layers(layers, flow_target)
     sample_filter = None
-    if config.chirality_filter:
+    if use_filter:
         topology = system.topology
 
         def sample_filter(x: Tensor) -> Tensor:
