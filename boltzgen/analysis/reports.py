@@ -30,7 +30,7 @@ from boltzgen.analysis.cvs import (
 )
 from boltzgen.analysis.reweighting import State
 from boltzgen.analysis.samples import SampleSet, _system_file
-from boltzgen.errors import BoltzgenError
+from boltzgen.errors import BoltzgenError, WeightError
 from boltzgen.units import MOLAR_GAS_CONSTANT
 
 __all__ = [
@@ -131,7 +131,7 @@ def reweight_report(
     """
     sf = _as_states_file(states)
     cvs_all = sample_cvs(samples, sf.cvs)
-    _check_states(sf, set(cvs_all), f"the CVs of {samples.path}")
+    _check_states(sf, list(cvs_all), f"the CVs of {samples.path}")
     names = fes_cvs(list(cvs_all), sf, cv)
     n = samples.n
     lw = samples.log_w if samples.log_w is not None else np.zeros(n)
@@ -159,13 +159,17 @@ def reweight_report(
         report["log_z"], report["log_z_error"] = rw.log_z(lw)
     kT = samples.kT
     if sf.states:
-        res = rw.state_free_energies(sf.states, cvs_all, lw, kT, n_bootstrap, block, seed)
-        report["reference_state"] = res.names[0]
-        report["states"] = _states_json(res, kT)
-        for row, st in zip(report["states"], sf.states, strict=True):
-            inside = st.contains(cvs_all)
-            row["n_samples"] = int(inside.sum())
-            row["n_eff"] = float(rw.ess(lw[inside])) if inside.any() else 0.0
+        try:
+            res = rw.state_free_energies(sf.states, cvs_all, lw, kT, n_bootstrap, block, seed)
+        except WeightError as exc:  # states and weights are valid: the reference state is empty
+            report["states_error"] = str(exc)
+        else:
+            report["reference_state"] = res.names[0]
+            report["states"] = _states_json(res, kT)
+            for row, st in zip(report["states"], sf.states, strict=True):
+                inside = st.contains(cvs_all)
+                row["n_samples"] = int(inside.sum())
+                row["n_eff"] = float(rw.ess(lw[inside])) if inside.any() else 0.0
     if names:
         fes = rw.free_energy_surface(
             np.stack([cvs_all[c] for c in names], 1),
@@ -196,10 +200,16 @@ def reweight_report(
             "ess": rw.ess(lw2),
             "ess_fraction": rw.ess_fraction(lw2),
         }
-        if sf.states:
+        if "states" in report:
             kT2 = MOLAR_GAS_CONSTANT * t2
-            res2 = rw.state_free_energies(sf.states, cvs_all, lw2, kT2, n_bootstrap, block, seed)
-            block_t2["states"] = _states_json(res2, kT2)
+            try:
+                res2 = rw.state_free_energies(
+                    sf.states, cvs_all, lw2, kT2, n_bootstrap, block, seed
+                )
+            except WeightError as exc:
+                block_t2["states_error"] = str(exc)
+            else:
+                block_t2["states"] = _states_json(res2, kT2)
         report["target_temperature"] = block_t2
     return report
 
@@ -261,6 +271,8 @@ def print_report(report: dict[str, Any], out: IO[str] | None = None) -> None:
             file=out,
         )
         _print_states(report["states"], out)
+    if "states_error" in report:
+        print(f"  state free energies not estimated: {report['states_error']}", file=out)
     if "target_temperature" in report:
         t = report["target_temperature"]
         print(
@@ -330,8 +342,8 @@ def evaluate_samples(
     cvs_s = sample_cvs(samples, sf.cvs)
     cvs_r = sample_cvs(reference, sf.cvs)
     if sf.states:
-        _check_states(sf, set(cvs_s), f"the CVs of {samples.path}")
-        _check_states(sf, set(cvs_r), f"the CVs of {reference.path}")
+        _check_states(sf, list(cvs_s), f"the CVs of {samples.path}")
+        _check_states(sf, list(cvs_r), f"the CVs of {reference.path}")
     common = [c for c in cvs_s if c in cvs_r]
     pair = fes_cvs(common, sf)
     n = samples.n

@@ -76,13 +76,13 @@ def _basin_table(
 
     cvs = sample_cvs(samples, states.cvs)
     ref = reference_populations(system)
-    rows = {r["name"]: r for r in report["states"]}
+    rows = {r["name"]: r for r in report.get("states", [])}  # none: reference state empty
     head = f"  {'state':<16} {'raw fraction':>12} {'reweighted':>20}"
     print(head + (f" {'MD reference':>20}" if ref else ""))
     basins = {}
     for st in states.states:
         raw = float(np.mean(st.contains(cvs)))
-        r = rows[st.name]
+        r = rows.get(st.name, {"population": float("nan"), "population_error": float("nan")})
         pop, err = r["population"], r["population_error"]
         line = f"  {st.name:<16} {raw:>12.4f} {pop:>11.4f} +- {err:<6.4f}"
         if st.name in ref:
