@@ -98,7 +98,9 @@ def _select(top: Any, exprs: Any, where: str) -> Atoms:
         try:
             hits = top.select(expr)
         except Exception as exc:  # mdtraj: ValueError for syntax, others for bad keywords
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = str(exc).splitlines()[0] if str(exc) else ""
+            if not msg or len(msg) > 80:  # pyparsing lists every keyword it expected
+                msg = "not valid mdtraj selection syntax"
             raise BoltzgenError(f"{where}[{k}]: bad atom selection {expr!r}: {msg}") from exc
         if len(hits) != 1:
             raise BoltzgenError(
@@ -218,15 +220,15 @@ def _as_states_file(states: StatesFile | Sequence[State] | None) -> StatesFile:
     return StatesFile(list(states or []))
 
 
-def _check_states(states: StatesFile, known: Sequence[str] | set[str], what: str) -> None:
+def _check_states(states: StatesFile, known: Sequence[str], what: str) -> None:
     """Every CV a state uses must be among `known` (``what`` says where they come from)."""
     where = f"{states.path}: " if states.path else ""
     for st in states.states:
         for name in st.intervals:
             if name not in known:
                 raise BoltzgenError(
-                    f"{where}state {st.name!r} uses CV {name!r}, which is not among {what} "
-                    f"({', '.join(sorted(known)) or 'none'}) nor defined under 'cvs:'"
+                    f"{where}state {st.name!r} uses unknown CV {name!r}; known: "
+                    f"{', '.join(known) or 'none'} ({what} and the file's 'cvs:')"
                 )
 
 
@@ -322,7 +324,8 @@ def load_states(path: str | Path | None, system: str | None = None) -> StatesFil
     if top is not None:
         from boltzgen.coordinates import backbone_cvs
 
-        _check_states(out, set(backbone_cvs(top)) | set(cvs), f"the backbone torsions of {system}")
+        known = list(dict.fromkeys([*backbone_cvs(top), *cvs]))
+        _check_states(out, known, f"the backbone torsions of {system}")
     return out
 
 
