@@ -291,3 +291,19 @@ def test_reweight_with_an_empty_reference_state_reports_it(trp_samples, tmp_path
     rep = json.loads(out.read_text())
     assert "reference state 'empty'" in rep["states_error"] and "states" not in rep
     assert rep["ess"] > 1
+
+
+def test_readme_states_file_example_loads_for_trpzip2(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "cvs:" in b]
+    path = tmp_path / "states.yaml"
+    path.write_text(block)
+    states = load_states(path, "trpzip2")
+    top = systems.load("trpzip2", solvent="vacuum").mdtraj_topology
+    names = [(top.atom(i).residue.resSeq, top.atom(i).name) for i in states.cvs["omega_6"]]
+    assert names == [(6, "CA"), (6, "C"), (7, "N"), (7, "CA")]
+    assert states.cvs["chi1_trp2"] == tuple(int(top.select(s)[0]) for s in CHI1_TRP2)
+    assert states.cv_names == ["omega_6", "chi1_trp2", "phi_6"]
