@@ -1,4 +1,5 @@
-"""``boltzgen pipeline``: train -> sample -> reweight on a tiny ALDP config."""
+"""``boltzgen pipeline``: train -> sample -> reweight on a tiny ALDP config and the xylene quick
+config; the quick config, states file and chirality default of every shipped system."""
 
 import json
 import os
@@ -62,7 +63,6 @@ def test_pipeline_bad_input_exit_2(tmp_path, capsys) -> None:
 
 
 def test_init_from_starts_a_stage_from_another_runs_weights(tmp_path) -> None:
-    import pytest
     import torch
 
     from boltzgen import pipeline
@@ -201,3 +201,94 @@ def test_cli_sample_stopped_by_sigterm_resumes_to_the_uninterrupted_file(
     assert sorted(a.files) == sorted(b.files) and len(b["energies"]) == 600
     for key in b.files:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_pipeline_xylene_end_to_end(tmp_path, capsys) -> None:
+    import mdtraj
+
+    from boltzgen import systems
+
+    out = tmp_path / "xylene"
+    argv = ["pipeline", "xylene", "--max-iter", "30", "-n", "300", "--ais", "2"]
+    assert cli.main(argv + ["--output-dir", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "[1/3] training" in text and "ESS" in text and "sector_a" in text
+    assert "no MD reference shipped for xylene" in text
+    for name in ("checkpoint.pt", "log.csv", "samples.npz", "pipeline.json", "reweight.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "pipeline.json").read_text())
+    data = np.load(out / "samples.npz")
+    assert summary["n_samples"] == 300 and int(data["n_filtered"]) == 0  # no chiral centre
+    # raw state fractions against mdtraj's dihedral of the states file's methyl_1 atoms
+    xylene = systems.load("xylene")
+    angle = mdtraj.compute_dihedrals(xylene.to_mdtraj(data["positions"]), [[1, 0, 3, 10]])[:, 0]
+    deg = np.degrees(angle)
+    expected = {
+        "sector_a": np.mean((deg >= -60) & (deg < 60)),
+        "sector_b": np.mean(deg >= 60),
+        "sector_c": np.mean(deg < -60),
+    }
+    got = {k: v["raw_fraction"] for k, v in summary["states"].items()}
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert all(v["md_reference"] is None for v in summary["states"].values())
+    assert json.loads((out / "reweight.json").read_text())["fes"]["cvs"] == [
+        "methyl_1",
+        "methyl_2",
+    ]
+
+
+def test_chirality_filter_defaults_to_the_molecule(tmp_path, capsys) -> None:
+    from boltzgen import systems
+    from boltzgen.config import config_from_dict
+    from boltzgen.errors import ConfigError
+    from boltzgen.pipeline import chirality_filter
+
+    for name in ("aldp", "xylene", "trpzip2"):
+        system = systems.load(name, solvent="vacuum")
+        top = system.mdtraj_topology  # the oracle: an alpha carbon with a CB (not glycine)
+        chiral = any(a.name == "CB" and a.residue.atom("CA") is not None for a in top.atoms)
+        config = config_from_dict({"system": {"name": name}})
+        assert config.chirality_filter is None
+        assert chirality_filter(config, system) is chiral, name
+        off = config_from_dict({"system": {"name": name}, "chirality_filter": False})
+        assert chirality_filter(off, system) is False
+    xylene = systems.load("xylene", solvent="vacuum")
+    with pytest.raises(ConfigError, match="xylene has no chiral alpha carbon"):
+        chirality_filter(
+            config_from_dict({"system": {"name": "xylene"}, "chirality_filter": True}), xylene
+        )
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text(
+        f"system: {{name: xylene}}\nchirality_filter: true\noutput_dir: {tmp_path / 'r'}\n"
+    )
+    assert cli.main(["train", str(cfg), "--max-iter", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "chirality_filter: true, but xylene" in err[0]
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("system", ["aldp", "xylene", "trpzip2"])
+def test_every_shipped_system_has_a_quick_config_and_states(system) -> None:
+    from boltzgen.analysis.reports import load_states
+    from boltzgen.config import load_config
+    from boltzgen.systems import available_systems, shipped_path
+
+    assert system in available_systems()
+    config = load_config(shipped_path(system, "reverse_kl_quick.yaml"))
+    assert config.system.name == system and config.chirality_filter in (None, True)
+    states = load_states(None, system)
+    assert len(states.states) >= 2 and states.path.endswith("states.yaml")
+
+
+def test_trpzip2_quick_config_trains(tmp_path, capsys) -> None:
+    import csv
+
+    from boltzgen.systems import shipped_path
+
+    out = tmp_path / "trp"
+    config = str(shipped_path("trpzip2", "reverse_kl_quick.yaml"))
+    argv = ["train", config, "--max-iter", "30", "--output-dir", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "trained 30 iterations" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert int(rows[-1]["iteration"]) == 30
