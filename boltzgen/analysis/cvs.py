@@ -290,16 +290,13 @@ def load_states(path: str | Path | None, system: str | None = None) -> StatesFil
             intervals, bad CV definitions, a state using a CV that is neither defined nor a
             backbone torsion of the system.
     """
-    import yaml
+    from boltzgen.files import read_yaml
 
     if path is None:
         path = _system_file(system, "states.yaml")
         if path is None:
             return StatesFile([])
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise BoltzgenError(f"cannot read states file {path}: {exc}") from exc
+    spec = read_yaml(path, BoltzgenError, "states file")
     if not isinstance(spec, dict) or ("states" not in spec and {"units", "cvs"} & set(spec)):
         raise BoltzgenError(f"{path}: expected a mapping with a 'states' key")
     if "states" in spec:

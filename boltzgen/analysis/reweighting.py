@@ -191,7 +191,9 @@ def pareto_khat(log_w: np.ndarray) -> float:
     reweighted results cannot be trusted. See `khat_verdict`.
 
     Returns:
-        k-hat; -inf when the tail weights are all equal (bounded weights, e.g. uniform).
+        k-hat; -inf when the tail weights are all equal (bounded weights, e.g. uniform); +inf
+        when fewer than 5 tail weights stand above the cut, i.e. one to four samples carry
+        (almost) all the weight.
     """
     lw = _check_log_w(log_w)
     n = lw.shape[0]
@@ -207,8 +209,8 @@ def pareto_khat(log_w: np.ndarray) -> float:
     if not np.any(exceed > 0) or np.ptp(exceed) <= 1e-12 * max(tail[-1], 1e-300):
         return float("-inf")
     exceed = exceed[exceed > 0]
-    if exceed.shape[0] < 5:
-        return float("-inf")
+    if exceed.shape[0] < 5:  # the other tail weights equal the cut or vanish next to these
+        return float("inf")
     return _gpd_fit(exceed)
 
 
