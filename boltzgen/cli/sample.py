@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from boltzgen.cli._common import add_threads_argument, set_threads
+from boltzgen.cli._common import add_nproc_argument, add_threads_argument, set_threads
 from boltzgen.errors import BoltzgenError
 
 __all__ = ["register", "run"]
@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="refine the flow's samples by annealed importance sampling toward the Boltzmann "
         "density with K intermediate distributions (HMC); log_weights are then AIS weights",
     )
+    add_nproc_argument(p, "sampling processes (one merged samples file)")
     add_threads_argument(p)
     p.set_defaults(func=run)
 
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``boltzgen sample``; returns the exit code."""
     from boltzgen import pipeline
     from boltzgen.analysis.reweighting import ess, ess_fraction
+    from boltzgen.train import distributed
 
     if args.n_samples < 1 or args.batch_size < 1:
         raise BoltzgenError("-n and --batch-size must be positive")
@@ -56,11 +58,22 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(args.output)
     threads = set_threads(args.threads)
     pipeline.check_device(args.device)
+    if args.nproc != 1:
+        return _launch(args, threads)
     run_ = pipeline.load_run(args.checkpoint)
     seed = run_.config.train.seed + 1 if args.seed is None else args.seed
-    samples = pipeline.draw_samples(
-        run_, args.n_samples, args.batch_size, ais=args.ais, device=args.device, seed=seed
-    )
+    with distributed.process_group(args.device) as device:
+        if distributed.rank_and_world()[1] > 1:  # a rank under torch's launcher
+            samples = pipeline.draw_samples_sharded(
+                run_, args.n_samples, seed, batch_size=args.batch_size, ais=args.ais,
+                device=device,
+            )  # fmt: skip
+            if samples is None:  # rank 0 writes the merged file
+                return 0
+        else:
+            samples = pipeline.draw_samples(
+                run_, args.n_samples, args.batch_size, ais=args.ais, device=args.device, seed=seed
+            )
     samples.save(out, run_.system)
     lw = samples.log_weights
     print(
@@ -68,4 +81,22 @@ def run(args: argparse.Namespace) -> int:
         f"dropped non-finite {samples.n_nonfinite}, D-form {samples.n_filtered}; "
         f"{threads} torch CPU thread{'s' * (threads > 1)}"
     )
+    return 0
+
+
+def _launch(args: argparse.Namespace, threads: int) -> int:
+    """Run ``boltzgen sample`` in ``--nproc`` processes with torch's launcher."""
+    from boltzgen.train import load_checkpoint
+    from boltzgen.train.distributed import launch
+
+    if args.nproc < 1:
+        raise BoltzgenError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.n_samples < args.nproc:
+        raise BoltzgenError(f"-n {args.n_samples} is fewer than one sample per process")
+    load_checkpoint(args.checkpoint)  # a bad checkpoint fails here, once
+    argv = ["sample", args.checkpoint, "-n", args.n_samples, "-o", args.output,
+            "--batch-size", args.batch_size, "--device", args.device, "--ais", args.ais,
+            "--threads", threads]  # fmt: skip
+    argv += ["--seed", args.seed] if args.seed is not None else []
+    launch(argv, args.nproc)
     return 0

@@ -41,6 +41,7 @@ __all__ = [
     "STREAMS",
     "ShardedModel",
     "Shards",
+    "check_world",
     "launch",
     "process_group",
     "rank_and_world",
@@ -110,12 +111,7 @@ class Shards:
         rank, world = rank_and_world()
         if n_shards is None and world == 1:
             return cls()
-        n = world if n_shards is None else int(n_shards)
-        if batch_size % n:
-            raise ConfigError(
-                f"train.batch_size {batch_size} (the global batch) must divide by the number of "
-                f"shards {n} ({world} process{'es' * (world > 1)})"
-            )
+        n = check_world(batch_size, n_shards, world)
         dev = device if torch.distributed.is_initialized() and _backend() == "nccl" else None
         return cls(n, seed, rank, world, dev or torch.device("cpu"))
 
@@ -264,6 +260,22 @@ class Shards:
                     t.copy_(buf)
 
 
+def check_world(batch_size: int, n_shards: int | None, world_size: int) -> int:
+    """The number of shards of a run in ``world_size`` processes (``n_shards``, default one per
+    process); `ConfigError` unless it is a multiple of ``world_size`` and divides the batch."""
+    n = world_size if n_shards is None else int(n_shards)
+    if n % world_size:
+        raise ConfigError(
+            f"train.shards {n} must be a multiple of the number of processes {world_size}"
+        )
+    if batch_size % n:
+        raise ConfigError(
+            f"train.batch_size {batch_size} (the global batch) must divide by the number of "
+            f"shards {n} ({world_size} process{'es' * (world_size > 1)})"
+        )
+    return n
+
+
 class ShardedModel:
     """A model's ``sample_and_log_prob(n)`` and ``log_prob(x)`` for this rank's shards.
 
@@ -371,6 +383,7 @@ def launch(argv: Sequence[str], nproc: int) -> None:
     """
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -387,6 +400,8 @@ def launch(argv: Sequence[str], nproc: int) -> None:
     )
     try:
         elastic_launch(config, sys.executable)("-m", "boltzgen", *map(str, argv))
+    except SignalException as exc:  # Ctrl-C or SIGTERM: the workers got SIGTERM and stopped
+        raise KeyboardInterrupt(str(exc)) from None
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         raise BoltzgenError(
