@@ -507,7 +507,7 @@ class FAB(nn.Module):
             if len(buf):
                 draws.append(buf.sample(m))
             else:  # this shard's AIS chains all failed so far
-                draws.append((buf.x[:0], buf.log_q[:0], torch.zeros(0, dtype=torch.long)))
+                draws.append((buf.x[:0], buf.log_q[:0], buf.x.new_zeros(0, dtype=torch.long)))
         x = torch.cat([d[0] for d in draws])
         log_q_old = torch.cat([d[1] for d in draws])
         log_q_x = flow.log_prob(x)
