@@ -148,6 +148,8 @@ def test_cli_nproc_2_trains_and_samples_one_reproducible_file(tmp_path, capsys):
     assert state["counters"]["target_evals"] + state["counters"]["filtered"] <= 3 * 16
     assert main(["train", str(config), "--nproc", "3"]) == 2  # 16 does not divide by 3
     assert "must divide" in capsys.readouterr().err
+    assert main(["train", str(config), "--nproc", "0"]) == 2
+    assert "--nproc must be at least 1" in capsys.readouterr().err
     files = [tmp_path / f"s{i}.npz" for i in range(2)]
     for out in files:
         argv = ["sample", str(ckpt), "-n", "21", "-o", str(out), "--nproc", "2"]
