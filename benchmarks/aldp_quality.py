@@ -37,7 +37,7 @@ BINS = 64
 
 
 def _states(pp: np.ndarray, log_w: np.ndarray | None, kT: float, block: int, seed: int):
-    states = load_states(None, "aldp")
+    states = load_states(None, "aldp").states
     cvs = {"phi": pp[:, 0], "psi": pp[:, 1]}
     res = rw.state_free_energies(states, cvs, log_w, kT, 200, block, seed)
     return {

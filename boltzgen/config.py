@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from boltzgen.errors import BoltzgenError, ConfigError, yaml_problem
+from boltzgen.errors import BoltzgenError, ConfigError
 from boltzgen.train import TrainOptions
 from boltzgen.train.fab import FABOptions
 
@@ -129,7 +129,15 @@ class RunConfig:
 
     ``data`` is an optional ``.npz`` of MD frames (``positions`` (N, n_atoms, 3) nm, optionally
     ``log_weights``) for the forward-KL and mixed objectives; a relative path is read from the
-    working directory.
+    working directory. ``init_from`` is an optional checkpoint whose model weights start a fresh
+    run (a stage of a multi-stage recipe); its system, coordinates, flow and snf sections must
+    equal this config's except the temperature.
+
+    ``chirality_filter`` drops samples whose chiral alpha carbons are not all in the L form
+    (`boltzgen.coordinates.is_l_form`). None (the key absent or null) means: on for a molecule
+    with a chiral alpha carbon (a peptide with a residue other than glycine), off for one
+    without (xylene); `boltzgen.pipeline.build_run` decides, and rejects ``true`` for a molecule
+    without one.
     """
 
     system: SystemConfig = field(default_factory=SystemConfig)
@@ -139,8 +147,9 @@ class RunConfig:
     train: TrainOptions = field(default_factory=TrainOptions)
     fab: FABOptions = field(default_factory=FABOptions)
     output_dir: str = "runs/boltzgen"
-    chirality_filter: bool = True
+    chirality_filter: bool | None = None
     data: str | None = None
+    init_from: str | None = None
 
 
 _SECTIONS = {
@@ -200,7 +209,7 @@ def config_from_dict(data: dict) -> RunConfig:
     """`RunConfig` from a plain dict (as read from YAML); unknown keys raise `ConfigError`."""
     if not isinstance(data, dict):
         raise ConfigError("a run config must be a mapping at the top level")
-    known = set(_SECTIONS) | {"output_dir", "chirality_filter", "data"}
+    known = set(_SECTIONS) | {"output_dir", "chirality_filter", "data", "init_from"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
@@ -215,9 +224,16 @@ def config_from_dict(data: dict) -> RunConfig:
         if not isinstance(data["data"], str):
             raise ConfigError(f"data must be a path to an .npz file, got {data['data']!r}")
         kwargs["data"] = data["data"]
-    if "chirality_filter" in data:
+    if data.get("init_from") is not None:
+        if not isinstance(data["init_from"], str):
+            raise ConfigError(f"init_from must be a checkpoint path, got {data['init_from']!r}")
+        kwargs["init_from"] = data["init_from"]
+    if data.get("chirality_filter") is not None:
         if not isinstance(data["chirality_filter"], bool):
-            raise ConfigError("chirality_filter must be true or false")
+            raise ConfigError(
+                "chirality_filter must be true, false or null (null or absent: on where the "
+                f"molecule has a chiral alpha carbon), got {data['chirality_filter']!r}"
+            )
         kwargs["chirality_filter"] = data["chirality_filter"]
     return RunConfig(**kwargs)
 
@@ -248,13 +264,10 @@ def load_config(path: str | os.PathLike) -> RunConfig:
     Raises:
         ConfigError: missing file, YAML syntax error, unknown key, invalid value.
     """
-    import yaml
+    from boltzgen.files import read_yaml
 
     path = config_path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse {path}: {yaml_problem(exc)}") from exc
+    data = read_yaml(path, ConfigError, "run config")
     try:
         return config_from_dict(data or {})
     except ConfigError as exc:

@@ -17,7 +17,6 @@ __all__ = [
     "UnsupportedForceError",
     "WeightError",
     "ZMatrixError",
-    "yaml_problem",
 ]
 
 
@@ -64,11 +63,3 @@ class SamplesFileError(SampleError):
 
 class CheckpointError(BoltzgenError):
     """A checkpoint cannot be read or does not fit the run."""
-
-
-def yaml_problem(exc: Exception) -> str:
-    """A YAML parser error in one line: ``line L, column C: problem`` (1-based)."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return where + " ".join(str(problem).split())

@@ -1,7 +1,9 @@
 """Atomic file writes: a reader, or a run killed mid-write, sees the old file or the new one.
 
 Each writer writes a temporary file in the target's folder, flushes and fsyncs it, then renames
-it over the target (`os.replace`, atomic on POSIX and Windows).
+it over the target (`os.replace`, atomic on POSIX and Windows). `atomic_path` does the same for
+writers that take a file name (mdtraj's trajectory formats). `read_yaml` reads the YAML inputs
+(run configs, system configs, states files) with one-line errors.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import IO, Any
 import numpy as np
 
 __all__ = [
+    "read_yaml",
     "atomic_open",
+    "atomic_path",
     "atomic_write",
     "save_npz",
     "save_torch",
@@ -25,17 +29,42 @@ __all__ = [
 ]
 
 
+def _temporary(path: Path) -> Path:
+    """A hidden name beside ``path`` with its suffix (for writers that go by the suffix)."""
+    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing; on a clean exit it is flushed,
     fsynced and renamed to ``path``, on an exception removed (``path`` stays as it was)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary(path)
     try:
         with open(tmp, mode, **kwargs) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix) for a writer that takes a file name; on a
+    clean exit the file written there is fsynced and renamed to ``path``, on an exception
+    removed (``path`` stays as it was)."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -83,3 +112,21 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     text = json.dumps(to_json_safe(obj), indent=2) + "\n"
     with atomic_open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
+
+
+def read_yaml(path: str | os.PathLike, error: type[Exception], what: str = "file") -> Any:
+    """The contents of a YAML file; a missing file or a syntax error raises ``error`` with one
+    line naming the file (and the line, column and problem of a syntax error)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise error(f"cannot parse {what} {path}: {where}{problem}") from exc

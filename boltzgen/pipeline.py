@@ -26,7 +26,8 @@ from torch import Tensor
 
 from boltzgen.config import RunConfig, config_from_dict, config_to_dict
 from boltzgen.errors import BoltzgenError, CheckpointError, ConfigError
-from boltzgen.files import save_npz
+from boltzgen.files import atomic_path, save_npz
+from boltzgen.interrupts import Interrupted, deferred_signals
 from boltzgen.protocols import SampleFilter
 from boltzgen.systems import MolecularSystem
 
@@ -38,9 +39,11 @@ if TYPE_CHECKING:  # torch-heavy modules, imported when a run is built
 __all__ = [
     "GeneratedSamples",
     "Run",
+    "SamplingInterrupted",
     "TrainResult",
     "build_run",
     "check_device",
+    "chirality_filter",
     "draw_samples",
     "draw_samples_sharded",
     "load_run",
@@ -65,7 +68,8 @@ class Run:
         coordinates: Internal coordinates, flow space -> Cartesian (`InternalCoordinates`).
         model: Flow + coordinates (+ SNF layers) (`BoltzmannGenerator`).
         target: ``log p(x) = -U(x)/kT`` (`BoltzmannTarget`).
-        sample_filter: Keep-mask of Cartesian samples (L-form chirality), or None.
+        sample_filter: Keep-mask of Cartesian samples (L-form chirality), or None (see
+            `chirality_filter`).
     """
 
     config: RunConfig
@@ -90,10 +94,34 @@ def minimized_positions(system: MolecularSystem) -> np.ndarray:
     return np.asarray(pos, dtype=np.float64)
 
 
+def chirality_filter(config: RunConfig, system: MolecularSystem) -> bool:
+    """Whether a run drops samples that are not in the L form: ``config.chirality_filter``, or
+    where that is None, whether the molecule has a chiral alpha carbon (a residue with N, CA, C
+    and CB: every amino acid but glycine).
+
+    Raises:
+        ConfigError: ``chirality_filter: true`` for a molecule without a chiral alpha carbon.
+    """
+    from boltzgen.coordinates import alpha_carbons
+
+    has_centre = bool(alpha_carbons(system.topology))
+    if config.chirality_filter is None:
+        return has_centre
+    if config.chirality_filter and not has_centre:
+        raise ConfigError(
+            f"chirality_filter: true, but {config.system.name} has no chiral alpha carbon (an "
+            "amino-acid residue with N, CA, C and CB) to filter on; remove the key or set false"
+        )
+    return config.chirality_filter
+
+
 def build_run(config: RunConfig) -> Run:
     """Construct the system, coordinates, flow (+ SNF layers), target and filter of a config.
 
     The flow's weights are drawn with ``config.flow.seed``: the same config builds the same model.
+
+    Raises:
+        ConfigError: see `chirality_filter`; SystemLoadError: an unknown system.
     """
     from boltzgen import systems
     from boltzgen.coordinates import InternalCoordinates, is_l_form
@@ -104,6 +132,7 @@ def build_run(config: RunConfig) -> Run:
 
     sc = config.system
     system = systems.load(sc.name, solvent=sc.solvent, temperature=sc.temperature)
+    use_filter = chirality_filter(config, system)  # before any work
     ref = minimized_positions(system) if config.coordinates.minimize else system.positions
     coords = InternalCoordinates.from_topology(
         system.topology, reference_positions=ref, torsions=config.coordinates.torsions
@@ -151,7 +180,7 @@ def build_run(config: RunConfig) -> Run:
         )
         model.add_stochastic_layers(layers, flow_target)
     sample_filter = None
-    if config.chirality_filter:
+    if use_filter:
         topology = system.topology
 
         def sample_filter(x: Tensor) -> Tensor:
@@ -237,6 +266,31 @@ def _check_resumable(config: RunConfig, checkpoint: Path) -> None:
             )
 
 
+def _initial_weights(config: RunConfig, checkpoint: Path) -> dict[str, Tensor]:
+    """The model weights of ``init_from``: a checkpoint of the same system and model sections
+    (the temperature may differ: annealing stages)."""
+    from boltzgen.train import load_checkpoint
+
+    old = load_checkpoint(checkpoint)
+    meta = old.get("metadata", {})
+    if meta.get("system") != config.system.name:
+        raise ConfigError(
+            f"init_from: {checkpoint} is a checkpoint of system {meta.get('system')!r}, "
+            f"not {config.system.name!r}"
+        )
+    new = config_to_dict(config)
+    for section in MODEL_SECTIONS:
+        a, b = dict(meta.get("config", {}).get(section, {})), dict(new[section])
+        if section == "system":
+            a.pop("temperature", None)
+            b.pop("temperature", None)
+        if a != b:
+            raise ConfigError(
+                f"init_from: {checkpoint} was trained with a different '{section}' section"
+            )
+    return old["model"]
+
+
 def train(config: RunConfig, resume: bool = False) -> TrainResult:
     """Train the run of ``config`` into ``config.output_dir`` (``checkpoint.pt``, ``log.csv``).
 
@@ -268,7 +322,12 @@ def train(config: RunConfig, resume: bool = False) -> TrainResult:
     if config.data is not None and not Path(config.data).is_file():
         raise ConfigError(f"data: training data {config.data} does not exist")
     check_device(config.train.device)
+    initial = None
+    if config.init_from is not None and not resume:
+        initial = _initial_weights(config, Path(config.init_from))
     run = build_run(config)
+    if initial is not None:
+        run.model.load_state_dict(initial)
     x_data = data_weights = None
     if config.data is not None:
         x_data, data_weights = load_training_data(config.data, run.system.n_atoms)
@@ -367,7 +426,7 @@ class GeneratedSamples:
         return out
 
     def save(self, path: str | Path, system: MolecularSystem | None = None) -> Path:
-        """Write a samples ``.npz`` (atomically), or ``.pdb`` / ``.dcd`` (needs ``system``)."""
+        """Write a samples ``.npz``, or ``.pdb`` / ``.dcd`` (needs ``system``), atomically."""
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix == ".npz":
@@ -375,7 +434,8 @@ class GeneratedSamples:
         elif suffix in (".pdb", ".dcd"):
             if system is None:
                 raise BoltzgenError(f"writing {path.name} needs the system's topology")
-            system.to_mdtraj(self.positions).save(str(path))
+            with atomic_path(path) as tmp:
+                system.to_mdtraj(self.positions).save(str(tmp))
         else:
             raise BoltzgenError(f"output must end in .npz, .pdb or .dcd, got {path.name!r}")
         return path
@@ -405,9 +465,15 @@ def _valid_rows(
 
 
 def _ais_batches(
-    run: Run, ais: int, device: str, warmup_rounds: int, warmup_batch: int
-) -> Callable[[int], tuple[Tensor, Tensor]]:
-    """A function ``b -> (x Cartesian (b, n_atoms, 3), log_w (b,))`` of AIS-refined samples."""
+    run: Run,
+    ais: int,
+    device: str,
+    warmup_rounds: int,
+    warmup_batch: int,
+    state: dict[str, Tensor] | None = None,
+) -> tuple[Callable[[int], tuple[Tensor, Tensor]], torch.nn.Module]:
+    """A function ``b -> (x Cartesian (b, n_atoms, 3), log_w (b,))`` of AIS-refined samples and
+    its sampler, adapted by ``warmup_rounds`` discarded batches or given its ``state``."""
     from boltzgen.sampling.ais import AnnealedImportanceSampler
     from boltzgen.sampling.generator import flow_space
 
@@ -435,10 +501,89 @@ def _ais_batches(
             x = coords.forward_and_log_det(res.x)[0] if coords is not None else res.x
         return x, res.log_w
 
-    for _ in range(warmup_rounds):
-        one_batch(warmup_batch)
+    if state is None:
+        for _ in range(warmup_rounds):
+            one_batch(warmup_batch)
+    else:
+        sampler.load_state_dict(state)
     sampler.adapt_rate = 0.0
-    return one_batch
+    return one_batch, sampler
+
+
+class SamplingInterrupted(Interrupted):
+    """`draw_samples` stopped by SIGINT or SIGTERM after the batch in progress.
+
+    Attributes:
+        n_done: Valid samples drawn so far.
+        n: Samples asked for.
+        partial: The progress file written (None: none was asked for).
+        samples: The `GeneratedSamples` drawn so far.
+    """
+
+    def __init__(
+        self, signum: int, samples: GeneratedSamples, n: int, partial: Path | None
+    ) -> None:
+        super().__init__(signum, f"after {samples.n} of {n} samples")
+        self.n_done, self.n, self.partial, self.samples = samples.n, n, partial, samples
+
+
+def _rng_state(device: torch.device) -> dict[str, np.ndarray]:
+    state = {"rng": torch.get_rng_state().numpy()}
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device).numpy()
+    return state
+
+
+def _set_rng_state(state: dict[str, np.ndarray], device: torch.device) -> None:
+    torch.set_rng_state(torch.from_numpy(np.array(state["rng"], dtype=np.uint8)))
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(torch.from_numpy(np.array(state["rng_cuda"])), device)
+
+
+def _fingerprint(run: Run) -> str:
+    """SHA-256 of the run's config and model weights (a progress file fits only its run)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(config_to_dict(run.config), sort_keys=True).encode())
+    for key, value in run.model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _read_partial(
+    path: Path, settings: dict[str, Any], ais: int
+) -> tuple[list[tuple[np.ndarray, ...]], dict[str, int], dict[str, np.ndarray], dict]:
+    """Rows, counters, random state and AIS sampler state of a progress file of
+    `draw_samples`."""
+    import json
+
+    if not path.is_file():
+        raise BoltzgenError(f"{path} does not exist: nothing to resume")
+    try:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+        state = json.loads(str(arrays["resume_state"]))
+        saved, counters = state["settings"], state["counters"]
+    except Exception as exc:  # numpy raises many kinds for corrupt or foreign files
+        raise BoltzgenError(f"{path} is not a progress file of boltzgen sample: {exc}") from exc
+    for key, value in settings.items():
+        if saved.get(key) != value:
+            what = (
+                "from another checkpoint"
+                if key == "run"
+                else f"with {key}={saved.get(key)}, not {value}"
+            )
+            raise BoltzgenError(
+                f"{path} was drawn {what}; resume with the same checkpoint and options, or "
+                "delete it"
+            )
+    val = arrays["log_weights"] if ais else arrays["log_q"]
+    rows = [(arrays["positions"], val, arrays["energies"])]
+    rng = {k: arrays[k] for k in ("rng", "rng_cuda") if k in arrays}
+    sampler = {k[4:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("ais.")}
+    return rows, counters, rng, sampler
 
 
 def draw_samples(
@@ -450,8 +595,17 @@ def draw_samples(
     seed: int | None = None,
     warmup_rounds: int = 3,
     max_rounds: int = 100,
+    partial: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = False,
 ) -> GeneratedSamples:
     """Draw ``n`` finite (and, with a filter, L-form) weighted samples of a run's model.
+
+    Samples are drawn in rounds, each asking for the samples still missing in batches of
+    ``batch_size``. SIGINT (Ctrl-C) or SIGTERM lets the batch in progress finish, writes the
+    samples so far with the random state (and the AIS step sizes) to the progress file
+    ``partial`` and raises `SamplingInterrupted`; ``resume=True`` continues from that file and
+    returns exactly what an uninterrupted call returns.
 
     Args:
         run: A trained `Run` (`load_run`).
@@ -459,58 +613,140 @@ def draw_samples(
         batch_size: Samples per batch.
         ais: 0 for plain flow samples (with SNF layers, if any: path weights). K > 0 refines the
             flow's samples by annealed importance sampling toward the Boltzmann density through
-            K geometric-path distributions (HMC, per-coordinate step sizes adapted toward 65 %
-            acceptance during ``warmup_rounds`` discarded rounds, then frozen; SNF layers are
-            skipped). The AIS weights are exact for any step size.
+            K geometric-path distributions (HMC; step sizes adapted toward 65 % acceptance
+            during ``warmup_rounds`` discarded rounds, then frozen, times per-coordinate scales
+            set from the spread of the previous batch; SNF layers are skipped). The AIS weights
+            are exact for any step size.
         device: Torch device.
         seed: Seed of torch's generator (None: leave it as it is).
         warmup_rounds: AIS step-size adaptation rounds (``min(batch_size, 512)`` chains each).
-        max_rounds: Give up after this many batches with too few valid samples.
+        max_rounds: Give up after this many rounds without ``n`` valid samples.
+        partial: Progress file (``.npz``) written on SIGINT/SIGTERM: a samples file of the
+            samples so far with ``partial`` True and the state to resume (None: none written).
+        resume: Continue from ``partial``; without it an existing ``partial`` is an error.
+        progress: Show a tqdm progress bar.
 
     Raises:
-        BoltzgenError: ``n``, ``batch_size`` or ``ais`` out of range, or too few valid samples.
+        BoltzgenError: ``n``, ``batch_size`` or ``ais`` out of range, too few valid samples, or
+            a progress file that is missing (``resume``), present (not ``resume``) or of another
+            run or settings.
+        SamplingInterrupted: SIGINT or SIGTERM, after the batch in progress.
     """
+    from tqdm.auto import tqdm
+
     if n < 1 or batch_size < 1:
         raise BoltzgenError(f"need n >= 1 and batch_size >= 1, got {n} and {batch_size}")
     if ais < 0:
         raise BoltzgenError(f"ais must be >= 0, got {ais}")
-    if seed is not None:
-        torch.manual_seed(seed)
+    partial = None if partial is None else Path(partial)
+    if resume and partial is None:
+        raise BoltzgenError("resume needs the progress file (partial=...)")
+    dev = torch.device(device)
+    settings = {
+        "n": n,
+        "batch_size": batch_size,
+        "ais": ais,
+        "seed": seed,
+        "warmup_rounds": warmup_rounds,
+        "device": str(dev),
+        "run": None if partial is None else _fingerprint(run),
+    }
+    # rows: (positions float32, value, energies) per batch; value: log q, or AIS log-weights
+    rows: list[tuple[np.ndarray, ...]] = []
+    counters = {"n_nonfinite": 0, "n_filtered": 0, "rounds": 0, "left": 0}
+    sampler_state = None
+    if resume:
+        rows, counters, rng, sampler_state = _read_partial(partial, settings, ais)
+    else:
+        if partial is not None and partial.exists():
+            raise BoltzgenError(
+                f"{partial} exists (an interrupted run); resume it (--resume) or delete it"
+            )
+        if seed is not None:
+            torch.manual_seed(seed)
     model = run.model.to(device)
     model.eval()
     energy = run.target.energy.to(device)
+    sampler = None
     if ais:
-        ais_batch = _ais_batches(run, ais, device, warmup_rounds, min(batch_size, 512))
-    xs, vals, us = [], [], []
-    n_bad = n_filt = got = 0
-    for _ in range(max_rounds):
-        if got >= n:
-            break
-        if ais:
-            x, val = ais_batch(min(batch_size, n - got))  # val: AIS log-weights
-        else:
-            with torch.no_grad():
-                x, val = model.sample(n - got, batch_size)  # val: log q
-        with torch.no_grad():
-            x, val, u, bad, filt = _valid_rows(run, energy, x, val, batch_size)
-        n_bad, n_filt, got = n_bad + bad, n_filt + filt, got + len(u)
-        xs.append(x), vals.append(val), us.append(u)
-    if got < n:
-        raise BoltzgenError(f"only {got} of {n} samples were valid after {max_rounds} rounds")
-    x, val, u = torch.cat(xs)[:n], torch.cat(vals)[:n], torch.cat(us)[:n]
-    reduced = (u / run.target.kT).numpy()
-    val = val.numpy()
-    log_q, log_w = (-reduced - val, val) if ais else (val, -reduced - val)
-    return GeneratedSamples(
-        positions=x.numpy().astype(np.float32),
-        log_q=log_q,
-        energies=u.numpy(),
-        log_weights=log_w,
-        temperature=float(run.system.temperature),
-        system=run.config.system.name,
-        n_nonfinite=n_bad,
-        n_filtered=n_filt,
-        ais_intermediate=ais,
+        warmup = (warmup_rounds, min(batch_size, 512))
+        ais_batch, sampler = _ais_batches(run, ais, device, *warmup, sampler_state)
+    if resume:
+        _set_rng_state(rng, dev)
+
+    def result(rows: list[tuple[np.ndarray, ...]], limit: int | None = None) -> GeneratedSamples:
+        x, val, u = (np.concatenate([r[i] for r in rows])[:limit] for i in range(3))
+        reduced = (torch.from_numpy(u) / run.target.kT).numpy()
+        log_q, log_w = (-reduced - val, val) if ais else (val, -reduced - val)
+        return GeneratedSamples(
+            positions=x,
+            log_q=log_q,
+            energies=u,
+            log_weights=log_w,
+            temperature=float(run.system.temperature),
+            system=run.config.system.name,
+            n_nonfinite=counters["n_nonfinite"],
+            n_filtered=counters["n_filtered"],
+            ais_intermediate=ais,
+        )
+
+    got = sum(len(r[2]) for r in rows)
+    bar = tqdm(total=n, initial=min(got, n), disable=not progress, unit="sample", desc="sample")
+    with deferred_signals() as received:
+        try:
+            while got < n:
+                if counters["left"] == 0:
+                    if counters["rounds"] == max_rounds:
+                        raise BoltzgenError(
+                            f"only {got} of {n} samples were valid after {max_rounds} rounds"
+                        )
+                    counters["rounds"] += 1
+                    counters["left"] = n - got
+                b = min(batch_size, counters["left"])
+                counters["left"] -= b
+                if ais:
+                    x, val = ais_batch(b)  # val: AIS log-weights
+                else:
+                    with torch.no_grad():
+                        x, val = model.sample(b)  # val: log q
+                with torch.no_grad():
+                    x, val, u, bad, filt = _valid_rows(run, energy, x, val, batch_size)
+                counters["n_nonfinite"] += bad
+                counters["n_filtered"] += filt
+                rows.append((x.numpy().astype(np.float32), val.numpy(), u.numpy()))
+                bar.update(min(len(u), n - got))
+                got += len(u)
+                if received:
+                    drawn = result(rows)
+                    if partial is not None:
+                        _write_partial(partial, drawn, settings, counters, sampler, dev)
+                    raise SamplingInterrupted(received.signum, drawn, n, partial)
+        finally:
+            bar.close()
+    return result(rows, n)
+
+
+def _write_partial(
+    path: Path,
+    drawn: GeneratedSamples,
+    settings: dict[str, Any],
+    counters: dict[str, int],
+    sampler: torch.nn.Module | None,
+    device: torch.device,
+) -> None:
+    """The progress file of `draw_samples`: the samples so far and the state to resume (the
+    random state, the AIS sampler's step sizes, which it keeps adapting to each batch)."""
+    import json
+
+    state = {"settings": settings, "counters": counters}
+    ais = {} if sampler is None else sampler.state_dict()
+    save_npz(
+        path,
+        **drawn.arrays(),
+        partial=np.bool_(True),
+        resume_state=np.str_(json.dumps(state)),
+        **_rng_state(device),
+        **{f"ais.{k}": v.cpu().numpy() for k, v in ais.items()},
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from boltzgen.errors import SystemLoadError, yaml_problem
+from boltzgen.errors import SystemLoadError
 from boltzgen.units import MOLAR_GAS_CONSTANT
 
 __all__ = [
@@ -460,12 +460,9 @@ def system_dir(name: str | os.PathLike) -> Path:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    import yaml
+    from boltzgen.files import read_yaml
 
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SystemLoadError(f"{path} is not valid YAML: {yaml_problem(exc)}") from exc
+    config = read_yaml(path, SystemLoadError, "system config")
     if not isinstance(config, dict):
         raise SystemLoadError(f"{path} must hold a mapping of keys to values")
     unknown = set(config) - _CONFIG_KEYS

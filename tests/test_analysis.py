@@ -1,4 +1,4 @@
-"""Tests of boltzgen.analysis, boltzgen.analysis.plots and the reweight / evaluate CLI."""
+"""Tests of boltzgen.analysis and the reweight / evaluate CLI (plots: tests/test_plots.py)."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from boltzgen import analysis, cli
-from boltzgen.analysis import plots, reweighting
+from boltzgen.analysis import reweighting
 from boltzgen.errors import BoltzgenError
 from boltzgen.systems import shipped_path
 from boltzgen.units import MOLAR_GAS_CONSTANT
@@ -95,42 +95,6 @@ def test_energy_histogram_is_a_density():
     assert np.sum(dens * np.diff(edges)) == pytest.approx(1.0)
     ref, _ = np.histogram(e, bins=30, range=(e.min(), e.max()), density=True)
     np.testing.assert_allclose(dens, ref, rtol=1e-12)
-
-
-def test_plots_write_files_and_return_plotted_data(tmp_path):
-    rng = np.random.default_rng(4)
-    pp = rng.uniform(-np.pi, np.pi, (2000, 2))
-    lw = rng.normal(size=2000) * 0.3
-    paths = [tmp_path / "rama.png", tmp_path / "rama.pdf"]
-    surf = plots.plot_ramachandran([("raw", pp, None), ("rw", pp, lw)], paths, bins=10, kT=2.5)
-    assert all(p.stat().st_size > 1000 for p in paths)
-    counts, _, _ = np.histogram2d(pp[:, 0], pp[:, 1], bins=10, range=[(-np.pi, np.pi)] * 2)
-    f = -2.5 * np.log(counts / 2000)
-    np.testing.assert_allclose(surf[0].free_energy, f - f.min(), rtol=1e-12)
-    h_rw = analysis.ramachandran(pp[:, 0], pp[:, 1], lw, bins=10)
-    np.testing.assert_allclose(surf[1].probability, h_rw)
-
-    prof = plots.plot_fes_1d([("md", pp[:, 0], None, 20)], tmp_path / "phi.png", bins=8, kT=1.0)
-    assert (tmp_path / "phi.png").stat().st_size > 1000
-    c, _ = np.histogram(pp[:, 0], bins=8, range=(-np.pi, np.pi))
-    np.testing.assert_allclose(prof[0].free_energy, -np.log(c / c.max()), atol=1e-12)
-    assert np.all(prof[0].error[np.argmax(c) != np.arange(8)] > 0)
-
-    e = rng.normal(size=2000)
-    out = plots.plot_energy_distributions([("a", e, None)], tmp_path / "e.pdf", bins=10)
-    ref, _ = np.histogram(e, bins=10, range=tuple(np.percentile(e, [0.5, 99.5])), density=True)
-    assert (tmp_path / "e.pdf").stat().st_size > 1000
-    # The outer 1 % lie outside the range: the density integrates to the mass inside.
-    np.testing.assert_allclose(
-        out[0][0], ref * np.mean(np.abs(e) <= np.abs(out[0][1]).max()), rtol=0.02
-    )
-
-    log = tmp_path / "train.csv"
-    log.write_text("step,loss,ess\n0,3.0,0.1\n10,2.0,0.3\n20,1.5,0.5\n")
-    cols = plots.plot_training_curves(log, tmp_path / "train.png")
-    assert (tmp_path / "train.png").stat().st_size > 1000
-    np.testing.assert_array_equal(cols["loss"], [3.0, 2.0, 1.5])
-    np.testing.assert_array_equal(cols["step"], [0, 10, 20])
 
 
 def _write(path, **arrays):
@@ -342,19 +306,3 @@ def test_a_file_that_is_not_npz_is_named(tmp_path):
         analysis.load_samples(path)
     with pytest.raises(analysis.SamplesFileError, match="cannot read"):
         analysis.load_samples(tmp_path / "missing.npz")
-
-
-def test_plots_leave_matplotlib_global_state_alone(tmp_path):
-    import matplotlib
-
-    from boltzgen.analysis import plots
-
-    backend, font = matplotlib.get_backend(), matplotlib.rcParams["font.size"]
-    rng = np.random.default_rng(0)
-    pp = rng.uniform(-np.pi, np.pi, (500, 2))
-    surfaces = plots.plot_ramachandran([("a", pp, None)], tmp_path / "r.png", bins=12)
-    assert (tmp_path / "r.png").stat().st_size > 0 and surfaces[0].free_energy.shape == (12, 12)
-    assert matplotlib.get_backend() == backend and matplotlib.rcParams["font.size"] == font
-    import sys
-
-    assert "matplotlib.pyplot" not in sys.modules or matplotlib.pyplot.get_fignums() == []

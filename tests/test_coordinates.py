@@ -21,6 +21,7 @@ from boltzgen.coordinates import (
     ZMatrix,
     ZMatrixError,
     alpha_carbons,
+    backbone_cvs,
     backbone_torsions,
     chiral_centres,
     chirality,
@@ -505,10 +506,34 @@ def test_phi_psi_match_mdtraj(aldp, aldp_frames, others):
     named = named_dihedrals(y.float().double(), backbone_torsions(s.topology))
     idx, ref = md.compute_phi(ty)
     for k, quad in enumerate(idx.tolist()):
-        res = s.mdtraj_topology.atom(quad[1]).residue.index
+        res = s.mdtraj_topology.atom(quad[1]).residue.resSeq  # named by the PDB's numbers
         assert _angle_diff(named[f"phi_{res}"], torch.tensor(ref[:, k])).abs().max() < 1e-6
     with pytest.raises(ZMatrixError):
         phi_psi(y[:, :18], others["xylene"][0].topology)
+
+
+def test_backbone_cvs_are_named_by_residue_number_as_mdtraj_finds_them(aldp, others):
+    # mdtraj's own backbone search is the oracle for the atoms; resSeq (S1 ... K12) for names
+    s, _ = others["trpzip2"]
+    t = s.mdtraj_topology
+    cvs = backbone_cvs(s.topology)
+    expected = {}
+    for kind, compute in (("phi", md.compute_phi), ("psi", md.compute_psi)):
+        idx, _ = compute(md.Trajectory(s.positions[None].astype(np.float32), t))
+        for quad in idx.tolist():
+            expected[f"{kind}_{t.atom(quad[1]).residue.resSeq}"] = tuple(quad)
+    assert cvs == expected and len(cvs) == 22
+    assert "phi_2" in cvs and "psi_12" not in cvs and "phi" not in cvs
+    assert backbone_cvs(s.mdtraj_topology) == cvs  # the same from either topology library
+    # one phi and one psi (alanine dipeptide, ACE1-ALA2-NME3): the plain names only
+    idx_phi, _ = md.compute_phi(aldp.to_mdtraj())
+    idx_psi, _ = md.compute_psi(aldp.to_mdtraj())
+    assert backbone_cvs(aldp.topology) == {
+        "phi": tuple(idx_phi[0].tolist()),
+        "psi": tuple(idx_psi[0].tolist()),
+    }
+    assert backbone_torsions(aldp.topology)["phi_2"] == tuple(idx_phi[0].tolist())
+    assert backbone_cvs(others["xylene"][0].topology) == {}
 
 
 def test_gradients_flow_through_both_directions(aldp_ic, aldp_frames):

@@ -192,3 +192,55 @@ def test_single_biased_replica_carries_importance_weights(aldp):
     np.testing.assert_allclose(res.log_weights, bias.energy(res.positions) / kT, atol=1e-4)
     np.testing.assert_allclose(res.energies, _energy(aldp, res.positions), atol=0.05)
     assert md.run_md(aldp, 100, save_interval=100, progress=False).log_weights is None
+
+
+def test_cli_md_stopped_by_sigterm_resumes_to_the_uninterrupted_run(tmp_path, capsys):
+    """SIGTERM mid-way (a subprocess, signalled once its first checkpoint exists): the chunk in
+    progress and its exchange finish, the checkpoint and the frames so far are written, exit
+    143 with one line; the same command resumes and writes what an uninterrupted run writes,
+    bit for bit (the OpenMM checkpoints carry positions, velocities and the integrators'
+    random states, the npz checkpoint the exchange generator's state)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mdtraj
+
+    args = ["md", "aldp", "--length-ns", "0.003", "--replica-temperatures", "300,400"]
+    args += ["--exchange-interval-ps", "0.1", "--checkpoint-interval-ps", "0.3", "--no-progress"]
+    stopped, straight = str(tmp_path / "stopped"), str(tmp_path / "straight")
+    ckpt = tmp_path / "stopped.checkpoint.npz"  # the default checkpoint of --out stopped
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "boltzgen", *args, "--out", stopped],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not ckpt.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "SIGTERM at step" in err and "run the same command again to resume" in err
+    step = int(np.load(ckpt)["step"])
+    assert 300 <= step < 3000
+    part = np.load(stopped + ".npz")
+    assert bool(part["partial"]) and part["positions"].shape[0] == step // 100
+    assert mdtraj.load_dcd(stopped + ".dcd", top=stopped + ".pdb").n_frames == step // 100
+
+    assert cli.main([*args, "--out", stopped]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert not ckpt.exists()  # the default checkpoint goes once the outputs are written
+    assert cli.main([*args, "--out", straight]) == 0
+    a, b = np.load(stopped + ".npz"), np.load(straight + ".npz")
+    assert sorted(a.files) == sorted(b.files) and not bool(a["partial"])
+    for key in b.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert a["positions"].shape == (30, 22, 3)
+    ta = mdtraj.load_dcd(stopped + ".dcd", top=stopped + ".pdb")
+    np.testing.assert_array_equal(
+        ta.xyz, mdtraj.load_dcd(straight + ".dcd", top=stopped + ".pdb").xyz
+    )

@@ -55,6 +55,12 @@ def test_pareto_khat_recovers_tail_index(k):
 
 def test_pareto_khat_bounded_weights_and_verdicts():
     assert rw.pareto_khat(np.zeros(100)) == -np.inf
+    # one to four samples carry all the weight (the rest underflow next to them): unreliable
+    for n_top in (1, 4):
+        dominated = np.r_[np.zeros(100 - n_top), 1000.0 + np.arange(n_top)]
+        assert rw.pareto_khat(dominated) == np.inf
+        assert rw.khat_verdict(rw.pareto_khat(dominated), n=100).startswith("unreliable")
+    assert np.isfinite(rw.pareto_khat(np.r_[np.zeros(95), 1000.0 + np.arange(5)]))
     assert rw.khat_verdict(-np.inf).startswith("good")
     assert rw.khat_verdict(0.3).startswith("good")
     assert rw.khat_verdict(0.6, n=10000).startswith("ok")

@@ -1,12 +1,12 @@
 """Publication-ready figures of free energies, energies and training curves (matplotlib).
 
 Every function computes what it draws with `boltzgen.analysis.reweighting` /
-`boltzgen.analysis`, saves the figure to each given path (the suffix picks the format:
-``.png``, ``.pdf``, ``.svg``) and returns the plotted data, so that tests (and users) can check
-the numbers behind a figure.
-matplotlib is imported inside the functions; figures are `matplotlib.figure.Figure` objects
-made without pyplot, so no backend is switched and no global setting changes (a notebook's
-inline plots keep working).
+`boltzgen.analysis`, draws it into the caller's Axes (``ax=``) or into a new Figure, saves it
+to each given path (the suffix picks the format: ``.png``, ``.pdf``, ``.svg``) and returns the
+Figure. Figures are made without pyplot, so no backend is switched and no global setting
+changes; the package style (`STYLE`) applies through `matplotlib.rc_context` to the figures made
+here, while drawing into the caller's Axes keeps the caller's settings. A Figure made here shows
+inline in Jupyter when it is the last expression of a cell (it renders itself as PNG).
 
 Units: angles are given in radians and drawn in degrees; free energies in kJ/mol when `kT` is in
 kJ/mol (the default labels say so), energies in kJ/mol.
@@ -15,15 +15,19 @@ kJ/mol (the default labels say so), energies in kJ/mol.
 from __future__ import annotations
 
 import csv
+import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
+import matplotlib
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure, SubFigure
 
 from boltzgen.analysis import SampleError, energy_histogram
-from boltzgen.analysis.reweighting import FreeEnergySurface, free_energy_surface
+from boltzgen.analysis.reweighting import free_energy_surface
 
 __all__ = [
     "STYLE",
@@ -36,6 +40,7 @@ __all__ = [
 
 _PERIOD = (-np.pi, np.pi)
 Paths = str | os.PathLike | Sequence[str | os.PathLike]
+AxesArg = Axes | Sequence[Axes] | np.ndarray
 
 
 #: Sizes for small publication figures, applied per figure through `matplotlib.rc_context`
@@ -52,27 +57,57 @@ STYLE = {
 }
 
 
-def _figure(figsize: tuple[float, float]) -> Any:
-    """A `matplotlib.figure.Figure` made without pyplot: no backend switch, no global state,
-    nothing left open; it saves to files on any backend and shows inline in Jupyter."""
-    import matplotlib
-    from matplotlib.figure import Figure
+class _InlineFigure(Figure):
+    """A Figure that IPython displays as PNG without pyplot or ``%matplotlib inline``."""
 
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=self.dpi, bbox_inches="tight")
+        return buf.getvalue()
+
+
+def _given_axes(ax: AxesArg, n: int, what: str) -> list[Axes]:
+    axes = [ax] if isinstance(ax, Axes) else list(np.ravel(np.asarray(ax, dtype=object)))
+    if len(axes) != n or not all(isinstance(a, Axes) for a in axes):
+        raise ValueError(f"ax: expected {n} matplotlib Axes ({what}), got {ax!r}")
+    if any(a.figure is not axes[0].figure for a in axes):
+        raise ValueError("ax: the Axes must belong to one figure")
+    return axes
+
+
+@contextmanager
+def _panels(
+    ax: AxesArg | None,
+    n: int,
+    what: str,
+    figsize: tuple[float, float],
+    nrows: int = 1,
+    sharex: bool = False,
+    sharey: bool = False,
+) -> Iterator[tuple[Figure | SubFigure, list[Axes]]]:
+    """The caller's `n` Axes and their figure, or a new Figure with `n` panels (`nrows` rows)
+    drawn in `STYLE`: everything drawn inside the block keeps the style wherever it is
+    rendered later, and the global rcParams stay as they are."""
+    if ax is not None:
+        axes = _given_axes(ax, n, what)
+        yield axes[0].figure, axes
+        return
     with matplotlib.rc_context(STYLE):
-        return Figure(figsize=figsize)
+        fig = _InlineFigure(figsize=figsize)
+        grid = fig.subplots(nrows, n // nrows, squeeze=False, sharex=sharex, sharey=sharey)
+        yield fig, list(grid.ravel())
 
 
-def _save(fig: Any, paths: Paths) -> list[Path]:
-    import matplotlib
-
+def _save(fig: Figure | SubFigure, paths: Paths) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    root = fig if isinstance(fig, Figure) else fig.figure  # a SubFigure saves its whole figure
     out = []
     with matplotlib.rc_context(STYLE):
         for p in paths:
             p = Path(p)
             p.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(p)
+            root.savefig(p)
             out.append(p)
     return out
 
@@ -83,127 +118,134 @@ def _unit(kT: float) -> str:
 
 def plot_ramachandran(
     panels: Sequence[tuple[str, np.ndarray, np.ndarray | None]],
-    paths: Paths,
+    paths: Paths | None = None,
     bins: int = 60,
     kT: float = 1.0,
     f_max: float | None = None,
-) -> list[FreeEnergySurface]:
+    *,
+    ax: AxesArg | None = None,
+    labels: tuple[str, str] = (r"$\phi$ (deg)", r"$\psi$ (deg)"),
+) -> Figure | SubFigure:
     """Ramachandran free-energy surfaces side by side (e.g. flow raw, reweighted, MD).
 
     Args:
-        panels: ``(title, phi_psi, log_w)`` per panel; phi_psi `(n, 2)` radians, log_w `(n,)` or
-            None.
-        paths: File(s) to write.
+        panels: ``(title, phi_psi, log_w)`` per panel; phi_psi `(n, 2)` radians (any two
+            dihedral CVs), log_w `(n,)` or None.
+        paths: File(s) to write (None: none).
         bins: Bins per angle on [-pi, pi).
         kT: Energy unit (kJ/mol) of the colour scale; 1 for kT units.
         f_max: Top of the colour scale (default ``12 kT``).
+        ax: One Axes per panel to draw into (a single Axes for one panel); None: a new Figure.
+        labels: Axis labels of the two angles (x, y).
 
     Returns:
-        The `FreeEnergySurface` drawn in each panel (axis 0 phi, axis 1 psi).
+        The Figure (``ax.figure`` when `ax` is given); panel k's mesh holds the free energy
+        `(second-angle bins, first-angle bins)` of panel k, empty bins masked.
     """
     f_max = 12.0 * kT if f_max is None else f_max
     n = len(panels)
-    fig = _figure((2.6 * n + 0.6, 2.6))
-    axes = fig.subplots(1, n, squeeze=False, sharey=True)
-    surfaces = []
-    mesh = None
-    for ax, (title, pp, log_w) in zip(axes[0], panels):
-        pp = np.asarray(pp)
-        fes = free_energy_surface(
-            pp, log_w, bins=bins, ranges=[_PERIOD, _PERIOD], kT=kT, n_bootstrap=0
-        )
-        surfaces.append(fes)
-        deg = [np.degrees(e) for e in fes.edges]
-        shown = np.where(np.isfinite(fes.free_energy), fes.free_energy, np.nan)
-        mesh = ax.pcolormesh(
-            deg[0], deg[1], shown.T, cmap="viridis", vmin=0.0, vmax=f_max, shading="flat"
-        )
-        ax.set_title(title)
-        ax.set_xlabel(r"$\phi$ (deg)")
-        ax.set_xticks([-180, -90, 0, 90, 180])
-        ax.set_yticks([-180, -90, 0, 90, 180])
-        ax.set_aspect("equal")
-    axes[0][0].set_ylabel(r"$\psi$ (deg)")
-    cbar = fig.colorbar(mesh, ax=list(axes[0]), shrink=0.9)
-    cbar.set_label(f"free energy ({_unit(kT)})")
-    _save(fig, paths)
-    return surfaces
+    size = (2.6 * n + 0.6, 2.6)
+    with _panels(ax, n, "one per panel", size, sharey=True) as (fig, axes):
+        mesh = None
+        for a, (title, pp, log_w) in zip(axes, panels):
+            fes = free_energy_surface(
+                np.asarray(pp), log_w, bins=bins, ranges=[_PERIOD, _PERIOD], kT=kT, n_bootstrap=0
+            )
+            deg = [np.degrees(e) for e in fes.edges]
+            shown = np.where(np.isfinite(fes.free_energy), fes.free_energy, np.nan)
+            mesh = a.pcolormesh(
+                deg[0], deg[1], shown.T, cmap="viridis", vmin=0.0, vmax=f_max, shading="flat"
+            )
+            a.set_title(title)
+            a.set_xlabel(labels[0])
+            a.set_xticks([-180, -90, 0, 90, 180])
+            a.set_yticks([-180, -90, 0, 90, 180])
+            a.set_aspect("equal")
+        axes[0].set_ylabel(labels[1])
+        cbar = fig.colorbar(mesh, ax=axes, shrink=0.9)
+        cbar.set_label(f"free energy ({_unit(kT)})")
+    if paths is not None:
+        _save(fig, paths)
+    return fig
 
 
 def plot_fes_1d(
     profiles: Sequence[tuple[str, np.ndarray, np.ndarray | None, int]],
-    paths: Paths,
+    paths: Paths | None = None,
     xlabel: str = r"$\phi$ (deg)",
     bins: int = 60,
     kT: float = 1.0,
     angular: bool = True,
     n_bootstrap: int = 100,
     seed: int = 0,
-) -> list[FreeEnergySurface]:
+    *,
+    ax: Axes | None = None,
+) -> Figure | SubFigure:
     """1-D free-energy profiles with bootstrap error bands (e.g. reweighted flow vs MD along phi).
 
     Args:
         profiles: ``(label, cv, log_w, block_length)`` per curve; cv `(n,)` (radians if
             `angular`), block_length the bootstrap block (1 for independent samples, longer for
             MD time series).
-        paths: File(s) to write.
+        paths: File(s) to write (None: none).
         xlabel: x-axis label.
         bins: Number of bins; angular CVs use [-pi, pi) and are drawn in degrees.
         kT: Energy unit (kJ/mol), 1 for kT units.
         angular: Whether the CV is an angle.
         n_bootstrap: Bootstrap replicates per curve; seed: their seed.
+        ax: The Axes to draw into; None: a new Figure.
 
     Returns:
-        The `FreeEnergySurface` of each curve (bands are +- one standard error).
+        The Figure (``ax.figure`` when `ax` is given): one line per curve (bin centres, free
+        energy) and a band of +- one bootstrap standard error around it.
     """
-    fig = _figure((3.4, 2.6))
-    ax = fig.subplots()
-    out = []
-    for label, cv, log_w, block in profiles:
-        cv = np.asarray(cv, np.float64)
-        ranges = _PERIOD if angular else None
-        fes = free_energy_surface(
-            cv,
-            log_w,
-            bins=bins,
-            ranges=ranges,
-            kT=kT,
-            n_bootstrap=n_bootstrap,
-            block_length=block,
-            seed=seed,
-        )
-        out.append(fes)
-        x = fes.centers[0]
-        x = np.degrees(x) if angular else x
-        f = np.where(np.isfinite(fes.free_energy), fes.free_energy, np.nan)
-        err = np.nan_to_num(fes.error, nan=0.0)
-        (line,) = ax.plot(x, f, label=label, lw=1.2)
-        ax.fill_between(x, f - err, f + err, color=line.get_color(), alpha=0.3, lw=0)
-    if angular:
-        ax.set_xlim(-180, 180)
-        ax.set_xticks([-180, -90, 0, 90, 180])
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"free energy ({_unit(kT)})")
-    ax.legend(frameon=False)
-    _save(fig, paths)
-    return out
+    with _panels(ax, 1, "a single panel", (3.4, 2.6)) as (fig, (a,)):
+        for label, cv, log_w, block in profiles:
+            fes = free_energy_surface(
+                np.asarray(cv, np.float64),
+                log_w,
+                bins=bins,
+                ranges=_PERIOD if angular else None,
+                kT=kT,
+                n_bootstrap=n_bootstrap,
+                block_length=block,
+                seed=seed,
+            )
+            x = np.degrees(fes.centers[0]) if angular else fes.centers[0]
+            f = np.where(np.isfinite(fes.free_energy), fes.free_energy, np.nan)
+            err = np.nan_to_num(fes.error, nan=0.0)
+            (line,) = a.plot(x, f, label=label, lw=1.2)
+            a.fill_between(x, f - err, f + err, color=line.get_color(), alpha=0.3, lw=0)
+        if angular:
+            a.set_xlim(-180, 180)
+            a.set_xticks([-180, -90, 0, 90, 180])
+        a.set_xlabel(xlabel)
+        a.set_ylabel(f"free energy ({_unit(kT)})")
+        a.legend(frameon=False)
+    if paths is not None:
+        _save(fig, paths)
+    return fig
 
 
 def plot_energy_distributions(
     sets: Sequence[tuple[str, np.ndarray, np.ndarray | None]],
-    paths: Paths,
+    paths: Paths | None = None,
     bins: int = 60,
     ranges: tuple[float, float] | None = None,
-) -> list[tuple[np.ndarray, np.ndarray]]:
+    *,
+    ax: Axes | None = None,
+) -> Figure | SubFigure:
     """Potential-energy distributions (e.g. flow raw, reweighted, MD) on shared bins.
 
     Args:
         sets: ``(label, energies, log_w)``; energies `(n,)` kJ/mol.
-        paths: File(s) to write.
+        paths: File(s) to write (None: none).
         bins: Number of bins; ranges: `(lo, hi)` kJ/mol, default the 0.5-99.5 % range of all.
+        ax: The Axes to draw into; None: a new Figure.
 
     Returns:
-        ``(density, edges)`` per set.
+        The Figure (``ax.figure`` when `ax` is given): one step outline per set, its data the
+        density (mol/kJ) over the bin edges (kJ/mol).
     """
     if ranges is None:
         allv = np.concatenate([np.asarray(e, np.float64) for _, e, _ in sets])
@@ -212,20 +254,19 @@ def plot_energy_distributions(
             raise SampleError("no finite energies to plot")
         lo, hi = np.percentile(allv, [0.5, 99.5])
         ranges = (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
-    fig = _figure((3.4, 2.6))
-    ax = fig.subplots()
-    out = []
-    for label, e, log_w in sets:
-        dens, edges = energy_histogram(e, log_w, bins=bins, ranges=ranges)
-        out.append((dens, edges))
-        ax.stairs(dens, edges, label=label, lw=1.2)
-    top = max((float(np.max(d)) for d, _ in out if d.size), default=1.0)
-    ax.set_ylim(0.0, 1.35 * top if top > 0 else 1.0)  # headroom for the legend
-    ax.set_xlabel("potential energy (kJ/mol)")
-    ax.set_ylabel("density (mol/kJ)")
-    ax.legend(frameon=False)
-    _save(fig, paths)
-    return out
+    with _panels(ax, 1, "a single panel", (3.4, 2.6)) as (fig, (a,)):
+        top = 0.0
+        for label, e, log_w in sets:
+            dens, edges = energy_histogram(e, log_w, bins=bins, ranges=ranges)
+            a.stairs(dens, edges, label=label, lw=1.2)
+            top = max(top, float(np.max(dens)) if dens.size else 0.0)
+        a.set_ylim(0.0, 1.35 * top if top > 0 else 1.0)  # headroom for the legend
+        a.set_xlabel("potential energy (kJ/mol)")
+        a.set_ylabel("density (mol/kJ)")
+        a.legend(frameon=False)
+    if paths is not None:
+        _save(fig, paths)
+    return fig
 
 
 def read_training_log(csv_path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -247,20 +288,25 @@ def read_training_log(csv_path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def plot_training_curves(
     csv_path: str | os.PathLike,
-    paths: Paths,
+    paths: Paths | None = None,
     x: str | None = None,
     columns: Sequence[str] | None = None,
-) -> dict[str, np.ndarray]:
+    *,
+    ax: AxesArg | None = None,
+) -> Figure | SubFigure:
     """Training curves from the CSV log, one panel per metric.
 
     Args:
-        csv_path: The CSV log.
-        paths: File(s) to write.
+        csv_path: The CSV log (`read_training_log` reads it).
+        paths: File(s) to write (None: none).
         x: The x column (default ``step``, ``iteration`` or ``epoch`` if present, else the row).
         columns: Metrics to draw (default all numeric columns other than x).
+        ax: One Axes per metric to draw into (a single Axes for one metric); None: a new
+            Figure with the panels stacked.
 
     Returns:
-        The columns drawn (x first), as arrays.
+        The Figure (``ax.figure`` when `ax` is given); panel k holds one line, metric k
+        against x.
     """
     cols = read_training_log(csv_path)
     if x is None:
@@ -269,11 +315,13 @@ def plot_training_curves(
     names = [c for c in (columns or cols) if c != x and c in cols]
     if not names:
         raise SampleError(f"{csv_path}: no numeric metric columns")
-    fig = _figure((3.6, 1.5 * len(names) + 0.4))
-    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
-        ax.plot(xs, cols[name], lw=1.0)
-        ax.set_ylabel(name)
-    axes[-1, 0].set_xlabel(x or "row")
-    _save(fig, paths)
-    return {x or "row": xs, **{n: cols[n] for n in names}}
+    n = len(names)
+    size = (3.6, 1.5 * n + 0.4)
+    with _panels(ax, n, "one per metric", size, nrows=n, sharex=True) as (fig, axes):
+        for a, name in zip(axes, names):
+            a.plot(xs, cols[name], lw=1.0)
+            a.set_ylabel(name)
+        axes[-1].set_xlabel(x or "row")
+    if paths is not None:
+        _save(fig, paths)
+    return fig

@@ -4,22 +4,33 @@ print and write, as JSON-ready dicts, and the states files they use.
 `reweight_report` gives ESS, k-hat, log Z, state populations and free energies with bootstrap
 errors and a free-energy surface; `evaluate_samples` compares samples with a reference (KL
 divergences, per-torsion marginals, state free energies) and draws the plots; `load_states`
-reads a states YAML file.
+reads a states YAML file (states over the molecule's backbone torsions and over dihedrals the
+file defines: `boltzgen.analysis.cvs`); `sample_cvs` gives the CV values of a samples file.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
 from boltzgen.analysis import reweighting as rw
-from boltzgen.analysis.reweighting import State, states_from_dict
-from boltzgen.analysis.samples import SampleSet
-from boltzgen.errors import BoltzgenError
+from boltzgen.analysis.cvs import (
+    StatesFile,
+    _as_states_file,
+    _check_states,
+    cv_label,
+    fes_cvs,
+    load_states,
+    sample_cvs,
+)
+from boltzgen.analysis.reweighting import State
+from boltzgen.analysis.samples import SampleSet, _system_file
+from boltzgen.errors import BoltzgenError, WeightError
 from boltzgen.units import MOLAR_GAS_CONSTANT
 
 __all__ = [
@@ -35,29 +46,18 @@ __all__ = [
 ]
 
 
-def _system_file(system: str | None, *parts: str) -> Path | None:
-    """A file of a shipped or user system's folder, or None (unknown system, no such file)."""
-    from boltzgen.systems import system_dir
-
-    if system is None:
-        return None
-    try:
-        path = system_dir(system).joinpath(*parts)
-    except BoltzgenError:
-        return None
-    return path if path.is_file() else None
-
-
-def time_series_inefficiency(samples: SampleSet) -> float:
+def time_series_inefficiency(
+    samples: SampleSet, cvs: Mapping[str, np.ndarray] | None = None
+) -> float:
     """The largest statistical inefficiency (`reweighting.statistical_inefficiency`) of an MD
-    samples file's energies and (cos, sin) of its phi and psi: ``n / g`` frames are worth as
-    much as independent samples."""
+    samples file's energies and (cos, sin) of its CVs (`cvs`, name -> `(n,)` radians; default
+    the file's own, `SampleSet.cvs`): ``n / g`` frames are worth as much as independent
+    samples."""
     series = []
     if samples.energies is not None:
         series.append(samples.energies)
-    if samples.phi_psi is not None:
-        for k in range(samples.phi_psi.shape[1]):
-            series += [np.cos(samples.phi_psi[:, k]), np.sin(samples.phi_psi[:, k])]
+    for angle in (samples.cvs if cvs is None else cvs).values():
+        series += [np.cos(angle), np.sin(angle)]
     return max((rw.statistical_inefficiency(s) for s in series), default=1.0)
 
 
@@ -85,48 +85,6 @@ def _block_length(samples: SampleSet, requested: int | None) -> int:
     return max(1, samples.n // 20) if samples.time_series else 1
 
 
-def sample_cvs(samples: SampleSet) -> dict[str, np.ndarray]:
-    """The collective variables of a samples file: ``{"phi": (n,), "psi": (n,)}`` radians."""
-    if samples.phi_psi is None:
-        raise BoltzgenError(
-            f"{samples.path}: no phi/psi (store 'phi'/'psi' or positions of system aldp)"
-        )
-    return {"phi": samples.phi_psi[:, 0], "psi": samples.phi_psi[:, 1]}
-
-
-def load_states(path: str | Path | None, system: str | None = None) -> list[State]:
-    """Conformational states from a states YAML file (see ``systems/aldp/states.yaml``).
-
-    Args:
-        path: The YAML file (``units: degrees|radians`` and a ``states`` mapping), or None for
-            the system's shipped ``states.yaml``.
-        system: System name whose ``states.yaml`` is used when ``path`` is None.
-
-    Returns:
-        The states in file order (the first is the reference of free-energy differences); an
-        empty list when ``path`` is None and the system ships no states file.
-
-    Raises:
-        BoltzgenError: unreadable or malformed file.
-    """
-    import yaml
-
-    if path is None:
-        path = _system_file(system, "states.yaml")
-        if path is None:
-            return []
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise BoltzgenError(f"cannot read states file {path}: {exc}") from exc
-    if not isinstance(spec, dict):
-        raise BoltzgenError(f"{path}: expected a mapping with a 'states' key")
-    units = spec.get("units", "degrees")
-    if units not in ("degrees", "radians"):
-        raise BoltzgenError(f"{path}: units must be 'degrees' or 'radians', got {units!r}")
-    return states_from_dict(spec, scale=math.pi / 180.0 if units == "degrees" else 1.0)
-
-
 def _states_json(res: Any, kT: float) -> list[dict[str, Any]]:
     return [
         {
@@ -150,19 +108,36 @@ def _states_json(res: Any, kT: float) -> list[dict[str, Any]]:
 
 def reweight_report(
     samples: SampleSet,
-    states: list[State],
-    cv: str = "phi,psi",
+    states: StatesFile | Sequence[State] | None,
+    cv: str | None = None,
     bins: int = 60,
     n_bootstrap: int = 200,
     block_length: int | None = None,
     target_temperature: float | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The numbers ``boltzgen reweight`` prints and writes, as a JSON-ready dict."""
+    """The numbers ``boltzgen reweight`` prints and writes, as a JSON-ready dict.
 
+    Args:
+        samples: The samples file's contents.
+        states: A `StatesFile` (`load_states`) or a list of states over the samples' CVs.
+        cv: CV(s) of the free-energy surface, comma-separated (see `fes_cvs`; None: default).
+        bins: FES bins per CV; n_bootstrap, block_length, seed: the bootstrap's.
+        target_temperature: Also reweight to this temperature (K).
+
+    Raises:
+        BoltzgenError: a state or ``cv`` naming a CV the samples do not have, and the errors of
+            `sample_cvs`; checked before any bootstrap runs.
+    """
+    sf = _as_states_file(states)
+    cvs_all = sample_cvs(samples, sf.cvs)
+    _check_states(sf, list(cvs_all), f"the CVs of {samples.path}")
+    names = fes_cvs(list(cvs_all), sf, cv)
     n = samples.n
     lw = samples.log_w if samples.log_w is not None else np.zeros(n)
     block = _block_length(samples, block_length)
+    if target_temperature is not None and samples.energies is None:
+        raise BoltzgenError("--target-temperature needs 'energies' in the samples file")
     report: dict[str, Any] = {
         "samples": samples.path,
         "system": samples.system,
@@ -174,7 +149,7 @@ def reweight_report(
         "block_length": block,
     }
     if samples.time_series:
-        g = time_series_inefficiency(samples)
+        g = time_series_inefficiency(samples, cvs_all)
         report["statistical_inefficiency"] = g
         report["ess_time_series"] = report["ess"] / g
     khat = rw.pareto_khat(lw) if n >= rw.KHAT_MIN_SAMPLES else float("nan")
@@ -183,22 +158,21 @@ def reweight_report(
     if samples.log_w is not None:
         report["log_z"], report["log_z_error"] = rw.log_z(lw)
     kT = samples.kT
-    if states:
-        cvs_all = sample_cvs(samples)
-        res = rw.state_free_energies(states, cvs_all, lw, kT, n_bootstrap, block, seed)
-        report["reference_state"] = res.names[0]
-        report["states"] = _states_json(res, kT)
-        for row, st in zip(report["states"], states, strict=True):
-            inside = st.contains(cvs_all)
-            row["n_samples"] = int(inside.sum())
-            row["n_eff"] = float(rw.ess(lw[inside])) if inside.any() else 0.0
-    names = [c.strip() for c in cv.split(",") if c.strip()]
+    if sf.states:
+        try:
+            res = rw.state_free_energies(sf.states, cvs_all, lw, kT, n_bootstrap, block, seed)
+        except WeightError as exc:  # states and weights are valid: the reference state is empty
+            report["states_error"] = str(exc)
+        else:
+            report["reference_state"] = res.names[0]
+            report["states"] = _states_json(res, kT)
+            for row, st in zip(report["states"], sf.states, strict=True):
+                inside = st.contains(cvs_all)
+                row["n_samples"] = int(inside.sum())
+                row["n_eff"] = float(rw.ess(lw[inside])) if inside.any() else 0.0
     if names:
-        cvs = sample_cvs(samples)
-        if any(c not in cvs for c in names) or len(names) > 2:
-            raise BoltzgenError(f"--cv must be one or two of {sorted(cvs)}, got {cv!r}")
         fes = rw.free_energy_surface(
-            np.stack([cvs[c] for c in names], 1),
+            np.stack([cvs_all[c] for c in names], 1),
             lw,
             bins=bins,
             ranges=[(-math.pi, math.pi)] * len(names),
@@ -215,8 +189,6 @@ def reweight_report(
             "error": fes.error.tolist(),
         }
     if target_temperature is not None:
-        if samples.energies is None:
-            raise BoltzgenError("--target-temperature needs 'energies' in the samples file")
         t2 = float(target_temperature)
         du = samples.energies / (MOLAR_GAS_CONSTANT * t2) - samples.energies / kT
         df, df_err = rw.free_energy_difference(lw, du, n_bootstrap, block, seed)
@@ -228,12 +200,16 @@ def reweight_report(
             "ess": rw.ess(lw2),
             "ess_fraction": rw.ess_fraction(lw2),
         }
-        if states:
+        if "states" in report:
             kT2 = MOLAR_GAS_CONSTANT * t2
-            res2 = rw.state_free_energies(
-                states, sample_cvs(samples), lw2, kT2, n_bootstrap, block, seed
-            )
-            block_t2["states"] = _states_json(res2, kT2)
+            try:
+                res2 = rw.state_free_energies(
+                    sf.states, cvs_all, lw2, kT2, n_bootstrap, block, seed
+                )
+            except WeightError as exc:
+                block_t2["states_error"] = str(exc)
+            else:
+                block_t2["states"] = _states_json(res2, kT2)
         report["target_temperature"] = block_t2
     return report
 
@@ -295,6 +271,8 @@ def print_report(report: dict[str, Any], out: IO[str] | None = None) -> None:
             file=out,
         )
         _print_states(report["states"], out)
+    if "states_error" in report:
+        print(f"  state free energies not estimated: {report['states_error']}", file=out)
     if "target_temperature" in report:
         t = report["target_temperature"]
         print(
@@ -340,7 +318,7 @@ def _bond_graph(system: str, positions: np.ndarray) -> list[tuple[int, int]]:
 def evaluate_samples(
     samples: SampleSet,
     reference: SampleSet,
-    states: list[State],
+    states: StatesFile | Sequence[State] | None,
     out_dir: str | Path | None = None,
     bins: int = 60,
     n_bootstrap: int = 100,
@@ -351,12 +329,23 @@ def evaluate_samples(
     """Metrics of `samples` against `reference`; plots into `out_dir` when given (with the
     curves of a CSV `training_log` too).
 
-    Metrics: ESS, k-hat, Ramachandran ``KL(reference || sample)`` raw and reweighted, per-torsion
-    marginal KLs (from positions), state free energies of both with errors and their
-    difference, mean potential energies.
+    Metrics: ESS, k-hat, ``KL(reference || sample)`` of the 2-D histogram of two CVs raw and
+    reweighted (``ramachandran_kl_*``, over ``ramachandran_cvs``: phi and psi when the molecule
+    has one of each, else the states file's first two; see `fes_cvs`), per-torsion marginal
+    KLs (from positions), state free energies of both with errors and their difference, mean
+    potential energies. Plots: that 2-D free-energy surface, a 1-D profile per CV of the
+    surface and of the states, energy distributions.
     """
     from boltzgen import analysis
 
+    sf = _as_states_file(states)
+    cvs_s = sample_cvs(samples, sf.cvs)
+    cvs_r = sample_cvs(reference, sf.cvs)
+    if sf.states:
+        _check_states(sf, list(cvs_s), f"the CVs of {samples.path}")
+        _check_states(sf, list(cvs_r), f"the CVs of {reference.path}")
+    common = [c for c in cvs_s if c in cvs_r]
+    pair = fes_cvs(common, sf)
     n = samples.n
     lw = samples.log_w if samples.log_w is not None else np.zeros(n)
     block = _block_length(samples, block_length)
@@ -372,8 +361,10 @@ def evaluate_samples(
         "bins": bins,
     }
     m["khat_verdict"] = rw.khat_verdict(m["khat"], n)
-    pp, ref_pp = samples.phi_psi, reference.phi_psi
-    if pp is not None and ref_pp is not None:
+    if len(pair) == 2:
+        pp = np.stack([cvs_s[c] for c in pair], 1)
+        ref_pp = np.stack([cvs_r[c] for c in pair], 1)
+        m["ramachandran_cvs"] = pair
         m["ramachandran_kl_raw"] = analysis.ramachandran_kl(
             pp, ref_pp, None, bins, reference_log_w=reference.log_w
         )
@@ -405,12 +396,12 @@ def evaluate_samples(
                 "max": float(np.max(kls)),
                 "per_torsion": [{"atoms": list(q), "kl": float(k)} for q, k in zip(quads, kls)],
             }
-    if states and pp is not None and ref_pp is not None:
+    if sf.states:
         kT = samples.kT
-        res = rw.state_free_energies(states, sample_cvs(samples), lw, kT, n_bootstrap, block, seed)
+        res = rw.state_free_energies(sf.states, cvs_s, lw, kT, n_bootstrap, block, seed)
         ref = rw.state_free_energies(
-            states,
-            sample_cvs(reference),
+            sf.states,
+            cvs_r,
             reference.log_w,
             reference.kT,
             n_bootstrap,
@@ -437,8 +428,17 @@ def evaluate_samples(
             rw.expectation(reference.energies, reference.log_w)
         )
     if out_dir is not None:
+        profiles = pair + [c for c in sf.cv_names if c in common and c not in pair]
         m["plots"] = _evaluate_plots(
-            samples, reference, lw, block, block_ref, Path(out_dir), bins, n_bootstrap, seed
+            samples,
+            reference,
+            (cvs_s, cvs_r, pair, profiles),
+            lw,
+            (block, block_ref),
+            Path(out_dir),
+            bins,
+            n_bootstrap,
+            seed,
         )
         if training_log is not None:
             from boltzgen.analysis import plots
@@ -452,16 +452,19 @@ def evaluate_samples(
 def _evaluate_plots(
     samples: SampleSet,
     reference: SampleSet,
+    cvs: tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str], list[str]],
     lw: np.ndarray,
-    block: int,
-    block_ref: int,
+    blocks: tuple[int, int],
     out: Path,
     bins: int,
     n_bootstrap: int,
     seed: int,
 ) -> list[str]:
+    """Figures of `evaluate_samples`; ``cvs`` is (sample CVs, reference CVs, the 2-D surface's
+    pair, the CVs with a 1-D profile)."""
     from boltzgen.analysis import plots
 
+    cvs_s, cvs_r, pair, profiles = cvs
     written: list[str] = []
 
     def both(stem: str) -> list[Path]:
@@ -470,30 +473,33 @@ def _evaluate_plots(
         return paths
 
     kT = reference.kT
-    if samples.phi_psi is not None and reference.phi_psi is not None:
+    if len(pair) == 2:
+        pp = np.stack([cvs_s[c] for c in pair], 1)
+        ref_pp = np.stack([cvs_r[c] for c in pair], 1)
         plots.plot_ramachandran(
             [
-                ("samples (raw)", samples.phi_psi, None),
-                ("samples (reweighted)", samples.phi_psi, lw),
-                ("MD reference", reference.phi_psi, reference.log_w),
+                ("samples (raw)", pp, None),
+                ("samples (reweighted)", pp, lw),
+                ("MD reference", ref_pp, reference.log_w),
             ],
             both("ramachandran"),
             bins=bins,
             kT=kT,
+            labels=(cv_label(pair[0]), cv_label(pair[1])),
         )
-        for k, name in enumerate(("phi", "psi")):
-            plots.plot_fes_1d(
-                [
-                    ("reweighted samples", samples.phi_psi[:, k], lw, block),
-                    ("MD reference", reference.phi_psi[:, k], reference.log_w, block_ref),
-                ],
-                both(f"fes_{name}"),
-                xlabel=rf"$\{name}$ (deg)",
-                bins=bins,
-                kT=kT,
-                n_bootstrap=n_bootstrap,
-                seed=seed,
-            )
+    for name in profiles:
+        plots.plot_fes_1d(
+            [
+                ("reweighted samples", cvs_s[name], lw, blocks[0]),
+                ("MD reference", cvs_r[name], reference.log_w, blocks[1]),
+            ],
+            both(f"fes_{name}"),
+            xlabel=cv_label(name),
+            bins=bins,
+            kT=kT,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
     if samples.energies is not None and reference.energies is not None:
         plots.plot_energy_distributions(
             [

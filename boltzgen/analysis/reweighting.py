@@ -191,7 +191,9 @@ def pareto_khat(log_w: np.ndarray) -> float:
     reweighted results cannot be trusted. See `khat_verdict`.
 
     Returns:
-        k-hat; -inf when the tail weights are all equal (bounded weights, e.g. uniform).
+        k-hat; -inf when the tail weights are all equal (bounded weights, e.g. uniform); +inf
+        when fewer than 5 tail weights stand above the cut, i.e. one to four samples carry
+        (almost) all the weight.
     """
     lw = _check_log_w(log_w)
     n = lw.shape[0]
@@ -207,8 +209,8 @@ def pareto_khat(log_w: np.ndarray) -> float:
     if not np.any(exceed > 0) or np.ptp(exceed) <= 1e-12 * max(tail[-1], 1e-300):
         return float("-inf")
     exceed = exceed[exceed > 0]
-    if exceed.shape[0] < 5:
-        return float("-inf")
+    if exceed.shape[0] < 5:  # the other tail weights equal the cut or vanish next to these
+        return float("inf")
     return _gpd_fit(exceed)
 
 
@@ -485,13 +487,21 @@ def states_from_dict(spec: Mapping, scale: float = 1.0) -> list[State]:
             raise WeightError(f"state {name!r}: expected a mapping of CV name to intervals")
         ivs = {}
         for cv_name, raw in cvs.items():
-            arr = np.asarray(raw, dtype=np.float64)
+            try:
+                arr = np.asarray(raw, dtype=np.float64)
+            except (TypeError, ValueError):  # strings, ragged lists
+                arr = np.full(3, np.nan)
             if arr.ndim == 1:
                 arr = arr[None, :]
-            if arr.ndim != 2 or arr.shape[1] != 2 or np.any(arr[:, 0] >= arr[:, 1]):
+            if (
+                arr.ndim != 2
+                or arr.shape[1] != 2
+                or np.isnan(arr).any()
+                or np.any(arr[:, 0] >= arr[:, 1])
+            ):
                 raise WeightError(
-                    f"state {name!r}, CV {cv_name!r}: intervals must be [lo, hi] pairs with "
-                    f"lo < hi, got {raw!r}"
+                    f"state {name!r}, CV {cv_name!r}: intervals must be [lo, hi] pairs of "
+                    f"numbers with lo < hi, got {raw!r}"
                 )
             ivs[str(cv_name)] = tuple((float(lo) * scale, float(hi) * scale) for lo, hi in arr)
         states.append(State(str(name), ivs))

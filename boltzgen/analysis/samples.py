@@ -12,6 +12,7 @@ al. 2023), with sample bins floored at ``eps`` so that a bin the sample misses c
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ __all__ = [
 ]
 
 _PERIOD = (-np.pi, np.pi)
+
+#: Samples-file keys that hold backbone torsions (radians, one per sample): ``phi``, ``psi``,
+#: ``phi_<n>``, ``psi_<n>``.
+BACKBONE_KEY = re.compile(r"^(phi|psi)(_-?\d+)?$")
 
 
 def _positions(positions: np.ndarray) -> np.ndarray:
@@ -89,13 +94,11 @@ def phi_psi(positions: np.ndarray, molecule: Any) -> np.ndarray:
     Raises:
         ZMatrixError: no residue with both torsions.
     """
-    if isinstance(molecule, str):
-        quads = _system_backbone(molecule)[1]
-    else:
-        from boltzgen.coordinates import phi_psi_atoms
+    from boltzgen.coordinates import phi_psi_atoms
 
-        quads = phi_psi_atoms(getattr(molecule, "topology", molecule))
-    return torsions(positions, quads)
+    if isinstance(molecule, str):
+        molecule = _system_topology(molecule)
+    return torsions(positions, phi_psi_atoms(getattr(molecule, "topology", molecule)))
 
 
 def torsions(positions: np.ndarray, quads: Sequence[Sequence[int]]) -> np.ndarray:
@@ -105,13 +108,28 @@ def torsions(positions: np.ndarray, quads: Sequence[Sequence[int]]) -> np.ndarra
 
 
 @functools.lru_cache(maxsize=16)
-def _system_backbone(name: str) -> tuple[int, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """``(n_atoms, (phi atoms, psi atoms))`` of a shipped or user system, by name."""
-    from boltzgen import systems
-    from boltzgen.coordinates import phi_psi_atoms
+def _system_topology(name: str) -> Any:
+    """The `mdtraj.Topology` of a shipped or user system, by name (cached).
 
-    system = systems.load(name, solvent="vacuum")
-    return system.n_atoms, phi_psi_atoms(system.topology)
+    Raises:
+        BoltzgenError: unknown system, or one that cannot be loaded.
+    """
+    from boltzgen import systems
+
+    return systems.load(name, solvent="vacuum").mdtraj_topology
+
+
+def _system_file(system: str | None, *parts: str) -> Path | None:
+    """A file of a shipped or user system's folder, or None (unknown system, no such file)."""
+    from boltzgen.systems import system_dir
+
+    if system is None:
+        return None
+    try:
+        path = system_dir(system).joinpath(*parts)
+    except BoltzgenError:
+        return None
+    return path if path.is_file() else None
 
 
 def ramachandran(
@@ -263,7 +281,10 @@ class SampleSet:
         temperature: K.
         log_w: `(n,)` unnormalised log-weights, or None (equal weights, e.g. MD).
         energies: `(n,)` kJ/mol or None.
-        phi_psi: `(n, 2)` radians or None.
+        cvs: Collective variables, name -> `(n,)` radians: the molecule's backbone torsions
+            (``phi``/``psi``, or ``phi_<n>``/``psi_<n>`` by residue number; see
+            `boltzgen.coordinates.backbone_cvs`) as stored in the file or computed from
+            positions; empty for a molecule without a backbone.
         positions: `(m, n_atoms, 3)` nm or None; `position_index` `(m,)` their sample indices.
         time_series: True for MD frames (``time_ps`` present: correlated in time, so errors use
             a block bootstrap).
@@ -275,7 +296,7 @@ class SampleSet:
     temperature: float
     log_w: np.ndarray | None
     energies: np.ndarray | None
-    phi_psi: np.ndarray | None
+    cvs: dict[str, np.ndarray]
     positions: np.ndarray | None
     position_index: np.ndarray | None
     time_series: bool
@@ -284,6 +305,14 @@ class SampleSet:
     def kT(self) -> float:  # noqa: N802
         """k_B T in kJ/mol."""
         return MOLAR_GAS_CONSTANT * self.temperature
+
+    @property
+    def phi_psi(self) -> np.ndarray | None:
+        """`(n, 2)` radians: the ``phi`` and ``psi`` CVs (a molecule with one of each, e.g.
+        alanine dipeptide), or None."""
+        if "phi" not in self.cvs or "psi" not in self.cvs:
+            return None
+        return np.stack([self.cvs["phi"], self.cvs["psi"]], axis=1)
 
 
 def _array(data: Any, key: str, path: str, ndim: int, n: int | None) -> np.ndarray:
@@ -294,17 +323,29 @@ def _array(data: Any, key: str, path: str, ndim: int, n: int | None) -> np.ndarr
     return a
 
 
-def _known_phi_psi(positions: np.ndarray, system: str) -> np.ndarray | None:
-    """phi/psi of a shipped or user peptide system by name; None for other molecules."""
+def _backbone_cvs(positions: np.ndarray, system: str) -> dict[str, np.ndarray]:
+    """The backbone CVs of a shipped or user system by name; empty for unknown systems."""
+    from boltzgen.coordinates import backbone_cvs
+
     try:
-        n_atoms, quads = _system_backbone(system)
-    except BoltzgenError:  # unknown system, or no peptide backbone
-        return None
-    if positions.shape[1] != n_atoms:
+        top = _system_topology(system)
+    except BoltzgenError:  # unknown system
+        return {}
+    if positions.shape[1] != top.n_atoms:
         raise SamplesFileError(
-            f"positions have {positions.shape[1]} atoms, system {system!r} has {n_atoms}"
+            f"positions have {positions.shape[1]} atoms, system {system!r} has {top.n_atoms}"
         )
-    return torsions(positions, quads)
+    quads = backbone_cvs(top)
+    if not quads:
+        return {}
+    values = torsions(positions, list(quads.values()))
+    return {name: values[:, k] for k, name in enumerate(quads)}
+
+
+def _residue_order(key: str) -> tuple[int, str]:
+    """Sort key of backbone CV names: by residue number, phi before psi."""
+    kind, _, number = key.partition("_")
+    return (int(number) if number else -(10**9), kind)
 
 
 def load_samples(path: str | Path) -> SampleSet:
@@ -312,8 +353,10 @@ def load_samples(path: str | Path) -> SampleSet:
 
     Keys: ``positions`` `(n, n_atoms, 3)` nm, ``log_weights`` `(n,)` (or ``log_q`` and
     ``energies``, giving ``-U/kT - log_q``; absent: equal weights), ``energies`` kJ/mol,
-    ``temperature`` K, ``system``; optional ``phi``/``psi`` radians for every sample, and
-    ``frame_index`` when ``positions`` holds only a subsample of the frames.
+    ``temperature`` K, ``system``; optional backbone torsions (``phi``, ``psi``, ``phi_<n>``,
+    ``psi_<n>``) in radians for every sample, and ``frame_index`` when ``positions`` holds only
+    a subsample of the frames. Backbone torsions not stored are computed from the positions
+    when every sample has them and the system is known.
 
     Raises:
         SamplesFileError: unreadable file, inconsistent shapes, NaN positions or weights, all
@@ -333,7 +376,8 @@ def load_samples(path: str | Path) -> SampleSet:
     except Exception as exc:
         raise SamplesFileError(f"cannot read samples file {path}: {exc}") from exc
     n = n_key = None
-    for key in ("log_weights", "phi", "energies", "log_q"):
+    stored = sorted((k for k in keys if BACKBONE_KEY.match(k)), key=_residue_order)
+    for key in ("log_weights", *stored, "energies", "log_q"):
         if key in keys:
             n = int(np.asarray(data[key]).shape[0]) if np.asarray(data[key]).ndim else None
             n_key = key
@@ -377,14 +421,12 @@ def load_samples(path: str | Path) -> SampleSet:
             log_w = _check_log_w(-energies / (MOLAR_GAS_CONSTANT * temperature) - log_q, n)
     except WeightError as exc:
         raise SamplesFileError(f"{path}: {exc}") from exc
-    if "phi" in keys and "psi" in keys:
-        pp = np.stack([_array(data, k, path, 1, n) for k in ("phi", "psi")], 1).astype(np.float64)
-    elif pos is not None and idx.shape[0] == n:
-        pp = _known_phi_psi(pos, system)
-    else:
-        pp = None
-    if pp is not None and not np.isfinite(pp).all():
-        raise SamplesFileError(f"{path}: phi/psi contain NaN")
+    cvs = _backbone_cvs(pos, system) if pos is not None and idx.shape[0] == n else {}
+    for k in stored:
+        cvs[k] = _array(data, k, path, 1, n).astype(np.float64)
+    for k, v in cvs.items():
+        if not np.isfinite(v).all():
+            raise SamplesFileError(f"{path}: CV {k!r} contains NaN or inf")
     return SampleSet(
         path,
         n,
@@ -392,7 +434,7 @@ def load_samples(path: str | Path) -> SampleSet:
         temperature,
         log_w,
         energies,
-        pp,
+        cvs,
         pos,
         idx,
         time_series="time_ps" in keys,

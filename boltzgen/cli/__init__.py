@@ -10,7 +10,9 @@ Subcommands:
     sample     draw weighted samples from a checkpoint (.npz, .pdb, .dcd)
     check-energy  short MD of a system; OpenMM vs torch-native energies and forces on it
 
-Bad input ends with one ``boltzgen: error: ...`` line and exit code 2, never a traceback.
+Bad input ends with one ``boltzgen: error: ...`` line and exit code 2, never a traceback. SIGINT
+(Ctrl-C) or SIGTERM stops train, md, sample and pipeline after the step in progress, with their
+state saved, one line saying how to resume, and exit code 128 + the signal (130, 143).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from boltzgen.errors import BoltzgenError
+from boltzgen.interrupts import Interrupted
 
 __all__ = ["SUBCOMMANDS", "ArgumentParser", "build_parser", "main"]
 
@@ -80,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BoltzgenError as exc:
         print(f"boltzgen: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except Interrupted as stop:  # one the subcommand did not word itself
+        print(f"\nboltzgen: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("boltzgen: interrupted", file=sys.stderr)
         return 130

@@ -65,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
     write_json(metrics, out_dir / "metrics.json")
     print(f"ESS {100 * metrics['ess_fraction']:.1f} %, k-hat {metrics['khat']:.2f}")
     if "ramachandran_kl_reweighted" in metrics:
+        pair = ", ".join(metrics["ramachandran_cvs"])
         print(
-            f"Ramachandran KL(reference || samples): raw {metrics['ramachandran_kl_raw']:.4f}, "
-            f"reweighted {metrics['ramachandran_kl_reweighted']:.4f} nats"
+            f"Ramachandran KL(reference || samples) over ({pair}): raw "
+            f"{metrics['ramachandran_kl_raw']:.4f}, reweighted "
+            f"{metrics['ramachandran_kl_reweighted']:.4f} nats"
         )
     if "torsion_marginal_kl" in metrics:
         t = metrics["torsion_marginal_kl"]

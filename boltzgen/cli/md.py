@@ -1,9 +1,16 @@
-"""``boltzgen md``: Langevin MD or replica exchange of a system (`boltzgen.sampling.md`)."""
+"""``boltzgen md``: Langevin MD or replica exchange of a system (`boltzgen.sampling.md`).
+
+The run is checkpointed (``--checkpoint``, by default ``<out>.checkpoint.npz``, which is removed
+once the outputs of a finished run are written). SIGINT or SIGTERM stops it after the chunk in
+progress with the checkpoint and the frames so far written; the same command resumes it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
 
 from boltzgen.errors import BoltzgenError
 
@@ -56,7 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--platform", default="CPU")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per replica")
-    p.add_argument("--checkpoint", default=None, help="checkpoint .npz (resumed if it exists)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint .npz, resumed if it exists (default: <out>.checkpoint.npz, kept only "
+        "while the run is unfinished)",
+    )
     p.add_argument("--checkpoint-interval-ps", type=float, default=100.0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output prefix")
@@ -103,7 +115,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``boltzgen md``."""
+    """Run ``boltzgen md``; returns the exit code (128 + signal number when stopped by SIGINT or
+    SIGTERM, after writing the checkpoint and the frames so far)."""
     from boltzgen import systems
     from boltzgen.sampling import md
 
@@ -122,24 +135,42 @@ def run(args: argparse.Namespace) -> int:
         )
     elif args.bias_scales is not None:
         raise BoltzgenError("--bias-scales needs --bias-torsion")
-    result = md.run_md(
-        system,
-        _steps(args.length_ns * 1000.0, dt, "--length-ns"),
-        save_interval=_steps(args.save_interval_ps, dt, "--save-interval-ps"),
-        timestep=dt,
-        friction=args.friction,
-        temperatures=args.replica_temperatures,
-        bias=bias,
-        bias_scales=args.bias_scales,
-        exchange_interval=_steps(args.exchange_interval_ps, dt, "--exchange-interval-ps"),
-        seed=args.seed,
-        platform=args.platform,
-        threads=args.threads,
-        checkpoint=args.checkpoint,
-        checkpoint_interval=_steps(args.checkpoint_interval_ps, dt, "--checkpoint-interval-ps"),
-        progress=not args.no_progress,
-    )
+    n_steps = _steps(args.length_ns * 1000.0, dt, "--length-ns")
+    save_interval = _steps(args.save_interval_ps, dt, "--save-interval-ps")
+    exchange_interval = _steps(args.exchange_interval_ps, dt, "--exchange-interval-ps")
+    checkpoint_interval = _steps(args.checkpoint_interval_ps, dt, "--checkpoint-interval-ps")
+    ckpt = Path(args.checkpoint if args.checkpoint else args.out + ".checkpoint.npz")
+    if ckpt.exists():
+        print(f"resuming {ckpt}", flush=True)
+    try:
+        result = md.run_md(
+            system,
+            n_steps,
+            save_interval=save_interval,
+            timestep=dt,
+            friction=args.friction,
+            temperatures=args.replica_temperatures,
+            bias=bias,
+            bias_scales=args.bias_scales,
+            exchange_interval=exchange_interval,
+            seed=args.seed,
+            platform=args.platform,
+            threads=args.threads,
+            checkpoint=ckpt,
+            checkpoint_interval=checkpoint_interval,
+            progress=not args.no_progress,
+        )
+    except md.MDInterrupted as stop:
+        paths = md.write_outputs(system, stop.result, args.out)
+        print(
+            f"\n{stop}: checkpoint {ckpt} and the {stop.result.positions.shape[0]} frames so far "
+            f"({', '.join(paths.values())}) written; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return stop.exit_code
     paths = md.write_outputs(system, result, args.out)
+    if args.checkpoint is None:
+        ckpt.unlink()
     print(f"{result.positions.shape[0]} frames at {result.temperature} K; wrote")
     for kind, path in paths.items():
         print(f"  {kind}: {path}")

@@ -4,10 +4,12 @@ With the defaults it trains ``systems/<system>/reverse_kl_quick.yaml`` (minutes 
 CPU), draws 10,000 samples (flow samples refined by annealed importance sampling toward the
 Boltzmann density through 8 intermediate distributions), prints the effective sample size and
 the fraction of samples in each state of the system's ``states.yaml`` (raw and reweighted,
-with bootstrap errors) next to the shipped MD reference, and writes plots. A finished
+with bootstrap errors) next to the shipped MD reference, and writes plots (without a shipped
+reference, as for xylene and trpzip2, it says so and skips the comparison). Every shipped
+system has a ``reverse_kl_quick.yaml`` and a ``states.yaml``. A finished
 checkpoint in the output folder is reused and an unfinished one resumed, so an interrupted
-pipeline continues where it stopped. Every step is a `boltzgen.pipeline` or
-`boltzgen.analysis.reports` call.
+pipeline continues where it stopped, in training or in sampling (``samples.partial.npz``).
+Every step is a `boltzgen.pipeline` or `boltzgen.analysis.reports` call.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from boltzgen.errors import BoltzgenError, ConfigError
 
 if TYPE_CHECKING:
     from boltzgen.analysis import SampleSet
-    from boltzgen.analysis.reweighting import State
+    from boltzgen.analysis.cvs import StatesFile
 
 __all__ = ["register", "run"]
 
@@ -65,19 +67,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _basin_table(
-    samples: SampleSet, report: dict[str, Any], states: list[State], system: str
+    samples: SampleSet, report: dict[str, Any], states: StatesFile, system: str
 ) -> dict[str, Any]:
-    """Print raw and reweighted state fractions next to the MD reference; return them."""
-    from boltzgen.analysis.reports import reference_populations, sample_cvs
+    """Print raw and reweighted state fractions (next to the MD reference, if the system ships
+    one); return them."""
+    from boltzgen.analysis.cvs import sample_cvs
+    from boltzgen.analysis.reports import reference_populations
 
-    cvs = sample_cvs(samples)
+    cvs = sample_cvs(samples, states.cvs)
     ref = reference_populations(system)
-    rows = {r["name"]: r for r in report["states"]}
-    print(f"  {'state':<16} {'raw fraction':>12} {'reweighted':>20} {'MD reference':>20}")
+    rows = {r["name"]: r for r in report.get("states", [])}  # none: reference state empty
+    head = f"  {'state':<16} {'raw fraction':>12} {'reweighted':>20}"
+    print(head + (f" {'MD reference':>20}" if ref else ""))
     basins = {}
-    for st in states:
+    for st in states.states:
         raw = float(np.mean(st.contains(cvs)))
-        r = rows[st.name]
+        r = rows.get(st.name, {"population": float("nan"), "population_error": float("nan")})
         pop, err = r["population"], r["population_error"]
         line = f"  {st.name:<16} {raw:>12.4f} {pop:>11.4f} +- {err:<6.4f}"
         if st.name in ref:
@@ -125,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         output_dir=args.output_dir,
     )
+    states = load_states(None, config.system.name)  # a bad states file stops before training
     threads = set_threads(args.threads)
     pipeline.check_device(config.train.device)
     out = Path(config.output_dir)
@@ -151,18 +157,37 @@ def run(args: argparse.Namespace) -> int:
                 "to resume",
                 file=sys.stderr,
             )
-            return 128 + stop.signum
+            return stop.exit_code
 
     # 2. sample
     samples_path = out / "samples.npz"
     how = f"flow + AIS with {args.ais} intermediate distributions" if args.ais else "flow"
-    print(f"[2/3] drawing {args.n_samples} samples ({how}) -> {samples_path}", flush=True)
+    partial = out / "samples.partial.npz"
+    resume = partial.is_file()
+    verb = f"resuming {partial}:" if resume else "drawing"
+    print(f"[2/3] {verb} {args.n_samples} samples ({how}) -> {samples_path}", flush=True)
     t0 = time.perf_counter()
     trained = pipeline.load_run(ckpt)
-    drawn = pipeline.draw_samples(
-        trained, args.n_samples, 1000, ais=args.ais, device=args.device or "cpu", seed=args.seed
-    )
+    try:
+        drawn = pipeline.draw_samples(
+            trained,
+            args.n_samples,
+            1000,
+            ais=args.ais,
+            device=args.device or "cpu",
+            seed=args.seed,
+            partial=partial,
+            resume=resume,
+            progress=not args.no_progress,
+        )
+    except pipeline.SamplingInterrupted as stop:
+        print(
+            f"\n{stop}: they are in {partial}; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return stop.exit_code
     drawn.save(samples_path)
+    partial.unlink(missing_ok=True)
     print(
         f"      {drawn.n} samples in {time.perf_counter() - t0:.1f} s; dropped non-finite "
         f"{drawn.n_nonfinite}, D-form {drawn.n_filtered}"
@@ -171,22 +196,28 @@ def run(args: argparse.Namespace) -> int:
     # 3. reweight and compare
     print("[3/3] reweighting", flush=True)
     samples = load_samples(samples_path)
-    states = load_states(None, samples.system)
     report = reweight_report(samples, states, n_bootstrap=200, seed=0)
     print_report(report)
+    write_json(report, out / "reweight.json")
     summary: dict[str, Any] = {
         "config": str(config_path),
         "checkpoint": str(ckpt),
         "samples": str(samples_path),
+        "reweight": str(out / "reweight.json"),
         "n_samples": samples.n,
         "ais_intermediate": args.ais,
         "ess_fraction": report["ess_fraction"],
         "khat": report["khat"],
     }
-    if states:
+    if states.states:
         summary["states"] = _basin_table(samples, report, states, samples.system)
     ref_npz = sdir / "reference" / "reference.npz"
-    if not args.no_plots and ref_npz.is_file():
+    if not ref_npz.is_file():
+        print(
+            f"  no MD reference shipped for {args.system} ({ref_npz} does not exist): "
+            "comparison with a reference and its plots skipped"
+        )
+    elif not args.no_plots:
         eval_dir = out / "evaluation"
         log = out / "log.csv"
         metrics = evaluate_samples(
@@ -200,8 +231,9 @@ def run(args: argparse.Namespace) -> int:
         )
         write_json(metrics, eval_dir / "metrics.json")
         if "ramachandran_kl_reweighted" in metrics:
+            pair = ", ".join(metrics["ramachandran_cvs"])
             print(
-                "  Ramachandran KL(reference || samples): raw "
+                f"  Ramachandran KL(reference || samples) over ({pair}): raw "
                 f"{metrics['ramachandran_kl_raw']:.4f}, reweighted "
                 f"{metrics['ramachandran_kl_reweighted']:.4f} nats"
             )

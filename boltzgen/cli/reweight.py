@@ -26,8 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--cv",
-        default="phi,psi",
-        help="CV(s) of the free-energy surface written to JSON: phi, psi or phi,psi",
+        default=None,
+        help="one or two CVs (comma-separated) of the free-energy surface written to JSON: "
+        "backbone torsions (phi, psi; phi_<n>, psi_<n> by residue number for longer peptides) "
+        "or CVs of the states file (default: phi,psi where the molecule has them, else the "
+        "states file's first two; '' for none)",
     )
     p.add_argument("--bins", type=int, default=60)
     p.add_argument("--n-bootstrap", type=int, default=200)

@@ -1,9 +1,16 @@
-"""``boltzgen sample``: draw weighted samples from a trained checkpoint."""
+"""``boltzgen sample``: draw weighted samples from a trained checkpoint.
+
+SIGINT or SIGTERM stops it after the batch in progress with the samples so far in
+``OUTPUT.partial.npz`` (e.g. ``samples.partial.npz``); the same command with ``--resume``
+continues from there and writes the output an uninterrupted run writes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Any
 
 from boltzgen.cli._common import add_nproc_argument, add_threads_argument, set_threads
 from boltzgen.errors import BoltzgenError
@@ -14,7 +21,7 @@ SUFFIXES = (".npz", ".pdb", ".dcd")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``boltzgen sample CHECKPOINT -n N -o OUT [--batch-size B] [--ais K]``."""
+    """Register ``boltzgen sample CHECKPOINT -n N -o OUT [--batch-size B] [--ais K] [--resume]``."""
     p = subparsers.add_parser("sample", help="draw weighted samples from a trained checkpoint")
     p.add_argument("checkpoint", help="checkpoint.pt written by boltzgen train")
     p.add_argument("-n", "--n-samples", type=int, required=True, help="number of samples")
@@ -30,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="refine the flow's samples by annealed importance sampling toward the Boltzmann "
         "density with K intermediate distributions (HMC); log_weights are then AIS weights",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from OUTPUT.partial.npz (same checkpoint and options)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_nproc_argument(p, "sampling processes (one merged samples file)")
     add_threads_argument(p)
     p.set_defaults(func=run)
@@ -45,8 +58,14 @@ def check_output(path: str | Path) -> Path:
     return out
 
 
+def partial_path(output: Path) -> Path:
+    """The progress file of an interrupted run writing ``output``: ``OUTPUT.partial.npz``."""
+    return output.with_suffix(".partial.npz")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``boltzgen sample``; returns the exit code."""
+    """Run ``boltzgen sample``; returns the exit code (128 + signal number when stopped by SIGINT
+    or SIGTERM, after writing the samples so far to ``OUTPUT.partial.npz``)."""
     from boltzgen import pipeline
     from boltzgen.analysis.reweighting import ess, ess_fraction
     from boltzgen.train import distributed
@@ -56,25 +75,39 @@ def run(args: argparse.Namespace) -> int:
     if args.ais < 0:
         raise BoltzgenError(f"--ais must be >= 0, got {args.ais}")
     out = check_output(args.output)
+    partial = partial_path(out)
+    if args.resume and not partial.is_file():
+        raise BoltzgenError(f"--resume: {partial} does not exist (nothing to resume)")
+    if not args.resume and partial.exists():
+        raise BoltzgenError(f"{partial} exists (an interrupted run); pass --resume or delete it")
     threads = set_threads(args.threads)
     pipeline.check_device(args.device)
     if args.nproc != 1:
         return _launch(args, threads)
     run_ = pipeline.load_run(args.checkpoint)
     seed = run_.config.train.seed + 1 if args.seed is None else args.seed
-    with distributed.process_group(args.device) as device:
-        if distributed.rank_and_world()[1] > 1:  # a rank under torch's launcher
-            samples = pipeline.draw_samples_sharded(
-                run_, args.n_samples, seed, batch_size=args.batch_size, ais=args.ais,
-                device=device,
-            )  # fmt: skip
-            if samples is None:  # rank 0 writes the merged file
-                return 0
-        else:
-            samples = pipeline.draw_samples(
-                run_, args.n_samples, args.batch_size, ais=args.ais, device=args.device, seed=seed
-            )
+    if distributed.launched():  # one rank of torch's launcher (--nproc or torchrun)
+        return _rank(args, run_, seed, out, threads)
+    try:
+        samples = pipeline.draw_samples(
+            run_,
+            args.n_samples,
+            args.batch_size,
+            ais=args.ais,
+            device=args.device,
+            seed=seed,
+            partial=partial,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+    except pipeline.SamplingInterrupted as stop:
+        print(
+            f"\n{stop}: they are in {partial}; continue with the same command and --resume",
+            file=sys.stderr,
+        )
+        return stop.exit_code
     samples.save(out, run_.system)
+    partial.unlink(missing_ok=True)
     lw = samples.log_weights
     print(
         f"wrote {samples.n} samples to {out}; ESS {ess(lw):.1f} ({100 * ess_fraction(lw):.2f}%); "
@@ -91,6 +124,8 @@ def _launch(args: argparse.Namespace, threads: int) -> int:
 
     if args.nproc < 1:
         raise BoltzgenError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.resume:
+        raise BoltzgenError("--resume continues one-process runs only; drop --nproc")
     if args.n_samples < args.nproc:
         raise BoltzgenError(f"-n {args.n_samples} is fewer than one sample per process")
     load_checkpoint(args.checkpoint)  # a bad checkpoint fails here, once
@@ -99,4 +134,28 @@ def _launch(args: argparse.Namespace, threads: int) -> int:
             "--threads", threads]  # fmt: skip
     argv += ["--seed", args.seed] if args.seed is not None else []
     launch(argv, args.nproc)
+    return 0
+
+
+def _rank(args: argparse.Namespace, run_: Any, seed: int, out: Path, threads: int) -> int:
+    """Draw this rank's pieces (`boltzgen.pipeline.draw_samples_sharded`); rank 0 writes."""
+    from boltzgen import pipeline
+    from boltzgen.analysis.reweighting import ess, ess_fraction
+    from boltzgen.train import distributed
+
+    with distributed.process_group(args.device) as device:
+        samples = pipeline.draw_samples_sharded(
+            run_, args.n_samples, seed, batch_size=args.batch_size, ais=args.ais,
+            device=device, progress=False,
+        )  # fmt: skip
+    if samples is None:  # rank 0 writes the merged file
+        return 0
+    samples.save(out, run_.system)
+    lw = samples.log_weights
+    world = distributed.launched()
+    print(
+        f"wrote {samples.n} samples to {out}; ESS {ess(lw):.1f} ({100 * ess_fraction(lw):.2f}%); "
+        f"dropped non-finite {samples.n_nonfinite}, D-form {samples.n_filtered}; "
+        f"{world} processes x {threads} torch CPU thread{'s' * (threads > 1)}"
+    )
     return 0

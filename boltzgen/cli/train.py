@@ -91,7 +91,7 @@ def _train(args: argparse.Namespace, config: RunConfig, start: str, threads: int
                 f"\n{stop}: checkpoint {stop.checkpoint} written; continue with --resume",
                 file=sys.stderr,
             )
-        return 128 + stop.signum
+        return stop.exit_code
     if rank == 0:
         print_train_summary(result)
     return 0

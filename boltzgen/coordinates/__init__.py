@@ -3,11 +3,12 @@ torsions and chirality.
 
 Modules: `geometry` (batched bonds, angles, dihedrals, atom placement in torch), `zmatrix`
 (Z-matrix, molecular graph, backbone torsions, chiral centres), `internal`
-(`InternalCoordinates`, `MixedCoordinates`), `chirality` (phi/psi, L/D form).
+(`InternalCoordinates`, `MixedCoordinates`), `chirality` (phi/psi and the backbone CVs, L/D form).
 """
 
 from boltzgen.coordinates.chirality import (
     alpha_carbons,
+    backbone_cvs,
     chirality,
     is_l_form,
     named_dihedrals,
@@ -34,6 +35,7 @@ __all__ = [
     "ZMatrix",
     "ZMatrixError",
     "alpha_carbons",
+    "backbone_cvs",
     "backbone_torsions",
     "chiral_centres",
     "chirality",

@@ -22,6 +22,7 @@ from boltzgen.flows.base import Transform
 
 __all__ = [
     "alpha_carbons",
+    "backbone_cvs",
     "chirality",
     "is_l_form",
     "named_dihedrals",
@@ -36,6 +37,18 @@ def named_dihedrals(x: Tensor, quads: dict[str, Sequence[int]]) -> dict[str, Ten
         return {}
     values = geometry.dihedrals(x, [list(q) for q in quads.values()])
     return {k: values[:, i] for i, k in enumerate(quads)}
+
+
+def backbone_cvs(topology: Any) -> dict[str, tuple[int, int, int, int]]:
+    """The backbone torsions of a peptide as named collective variables: CV name -> atoms.
+
+    ``"phi"`` and ``"psi"`` when the molecule has exactly one of each (alanine dipeptide), else
+    ``"phi_<n>"`` / ``"psi_<n>"`` of every residue that has them, ``n`` the residue number of the
+    structure file (PDB resSeq, e.g. ``psi_1`` ... ``phi_12`` for trpzip2, S1 ... K12); see
+    `backbone_torsions`, whose quadruples these are. Empty for a molecule without a backbone.
+    """
+    tors = backbone_torsions(topology)
+    return {k: q for k, q in tors.items() if "_" not in k or tors.get(k.split("_")[0]) != q}
 
 
 def phi_psi_atoms(topology: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:

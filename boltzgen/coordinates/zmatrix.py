@@ -24,8 +24,9 @@ three references); see `boltzgen.coordinates`.
    sibling-relative and ring torsions are narrow and are standardised instead.
 
 For peptides the backbone phi (C-N-CA-C) and psi (N-CA-C-N) torsions are explicit coordinates;
-`ZMatrix.named_dihedrals` maps ``"phi_<i>"``/``"psi_<i>"`` (residue index ``i``; plain ``"phi"``
-and ``"psi"`` when a molecule has one of each, as alanine dipeptide) to their torsion position.
+`ZMatrix.named_dihedrals` maps ``"phi_<n>"``/``"psi_<n>"`` (``n`` the residue number of the
+structure file, PDB resSeq; see `backbone_torsions`; plain ``"phi"`` and ``"psi"`` when a
+molecule has one of each, as alanine dipeptide) to their torsion position.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class MolecularGraph:
         residue_names: Residue name of each atom.
         residue_indices: Residue index of each atom (0-based, topology order).
         bonds: Bonded atom pairs, shape ``(n_bonds, 2)``.
+        residue_numbers: Residue number of each atom as the structure file gives it (PDB
+            resSeq, AMBER residue number; 1-based in the shipped systems), or ``()`` where the
+            topology has none that are integers.
     """
 
     names: tuple[str, ...]
@@ -68,6 +72,7 @@ class MolecularGraph:
     residue_names: tuple[str, ...]
     residue_indices: tuple[int, ...]
     bonds: tuple[tuple[int, int], ...]
+    residue_numbers: tuple[int, ...] = ()
 
     @property
     def n_atoms(self) -> int:
@@ -100,24 +105,43 @@ def molecular_graph(topology: Any) -> MolecularGraph:
     openmm_style = callable(topology.atoms)  # openmm: methods; mdtraj: properties
     atoms = list(topology.atoms() if openmm_style else topology.atoms)
     bonds = list(topology.bonds() if openmm_style else topology.bonds)
+    try:  # openmm: residue.id, a string ("2"); mdtraj: residue.resSeq, an int
+        numbers = tuple(int(a.residue.id if openmm_style else a.residue.resSeq) for a in atoms)
+    except (TypeError, ValueError):  # insertion codes ("12A"), missing numbers
+        numbers = ()
     return MolecularGraph(
         names=tuple(a.name for a in atoms),
         elements=tuple(a.element.symbol if a.element is not None else "" for a in atoms),
         residue_names=tuple(a.residue.name for a in atoms),
         residue_indices=tuple(int(a.residue.index) for a in atoms),
         bonds=tuple((int(b[0].index), int(b[1].index)) for b in bonds),
+        residue_numbers=numbers,
     )
+
+
+def _residue_labels(g: MolecularGraph) -> dict[int, int]:
+    """Residue index -> the number that names its torsions: the structure file's residue number
+    (resSeq) when every residue has one and they are unique, else the 0-based residue index."""
+    index = {r: r for r in g.residue_indices}
+    if len(g.residue_numbers) != g.n_atoms:
+        return index
+    numbers = dict(zip(g.residue_indices, g.residue_numbers))
+    return numbers if len(set(numbers.values())) == len(numbers) else index
 
 
 def backbone_torsions(topology: Any) -> dict[str, tuple[int, int, int, int]]:
     """Peptide backbone torsions found by atom names (N, CA, C) and inter-residue bonds.
 
     Returns:
-        ``{"phi_<i>": (C_prev, N, CA, C), "psi_<i>": (N, CA, C, N_next)}`` for residue index
-        ``i``, in residue order; plus ``"phi"`` and ``"psi"`` aliases when there is exactly one
-        of each (alanine dipeptide). Empty for non-peptides.
+        ``{"phi_<n>": (C_prev, N, CA, C), "psi_<n>": (N, CA, C, N_next)}`` for the residue whose
+        N-CA-C carries the torsion, in residue order; ``n`` is its residue number in the
+        structure file (PDB resSeq: ``phi_2`` of trpzip2 is Trp2's phi, ``phi_2`` of alanine
+        dipeptide, ACE1-ALA2-NME3, the alanine's), or its 0-based residue index when the
+        numbers are missing or not unique (several chains). Plus ``"phi"`` and ``"psi"``
+        aliases when there is exactly one of each (alanine dipeptide). Empty for non-peptides.
     """
     g = molecular_graph(topology)
+    label = _residue_labels(g)
     adj = g.neighbours()
     by_res: dict[int, dict[str, int]] = {}
     for i, (name, res) in enumerate(zip(g.names, g.residue_indices)):
@@ -133,9 +157,9 @@ def backbone_torsions(topology: Any) -> dict[str, tuple[int, int, int, int]]:
         prev = [j for j in adj[n] if g.names[j] == "C" and g.residue_indices[j] != res]
         nxt = [j for j in adj[c] if g.names[j] == "N" and g.residue_indices[j] != res]
         if prev:
-            out[f"phi_{res}"] = (prev[0], n, ca, c)
+            out[f"phi_{label[res]}"] = (prev[0], n, ca, c)
         if nxt:
-            out[f"psi_{res}"] = (n, ca, c, nxt[0])
+            out[f"psi_{label[res]}"] = (n, ca, c, nxt[0])
     for kind in ("phi", "psi"):
         keys = [k for k in out if k.startswith(kind + "_")]
         if len(keys) == 1:

@@ -21,7 +21,10 @@ are the physical ``U(x)``.
 
 The run is checkpointed: every `checkpoint_interval` steps the OpenMM state of every replica, the
 frames saved so far, the exchange statistics and the random state are written atomically to one
-``.npz``. Calling `run_md` again with the same checkpoint path resumes where it stopped.
+``.npz``. Calling `run_md` again with the same checkpoint path resumes where it stopped, exactly
+(the OpenMM checkpoints carry the integrators' random states). SIGINT (Ctrl-C) or SIGTERM lets
+the chunk in progress (and its exchange) finish, writes the checkpoint at that step and raises
+`MDInterrupted` with the frames so far.
 
 Units: nm, kJ/mol, K, ps. Heavy imports (openmm, mdtraj, tqdm) happen inside the functions.
 """
@@ -37,12 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from boltzgen.errors import MDError, ZMatrixError
-from boltzgen.files import save_npz
+from boltzgen.errors import MDError
+from boltzgen.files import atomic_path, save_npz
+from boltzgen.interrupts import Interrupted, deferred_signals
 from boltzgen.units import MOLAR_GAS_CONSTANT
 
 __all__ = [
     "MDError",
+    "MDInterrupted",
     "MDResult",
     "TorsionBias",
     "backbone_dihedrals",
@@ -130,26 +135,42 @@ class MDResult:
     log_weights: np.ndarray | None = None
 
 
-def backbone_dihedrals(system: Any, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Backbone phi and psi (radians, in [-pi, pi)) of the first residue with both, per frame.
+class MDInterrupted(Interrupted):
+    """`run_md` stopped by SIGINT or SIGTERM after the chunk in progress.
+
+    Attributes:
+        step: Steps done per replica; the checkpoint (if any) is at this step.
+        n_steps: Steps the run was asked for.
+        checkpoint: The checkpoint written at `step` (None: the run had none).
+        result: The `MDResult` of the frames saved so far.
+    """
+
+    def __init__(
+        self, signum: int, step: int, n_steps: int, checkpoint: Path | None, result: MDResult
+    ) -> None:
+        super().__init__(signum, f"at step {step} of {n_steps}")
+        self.step, self.n_steps, self.checkpoint, self.result = step, n_steps, checkpoint, result
+
+
+def backbone_dihedrals(system: Any, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """The backbone torsions of a peptide per frame, by CV name (radians, in [-pi, pi)).
+
+    Names as `boltzgen.coordinates.backbone_cvs`: ``phi``/``psi`` for a molecule with one of
+    each (alanine dipeptide), else ``phi_<n>``/``psi_<n>`` by residue number.
 
     Args:
         system: A `MolecularSystem`.
         positions: `(n_frames, n_atoms, 3)` nm.
 
     Returns:
-        `(phi, psi)`, each `(n_frames,)`, or None if the molecule has no peptide backbone.
+        CV name -> `(n_frames,)`; empty if the molecule has no peptide backbone.
     """
     import torch
 
-    from boltzgen.coordinates import phi_psi
+    from boltzgen.coordinates import backbone_cvs, named_dihedrals
 
     x = torch.as_tensor(np.asarray(positions), dtype=torch.float64)
-    try:
-        phi, psi = phi_psi(x, system.topology)
-    except ZMatrixError:
-        return None
-    return phi[:, 0].numpy(), psi[:, 0].numpy()
+    return {k: v.numpy() for k, v in named_dihedrals(x, backbone_cvs(system.topology)).items()}
 
 
 def platform_names() -> list[str]:
@@ -246,12 +267,18 @@ def run_md(
         platform: OpenMM platform name (``CPU``, ``Reference``, ``CUDA``, ...).
         threads: CPU threads per context (CPU platform only).
         checkpoint: Path of a checkpoint ``.npz``; an existing one is resumed.
-        checkpoint_interval: Steps between checkpoints.
+        checkpoint_interval: Steps between checkpoints (also written at the end and when a
+            signal stops the run).
         minimize: Minimise the energy before the run (ignored when resuming).
         progress: Show a tqdm progress bar.
 
     Returns:
         An `MDResult` with the frames at `system.temperature`.
+
+    Raises:
+        MDError: Bad settings, a checkpoint of other settings, or a run that blew up.
+        MDInterrupted: SIGINT or SIGTERM; the chunk in progress (``gcd`` of the save, exchange
+            and checkpoint intervals) was finished and the checkpoint written at its end.
     """
     import openmm
     import openmm.unit as u
@@ -324,60 +351,77 @@ def run_md(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_steps, initial=step, unit="step", desc=f"md {system.name}")
-    while step < n_steps:
-        n = min(chunk, n_steps - step)
-        for integ in integrators:
-            integ.step(n)
-        step += n
-        if n_rep > 1 and step % exchange_interval == 0:
-            _exchange(
-                contexts, ladder, scales, bias, step // exchange_interval, rng, attempts, accepts
-            )
-        if step % save_interval == 0:
-            state = contexts[target].getState(getPositions=True, getEnergy=True)
-            frames.append(state.getPositions(asNumpy=True).value_in_unit(u.nanometer))
-            energy = state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
-            if scales[target] != 0.0:
-                b = float(bias.energy(frames[-1][None])[0]) * scales[target]
-                energy -= b  # the physical energy U(x)
-                log_ws.append(b / (MOLAR_GAS_CONSTANT * t0))
-            energies.append(energy)
-            times.append(step * timestep)
-            if not np.isfinite(energies[-1]):
-                raise MDError(f"the simulation blew up at step {step} (energy {energies[-1]})")
-        if ckpt is not None and (step % checkpoint_interval == 0 or step == n_steps):
-            _save_checkpoint(
-                ckpt,
-                settings,
-                step,
-                contexts,
-                frames,
-                energies,
-                times,
-                log_ws,
-                attempts,
-                accepts,
-                rng,
-            )
-        if bar is not None:
-            bar.update(n)
-            if n_rep > 1:
-                bar.set_postfix(acc=",".join(f"{a:.2f}" for a in accepts / np.maximum(attempts, 1)))
-    if bar is not None:
-        bar.close()
-    n_atoms = system.n_atoms
-    return MDResult(
-        positions=np.asarray(frames, dtype=np.float32).reshape(-1, n_atoms, 3),
-        energies=np.asarray(energies, dtype=np.float64),
-        time_ps=np.asarray(times, dtype=np.float64),
-        temperature=t0,
-        temperatures=ladder,
-        acceptance=accepts / np.maximum(attempts, 1),
-        bias_scales=scales,
-        n_steps=step,
-        settings=settings,
-        log_weights=np.asarray(log_ws) if scales[target] != 0.0 else None,
-    )
+
+    def result() -> MDResult:
+        return MDResult(
+            positions=np.asarray(frames, dtype=np.float32).reshape(-1, system.n_atoms, 3),
+            energies=np.asarray(energies, dtype=np.float64),
+            time_ps=np.asarray(times, dtype=np.float64),
+            temperature=t0,
+            temperatures=ladder,
+            acceptance=accepts / np.maximum(attempts, 1),
+            bias_scales=scales,
+            n_steps=step,
+            settings=settings,
+            log_weights=np.asarray(log_ws) if scales[target] != 0.0 else None,
+        )
+
+    with deferred_signals() as received:
+        try:
+            while step < n_steps:
+                n = min(chunk, n_steps - step)
+                for integ in integrators:
+                    integ.step(n)
+                step += n
+                if n_rep > 1 and step % exchange_interval == 0:
+                    _exchange(
+                        contexts,
+                        ladder,
+                        scales,
+                        bias,
+                        step // exchange_interval,
+                        rng,
+                        attempts,
+                        accepts,
+                    )
+                if step % save_interval == 0:
+                    state = contexts[target].getState(getPositions=True, getEnergy=True)
+                    frames.append(state.getPositions(asNumpy=True).value_in_unit(u.nanometer))
+                    energy = state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
+                    if scales[target] != 0.0:
+                        b = float(bias.energy(frames[-1][None])[0]) * scales[target]
+                        energy -= b  # the physical energy U(x)
+                        log_ws.append(b / (MOLAR_GAS_CONSTANT * t0))
+                    energies.append(energy)
+                    times.append(step * timestep)
+                    if not np.isfinite(energies[-1]):
+                        raise MDError(f"the simulation blew up at step {step} (energy {energy})")
+                due = step % checkpoint_interval == 0 or step == n_steps or received
+                if ckpt is not None and due:
+                    _save_checkpoint(
+                        ckpt,
+                        settings,
+                        step,
+                        contexts,
+                        frames,
+                        energies,
+                        times,
+                        log_ws,
+                        attempts,
+                        accepts,
+                        rng,
+                    )
+                if bar is not None:
+                    bar.update(n)
+                    if n_rep > 1:
+                        acc = accepts / np.maximum(attempts, 1)
+                        bar.set_postfix(acc=",".join(f"{a:.2f}" for a in acc))
+                if received:
+                    raise MDInterrupted(received.signum, step, n_steps, ckpt, result())
+        finally:
+            if bar is not None:
+                bar.close()
+    return result()
 
 
 def _exchange(
@@ -479,7 +523,8 @@ def _restore(
         if saved.get(key, defaults.get(key)) != settings[key]:
             raise MDError(
                 f"checkpoint {path} was written with {key}={saved.get(key)!r}, "
-                f"not {settings[key]!r}; use another checkpoint path or the same settings"
+                f"not {settings[key]!r}; use the same settings, another checkpoint path or "
+                "delete it"
             )
     for k, ctx in enumerate(contexts):
         ctx.loadCheckpoint(data[f"openmm_state_{k}"].tobytes())
@@ -498,8 +543,11 @@ def write_outputs(system: Any, result: MDResult, prefix: str | os.PathLike) -> d
     """Write ``<prefix>.dcd`` + ``<prefix>.pdb`` (trajectory) and ``<prefix>.npz`` (samples file).
 
     The npz is a boltzgen samples file: ``positions`` (float32 nm), ``energies`` (kJ/mol),
-    ``temperature`` (K), ``system``, ``time_ps``, and ``phi``/``psi`` (radians) for peptides;
-    ``log_weights`` only when the kept replica was biased (unbiased MD frames have equal weights).
+    ``temperature`` (K), ``system``, ``time_ps``, and the backbone torsions of peptides
+    (radians, by CV name: ``phi``/``psi`` for alanine dipeptide, ``phi_<n>``/``psi_<n>`` else);
+    ``log_weights`` only when the kept replica was biased (unbiased MD frames have equal weights);
+    ``partial`` is True when the run stopped before the steps it was asked for (`MDInterrupted`).
+    Every file is written atomically.
 
     Returns:
         The written paths by kind (``dcd``, ``pdb``, ``npz``).
@@ -509,10 +557,13 @@ def write_outputs(system: Any, result: MDResult, prefix: str | os.PathLike) -> d
     traj = system.to_mdtraj(result.positions)
     paths = {"dcd": str(prefix) + ".dcd", "pdb": str(prefix) + ".pdb", "npz": str(prefix) + ".npz"}
     if result.positions.shape[0] > 0:
-        traj.save_dcd(paths["dcd"])
-        traj[0].save_pdb(paths["pdb"])
+        with atomic_path(paths["dcd"]) as tmp:
+            traj.save_dcd(str(tmp))
+        with atomic_path(paths["pdb"]) as tmp:
+            traj[0].save_pdb(str(tmp))
     else:
-        system.to_mdtraj().save_pdb(paths["pdb"])
+        with atomic_path(paths["pdb"]) as tmp:
+            system.to_mdtraj().save_pdb(str(tmp))
         paths.pop("dcd")
     arrays = {
         "positions": result.positions.astype(np.float32),
@@ -522,12 +573,11 @@ def write_outputs(system: Any, result: MDResult, prefix: str | os.PathLike) -> d
         "system": np.array(system.name),
         "settings": np.array(json.dumps(result.settings)),
         "acceptance": result.acceptance,
+        "partial": np.bool_(result.n_steps < result.settings.get("n_steps", result.n_steps)),
     }
     if result.log_weights is not None:
         arrays["log_weights"] = result.log_weights
     if result.positions.shape[0] > 0:
-        dihedrals = backbone_dihedrals(system, result.positions)
-        if dihedrals is not None:
-            arrays["phi"], arrays["psi"] = dihedrals
+        arrays.update(backbone_dihedrals(system, result.positions))
     save_npz(paths["npz"], **arrays)
     return paths

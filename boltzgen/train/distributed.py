@@ -43,6 +43,7 @@ __all__ = [
     "Shards",
     "check_world",
     "launch",
+    "launched",
     "process_group",
     "rank_and_world",
     "shard_seed",
@@ -61,6 +62,12 @@ def shard_seed(seed: int, *keys: int) -> int:
         2, np.uint32
     )
     return (int(words[0]) << 31 | int(words[1]) >> 1) & (2**63 - 1)
+
+
+def launched() -> int:
+    """The number of processes torch's launcher started (``WORLD_SIZE``), 0 outside one."""
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    return world if world > 1 else 0
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -367,6 +374,7 @@ def process_group(device: str = "cpu") -> Iterator[str]:
     torch.distributed.init_process_group(backend, device_id=dev if backend == "nccl" else None)
     try:
         yield str(dev)
+        torch.distributed.barrier()  # no rank leaves while another still talks to it
     finally:
         torch.distributed.destroy_process_group()
 

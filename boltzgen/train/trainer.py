@@ -7,14 +7,10 @@ The trainer takes typed arguments (`TrainOptions`); reading YAML is the CLI's jo
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import os
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -23,6 +19,7 @@ from torch import Tensor, nn
 
 from boltzgen.errors import BoltzgenError, CheckpointError, ConfigError
 from boltzgen.files import atomic_open, save_torch
+from boltzgen.interrupts import Interrupted, deferred_signals
 from boltzgen.protocols import Density, LogDensity, SampleFilter
 from boltzgen.train.distributed import ShardedModel, Shards
 from boltzgen.train.fab import FAB, FABOptions
@@ -474,7 +471,8 @@ class Trainer:
         ``checkpoint_seconds`` of training, and at the end. SIGINT (Ctrl-C) or SIGTERM (what a
         cluster sends before pre-emption) lets the current step finish, writes the checkpoint
         at that iteration and raises `TrainingInterrupted`: nothing done is lost, and `resume`
-        continues exactly.
+        continues exactly (a signal during the final write raises the plain
+        `boltzgen.interrupts.Interrupted` after it, with the finished checkpoint in place).
         """
         from tqdm.auto import tqdm
 
@@ -489,7 +487,7 @@ class Trainer:
         )
         every, seconds = self.options.checkpoint_every, self.options.checkpoint_seconds
         last_save = time.monotonic()
-        with _deferred_signals() as received:
+        with deferred_signals() as received:
             try:
                 while self.iteration < stop:
                     row = self.step()
@@ -505,7 +503,7 @@ class Trainer:
                     )
                     due = self.iteration % every == 0
                     due = due or (seconds > 0 and time.monotonic() - last_save >= seconds)
-                    due, signum = self._agree(due, received[0] if received else 0)
+                    due, signum = self._agree(due, received.signum or 0)
                     if due or signum:
                         self.save_checkpoint()
                         last_save = time.monotonic()
@@ -513,8 +511,8 @@ class Trainer:
                         raise TrainingInterrupted(signum, self.iteration, self.checkpoint_path)
             finally:
                 bar.close()
-        if self.iteration % every != 0 or stop == 0:
-            self.save_checkpoint()
+            if self.iteration % every != 0 or stop == 0:
+                self.save_checkpoint()
         return self.last
 
     def _agree(self, due: bool, signum: int) -> tuple[bool, int]:
@@ -526,31 +524,13 @@ class Trainer:
         return bool(due_any), int(signum_any)
 
 
-class TrainingInterrupted(KeyboardInterrupt):
+class TrainingInterrupted(Interrupted):
     """Training stopped on SIGINT or SIGTERM after the step in progress, with the checkpoint
     written at that iteration (``checkpoint`` is None without an output folder)."""
 
     def __init__(self, signum: int, iteration: int, checkpoint: Path | None) -> None:
-        super().__init__(f"{signal.Signals(signum).name} at iteration {iteration}")
-        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
-
-
-@contextlib.contextmanager
-def _deferred_signals() -> Iterator[list[int]]:
-    """While inside, SIGINT and SIGTERM are recorded in the yielded list instead of acting
-    (main thread only; elsewhere signals keep their handlers and the list stays empty)."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in old:
-        signal.signal(s, lambda signum, frame: received.append(signum))
-    try:
-        yield received
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        super().__init__(signum, f"at iteration {iteration}")
+        self.iteration, self.checkpoint = iteration, checkpoint
 
 
 def options_from_dict(data: dict) -> TrainOptions:
