@@ -45,8 +45,10 @@ __all__ = [
     "check_device",
     "chirality_filter",
     "draw_samples",
+    "draw_samples_sharded",
     "load_run",
     "load_training_data",
+    "merge_samples",
     "minimized_positions",
     "train",
     "with_overrides",
@@ -754,3 +756,74 @@ def with_overrides(config: RunConfig, **train_overrides: Any) -> RunConfig:
     t = replace(config.train, **{k: v for k, v in train_overrides.items() if v is not None})
     config = replace(config, train=t)
     return config if out is None else replace(config, output_dir=str(out))
+
+
+# -------------------------------------------------------------------------- parallel sampling
+def draw_samples_sharded(
+    run: Run,
+    n: int,
+    seed: int,
+    n_shards: int | None = None,
+    **kwargs: Any,
+) -> GeneratedSamples | None:
+    """`draw_samples` as ``n_shards`` independent pieces, spread over the process group's ranks.
+
+    Piece ``s`` holds ``n // n_shards`` samples (one more for the first ``n % n_shards``) drawn
+    with the seed ``shard_seed(seed, s)``; rank ``r`` of ``W`` draws pieces ``r S/W`` to
+    ``(r + 1) S/W - 1`` and rank 0 merges all pieces in order. The merged samples depend only on
+    ``seed`` and ``n_shards``, not on the number of processes. With AIS every piece adapts its
+    own step sizes (``warmup_rounds`` each).
+
+    Args:
+        run: A trained `Run`.
+        n: Samples in all.
+        seed: Base seed.
+        n_shards: Pieces (default: one per process; a multiple of the number of processes).
+        **kwargs: `draw_samples` options (``batch_size``, ``ais``, ``device``, ...).
+
+    Returns:
+        The merged `GeneratedSamples` on rank 0, None on the other ranks.
+    """
+    from boltzgen.train.distributed import STREAMS, Shards, rank_and_world, shard_seed
+
+    rank, world = rank_and_world()
+    shards = Shards(n_shards or world, seed, rank, world)
+    if n < shards.n_shards:
+        raise BoltzgenError(f"need at least one sample per piece: n {n} < {shards.n_shards}")
+    sizes = [n // shards.n_shards + (s < n % shards.n_shards) for s in range(shards.n_shards)]
+    pieces = [
+        draw_samples(run, sizes[s], seed=shard_seed(seed, s, STREAMS["draw"]), **kwargs)
+        for s in shards.local
+    ]
+    if shards.distributed:
+        gathered: list[Any] = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(pieces, gathered, dst=0)
+        if rank != 0:
+            return None
+        pieces = [p for part in gathered for p in part]
+    return merge_samples(pieces)
+
+
+def merge_samples(pieces: list[GeneratedSamples]) -> GeneratedSamples:
+    """Concatenate `GeneratedSamples` of the same system, temperature and AIS setting."""
+    first = pieces[0]
+    for p in pieces[1:]:
+        same = (p.system, p.temperature, p.ais_intermediate)
+        if same != (first.system, first.temperature, first.ais_intermediate):
+            raise BoltzgenError("cannot merge samples of different systems or settings")
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in pieces])
+
+    return GeneratedSamples(
+        positions=cat("positions"),
+        log_q=cat("log_q"),
+        energies=cat("energies"),
+        log_weights=cat("log_weights"),
+        temperature=first.temperature,
+        system=first.system,
+        n_nonfinite=sum(p.n_nonfinite for p in pieces),
+        n_filtered=sum(p.n_filtered for p in pieces),
+        ais_intermediate=first.ais_intermediate,
+        extra={k: np.concatenate([p.extra[k] for p in pieces]) for k in first.extra},
+    )

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_THREADS",
+    "add_nproc_argument",
     "add_threads_argument",
     "check_analysis_args",
     "print_train_summary",
@@ -33,6 +34,17 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"torch CPU threads (default {DEFAULT_THREADS}: robust when other jobs share the "
         "cores; more can pay for large flows and batches on an otherwise idle machine)",
+    )
+
+
+def add_nproc_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """``--nproc N``: start N processes on this machine with torch's launcher (default 1)."""
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help=f"{what} on this machine, started with torch's launcher (default 1; each runs "
+        "--threads threads; for several machines run torchrun, see the README)",
     )
 
 

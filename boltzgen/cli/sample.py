@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-from boltzgen.cli._common import add_threads_argument, set_threads
+from boltzgen.cli._common import add_nproc_argument, add_threads_argument, set_threads
 from boltzgen.errors import BoltzgenError
 
 __all__ = ["register", "run"]
@@ -42,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue an interrupted run from OUTPUT.partial.npz (same checkpoint and options)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_nproc_argument(p, "sampling processes (one merged samples file)")
     add_threads_argument(p)
     p.set_defaults(func=run)
 
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     or SIGTERM, after writing the samples so far to ``OUTPUT.partial.npz``)."""
     from boltzgen import pipeline
     from boltzgen.analysis.reweighting import ess, ess_fraction
+    from boltzgen.train import distributed
 
     if args.n_samples < 1 or args.batch_size < 1:
         raise BoltzgenError("-n and --batch-size must be positive")
@@ -79,8 +82,12 @@ def run(args: argparse.Namespace) -> int:
         raise BoltzgenError(f"{partial} exists (an interrupted run); pass --resume or delete it")
     threads = set_threads(args.threads)
     pipeline.check_device(args.device)
+    if args.nproc != 1:
+        return _launch(args, threads)
     run_ = pipeline.load_run(args.checkpoint)
     seed = run_.config.train.seed + 1 if args.seed is None else args.seed
+    if distributed.launched():  # one rank of torch's launcher (--nproc or torchrun)
+        return _rank(args, run_, seed, out, threads)
     try:
         samples = pipeline.draw_samples(
             run_,
@@ -106,5 +113,49 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {samples.n} samples to {out}; ESS {ess(lw):.1f} ({100 * ess_fraction(lw):.2f}%); "
         f"dropped non-finite {samples.n_nonfinite}, D-form {samples.n_filtered}; "
         f"{threads} torch CPU thread{'s' * (threads > 1)}"
+    )
+    return 0
+
+
+def _launch(args: argparse.Namespace, threads: int) -> int:
+    """Run ``boltzgen sample`` in ``--nproc`` processes with torch's launcher."""
+    from boltzgen.train import load_checkpoint
+    from boltzgen.train.distributed import launch
+
+    if args.nproc < 1:
+        raise BoltzgenError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.resume:
+        raise BoltzgenError("--resume continues one-process runs only; drop --nproc")
+    if args.n_samples < args.nproc:
+        raise BoltzgenError(f"-n {args.n_samples} is fewer than one sample per process")
+    load_checkpoint(args.checkpoint)  # a bad checkpoint fails here, once
+    argv = ["sample", args.checkpoint, "-n", args.n_samples, "-o", args.output,
+            "--batch-size", args.batch_size, "--device", args.device, "--ais", args.ais,
+            "--threads", threads]  # fmt: skip
+    argv += ["--seed", args.seed] if args.seed is not None else []
+    launch(argv, args.nproc)
+    return 0
+
+
+def _rank(args: argparse.Namespace, run_: Any, seed: int, out: Path, threads: int) -> int:
+    """Draw this rank's pieces (`boltzgen.pipeline.draw_samples_sharded`); rank 0 writes."""
+    from boltzgen import pipeline
+    from boltzgen.analysis.reweighting import ess, ess_fraction
+    from boltzgen.train import distributed
+
+    with distributed.process_group(args.device) as device:
+        samples = pipeline.draw_samples_sharded(
+            run_, args.n_samples, seed, batch_size=args.batch_size, ais=args.ais,
+            device=device, progress=False,
+        )  # fmt: skip
+    if samples is None:  # rank 0 writes the merged file
+        return 0
+    samples.save(out, run_.system)
+    lw = samples.log_weights
+    world = distributed.launched()
+    print(
+        f"wrote {samples.n} samples to {out}; ESS {ess(lw):.1f} ({100 * ess_fraction(lw):.2f}%); "
+        f"dropped non-finite {samples.n_nonfinite}, D-form {samples.n_filtered}; "
+        f"{world} processes x {threads} torch CPU thread{'s' * (threads > 1)}"
     )
     return 0

@@ -286,8 +286,10 @@ class AnnealedImportanceSampler(nn.Module):
         log_q_fn: LogProbFn,
         log_p_fn: LogProbFn,
         log_q: Tensor | None = None,
+        adapt: bool = True,
     ) -> AISResult:
-        """Run `ais` from ``x ~ q`` (``(B, D)``) and adapt the step sizes for the next call."""
+        """Run `ais` from ``x ~ q`` (``(B, D)``) and, with ``adapt``, `adapt` the step sizes
+        for the next call to this run's acceptance and final samples."""
         res = ais(
             x,
             log_q_fn,
@@ -303,18 +305,31 @@ class AnnealedImportanceSampler(nn.Module):
             log_p_floor=self.log_p_floor,
         )
         self.last_acceptance = res.acceptance
-        with torch.no_grad():
-            if self.adapt_rate > 0 and res.acceptance.numel() > 0:
-                delta = self.adapt_rate * (res.acceptance - self.target_acceptance)
-                self.log_step_size += delta.to(self.log_step_size)[:, None]
-            if self.per_dim and x.shape[0] > 1:
-                xf = res.x[torch.isfinite(res.x).all(-1) & torch.isfinite(res.log_w)].double()
-                if xf.shape[0] > 3:
-                    # robust spread (interquartile range / 1.349): outliers do not inflate steps
-                    qs = torch.quantile(xf, torch.tensor([0.25, 0.75]).to(xf), dim=0)
-                    std = (qs[1] - qs[0]) / 1.349
-                    r = torch.sqrt(torch.cos(xf).mean(0) ** 2 + torch.sin(xf).mean(0) ** 2)
-                    circ_std = torch.sqrt(-2 * torch.log(r.clamp(min=1e-12))).clamp(max=math.pi)
-                    std = torch.where(self.circular, circ_std, std).clamp(min=1e-6)
-                    self.dim_scale.copy_(std.to(self.dim_scale))
+        if adapt:
+            self.adapt(
+                res.acceptance, res.x[torch.isfinite(res.x).all(-1) & torch.isfinite(res.log_w)]
+            )
         return res
+
+    @torch.no_grad()
+    def adapt(self, acceptance: Tensor, x: Tensor) -> None:
+        """Move the step sizes toward the target acceptance, and (``per_dim``) rescale them by
+        the spread of ``x``.
+
+        Args:
+            acceptance: Mean acceptance per intermediate distribution ``(K,)``.
+            x: Final samples ``(B, D)`` with finite coordinates and log-weight (data-parallel
+                FAB passes all ranks' samples, so every rank adapts alike).
+        """
+        if self.adapt_rate > 0 and acceptance.numel() > 0:
+            delta = self.adapt_rate * (acceptance - self.target_acceptance)
+            self.log_step_size += delta.to(self.log_step_size)[:, None]
+        if self.per_dim and x.shape[0] > 3:
+            xf = x.double()
+            # robust spread (interquartile range / 1.349): outliers do not inflate steps
+            qs = torch.quantile(xf, torch.tensor([0.25, 0.75]).to(xf), dim=0)
+            std = (qs[1] - qs[0]) / 1.349
+            r = torch.sqrt(torch.cos(xf).mean(0) ** 2 + torch.sin(xf).mean(0) ** 2)
+            circ_std = torch.sqrt(-2 * torch.log(r.clamp(min=1e-12))).clamp(max=math.pi)
+            std = torch.where(self.circular, circ_std, std).clamp(min=1e-6)
+            self.dim_scale.copy_(std.to(self.dim_scale))

@@ -1,7 +1,8 @@
 """Training: objectives (reverse, forward and mixed KL), FAB (alpha-2 loss, prioritised replay
 buffer) and the `Trainer` (optimiser, schedule, atomic checkpoints, exact resume, CSV log).
 
-Modules: `objectives`, `fab`, `trainer`.
+Modules: `objectives`, `fab`, `trainer`, and `distributed` (data-parallel training on
+torch.distributed: seeded batch shards, reductions across ranks, torch's launcher).
 """
 
 from boltzgen.train.fab import FAB, FABOptions, PrioritizedReplayBuffer

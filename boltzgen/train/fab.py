@@ -26,7 +26,13 @@ from torch import Tensor, nn
 
 from boltzgen.errors import ConfigError
 from boltzgen.sampling.ais import AISResult, AnnealedImportanceSampler
-from boltzgen.train.objectives import ObjectiveResult, batch_ess_fraction, filter_rows
+from boltzgen.train.distributed import Shards
+from boltzgen.train.objectives import (
+    BatchMean,
+    ObjectiveResult,
+    batch_ess_fraction,
+    filter_rows,
+)
 
 __all__ = [
     "FAB",
@@ -109,7 +115,11 @@ def fab_alpha2_loss(log_q_x: Tensor, log_w: Tensor) -> Tensor:
 
 
 def fab_buffer_loss(
-    log_q_x: Tensor, log_q_old: Tensor, alpha: float = 2.0, w_adjust_clip: float = 10.0
+    log_q_x: Tensor,
+    log_q_old: Tensor,
+    alpha: float = 2.0,
+    w_adjust_clip: float = 10.0,
+    mean: BatchMean | None = None,
 ) -> tuple[Tensor, Tensor]:
     """FAB loss on buffer samples drawn ``∝ w``: ``-mean_i c_i log q_θ(x_i)``.
 
@@ -121,12 +131,14 @@ def fab_buffer_loss(
         log_q_old: Stored ``log q`` of the samples ``(B,)``.
         alpha: The α of the divergence (2).
         w_adjust_clip: ``C``.
+        mean: Reduces the ``(B,)`` terms (default ``torch.mean``; see
+            `boltzgen.train.objectives.reverse_kl`).
 
     Returns:
         ``(loss, log_c)`` with ``log_c`` ``(B,)`` the clipped log weight adjustment.
     """
     log_c = ((1 - alpha) * (log_q_x.detach() - log_q_old)).clamp(max=math.log(w_adjust_clip))
-    return -(log_c.exp() * log_q_x).mean(), log_c
+    return -(mean or torch.mean)(log_c.exp() * log_q_x), log_c
 
 
 class PrioritizedReplayBuffer:
@@ -225,8 +237,15 @@ class FAB(nn.Module):
 
     `loss` is called once per training iteration (one gradient step). Without a buffer every
     iteration runs one AIS round; with it, an AIS round runs every ``n_updates_per_ais``
-    iterations (and until the buffer holds ``buffer_min_length`` samples). The buffer, step
-    sizes and last diagnostics are part of `state_dict` (exact resume).
+    iterations (and until the buffers hold ``buffer_min_length`` samples in all). The buffers,
+    step sizes and last diagnostics are part of `state_dict` (exact resume).
+
+    Data parallel (`boltzgen.train.distributed.Shards`): every shard of the batch runs its own
+    AIS chains from its own generator and keeps its own replay buffer (``buffer_capacity / S``
+    entries; the buffer is per shard, hence per rank, not one global buffer), and draws its
+    share of the loss batch from it. The step sizes adapt to the acceptance and spread of all
+    shards' chains, and the loss is normalised over all of them, so the parameters do not
+    depend on how the shards are spread over processes.
 
     Args:
         dim: Dimension D of the flow's space.
@@ -234,6 +253,7 @@ class FAB(nn.Module):
         circular: ``(D,)`` bool mask of angular dimensions of the flow's space.
         log_p_floor: AIS treats points with ``log p`` below it as outside the support (see
             `boltzgen.sampling.ais.ais`); for a `BoltzmannTarget`, ``-energy_cut``.
+        shards: The batch's shards and this rank's part (None: one shard, unsharded).
     """
 
     def __init__(
@@ -242,9 +262,11 @@ class FAB(nn.Module):
         options: FABOptions,
         circular: Tensor | None = None,
         log_p_floor: float | None = None,
+        shards: Shards | None = None,
     ) -> None:
         super().__init__()
         self.options = options
+        self.shards = shards or Shards()
         o = options
         self.sampler = AnnealedImportanceSampler(
             dim,
@@ -260,29 +282,68 @@ class FAB(nn.Module):
             circular=circular,
             log_p_floor=log_p_floor,
         )
-        self.buffer = PrioritizedReplayBuffer(dim, o.buffer_capacity)
+        capacity = -(-o.buffer_capacity // self.shards.n_shards)
+        self.buffers = {s: PrioritizedReplayBuffer(dim, capacity) for s in self.shards.local}
+        self.flow_log_w = {s: torch.zeros(0) for s in self.shards.local}
         self.last: dict[str, float] = {}
-        self.last_flow_log_w = torch.zeros(0)
+
+    @property
+    def buffer(self) -> PrioritizedReplayBuffer:
+        """The replay buffer of this rank's first shard (the only one when unsharded)."""
+        return self.buffers[self.shards.local[0]]
+
+    @property
+    def last_flow_log_w(self) -> Tensor:
+        """``log p - log q`` of the last AIS round's starting samples on this rank ``(n,)``."""
+        return torch.cat([self.flow_log_w[s] for s in self.shards.local])
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         out = super()._apply(fn, *args, **kwargs)
-        self.buffer.x = fn(self.buffer.x)
-        self.buffer.log_w = fn(self.buffer.log_w)
-        self.buffer.log_q = fn(self.buffer.log_q)
-        self.last_flow_log_w = fn(self.last_flow_log_w)
+        for buf in self.buffers.values():
+            buf.x, buf.log_w, buf.log_q = fn(buf.x), fn(buf.log_w), fn(buf.log_q)
+        self.flow_log_w = {s: fn(t) for s, t in self.flow_log_w.items()}
         return out
 
-    def get_extra_state(self) -> dict:  # noqa: D102 - nn.Module hook
+    def shard_state(self) -> dict[int, dict]:
+        """Each local shard's buffer and last flow log-weights (CPU tensors), by shard index."""
         return {
-            "buffer": self.buffer.state_dict(),
-            "last": dict(self.last),
-            "last_flow_log_w": self.last_flow_log_w,
-        }
+            s: {
+                "buffer": {k: v.cpu() if isinstance(v, Tensor) else v
+                           for k, v in self.buffers[s].state_dict().items()},
+                "flow_log_w": self.flow_log_w[s].cpu(),
+            }
+            for s in self.shards.local
+        }  # fmt: skip
+
+    def get_extra_state(self) -> dict:  # noqa: D102 - nn.Module hook
+        if not self.shards.sharded:  # the unsharded format of earlier checkpoints
+            return {
+                "buffer": self.buffer.state_dict(),
+                "last": dict(self.last),
+                "last_flow_log_w": self.flow_log_w[0],
+            }
+        # a data-parallel Trainer merges all ranks' shards into rank 0's checkpoint
+        return {"shards": self.shard_state(), "n_shards": self.shards.n_shards,
+                "last": dict(self.last)}  # fmt: skip
 
     def set_extra_state(self, state: dict) -> None:  # noqa: D102 - nn.Module hook
-        self.buffer.load_state_dict(state["buffer"])
+        n_shards = int(state.get("n_shards", 1)) if "shards" in state else None
+        if n_shards != (self.shards.n_shards if self.shards.sharded else None):
+            written = f"{n_shards} shards" if n_shards else "no shards"
+            raise ValueError(
+                f"the FAB replay buffers were written with {written}; resume with the same "
+                "train.shards (default: one per process)"
+            )
+        if n_shards is None:
+            self.buffer.load_state_dict(state["buffer"])
+            self.flow_log_w[0] = state["last_flow_log_w"]
+        else:
+            for s in self.shards.local:
+                dev = self.buffers[s].x.device
+                self.buffers[s].load_state_dict(state["shards"][s]["buffer"])
+                self.buffers[s].to(dev)
+                self.flow_log_w[s] = state["shards"][s]["flow_log_w"].to(dev)
         self.last = dict(state["last"])
-        self.last_flow_log_w = state["last_flow_log_w"]
 
     def diagnostics(self) -> dict[str, float]:
         """Last AIS round's ESS fractions, acceptance, step size, and the buffer length."""
@@ -294,34 +355,63 @@ class FAB(nn.Module):
         log_p_fn: Callable[[Tensor], Tensor],
         n: int,
         sample_filter: Callable[[Tensor], Tensor] | None = None,
+        iteration: int = 0,
+        round_: int = 0,
     ) -> tuple[AISResult, Tensor, dict[str, int]]:
-        """One AIS round of ``n`` chains from the flow toward ``p^α q^(1-α)``.
+        """One AIS round of ``n`` chains (this rank's) from the flow toward ``p^α q^(1-α)``.
+
+        Each local shard's chains start from and move with its own generator, seeded by
+        ``iteration`` and ``round_`` (`Shards.each`); the step sizes then adapt to all ranks'
+        chains (collective when distributed).
 
         Returns:
-            ``(result, keep, counts)``: the `AISResult`, a ``(n,)`` bool mask of final samples
-            that are finite and pass ``sample_filter``, and ``counts`` with ``n_target_evals``,
-            ``n_nonfinite`` and ``n_filtered``.
+            ``(result, keep, counts)``: the `AISResult` of this rank's chains (shard after
+            shard), a ``(n,)`` bool mask of final samples that are finite and pass
+            ``sample_filter``, and ``counts`` with ``n_target_evals``, ``n_nonfinite`` and
+            ``n_filtered``.
         """
-        with torch.no_grad():
-            x0, lq0 = flow.sample_and_log_prob(n)
-        fin0 = torch.isfinite(x0).all(-1) & torch.isfinite(lq0)
-        x0, lq0 = x0[fin0], lq0[fin0]
-        res = self.sampler(x0, flow.log_prob, log_p_fn, log_q=lq0)
-        keep = (
-            torch.isfinite(res.x).all(-1)
-            & torch.isfinite(res.log_w)
-            & torch.isfinite(res.log_q)
-            & torch.isfinite(res.log_p)
+        res, keep, counts, _ = self._ais_round(flow, log_p_fn, n, sample_filter, iteration, round_)
+        return res, keep, counts
+
+    def _ais_round(
+        self,
+        flow: nn.Module,
+        log_p_fn: Callable[[Tensor], Tensor],
+        n: int,
+        sample_filter: Callable[[Tensor], Tensor] | None,
+        iteration: int,
+        round_: int,
+    ) -> tuple[AISResult, Tensor, dict[str, int], list[int]]:
+        """`run_ais`, also returning the number of chains of each local shard."""
+        sh = self.shards
+        parts, n_bad0 = [], 0
+        for _, m in sh.each(n, iteration, "ais", round_):
+            with torch.no_grad():
+                x0, lq0 = flow.sample_and_log_prob(m)
+            fin0 = torch.isfinite(x0).all(-1) & torch.isfinite(lq0)
+            n_bad0 += int((~fin0).sum())
+            parts.append(self.sampler(x0[fin0], flow.log_prob, log_p_fn, log_q=lq0[fin0],
+                                      adapt=False))  # fmt: skip
+        sizes = [p.x.shape[0] for p in parts]
+        res = AISResult(
+            *(torch.cat([getattr(p, f) for p in parts]) for f in ("x", "log_w", "log_q", "log_p")),
+            torch.cat([p.log_w_flow for p in parts]),
+            _mean_acceptance(parts, sizes, sh),
+            sum(p.n_target_evals for p in parts),
         )
-        n_nonfinite = int((~fin0).sum()) + int((~keep).sum())
+        fin_x = torch.isfinite(res.x).all(-1)
+        self.sampler.adapt(res.acceptance, sh.gather(res.x[fin_x & torch.isfinite(res.log_w)]))
+        keep = fin_x & torch.isfinite(res.log_w) & torch.isfinite(res.log_q)
+        keep = keep & torch.isfinite(res.log_p)
+        n_nonfinite = n_bad0 + int((~keep).sum())
         keep, n_filtered = filter_rows(keep, res.x, sample_filter)
-        lwf = res.log_w_flow[torch.isfinite(res.log_w_flow)]
-        lw = res.log_w[keep]
-        self.last_flow_log_w = lwf.detach()
+        for s, p in zip(sh.local, parts, strict=True):
+            self.flow_log_w[s] = p.log_w_flow[torch.isfinite(p.log_w_flow)].detach()
+        n_all = sh.count(n)
         steps = self.sampler.step_sizes
         self.last = {
-            "ais_ess": batch_ess_fraction(lw, n),
-            "flow_ess": batch_ess_fraction(lwf, n),
+            "ais_ess": batch_ess_fraction(sh.gather(res.log_w[keep]), n_all),
+            "flow_ess": batch_ess_fraction(sh.gather(self.last_flow_log_w), n_all),
             "acceptance": float(res.acceptance.mean()) if res.acceptance.numel() else math.nan,
             "step_size": float(steps.log().mean().exp()) if steps.numel() else math.nan,
         }
@@ -330,7 +420,10 @@ class FAB(nn.Module):
             "n_nonfinite": n_nonfinite,
             "n_filtered": n_filtered,
         }
-        return res, keep, counts
+        return res, keep, counts, sizes
+
+    def _buffer_length(self) -> int:
+        return self.shards.count(sum(len(b) for b in self.buffers.values()))
 
     def loss(
         self,
@@ -345,16 +438,18 @@ class FAB(nn.Module):
         Args:
             flow: Has ``sample_and_log_prob(n)`` and ``log_prob(y)`` on the flow's space.
             log_p_fn: Unnormalised target log density on the flow's space, differentiable.
-            batch_size: Loss batch size (and AIS chains unless ``ais_batch_size`` is set).
+            batch_size: Loss batch size, over all ranks (and AIS chains unless
+                ``ais_batch_size`` is set).
             iteration: Iteration counter (decides when an AIS round runs with the buffer).
             sample_filter: ``y -> (n,) bool`` keep-mask of AIS samples (e.g. L-form).
 
         Returns:
-            `ObjectiveResult`; ``log_weights`` are the flow's ``log p - log q`` of the last AIS
-            round's starting samples (the flow ESS).
+            `ObjectiveResult` of this rank's samples; ``log_weights`` are the flow's
+            ``log p - log q`` of the last AIS round's starting samples (the flow ESS). With
+            several ranks the loss is this rank's share: the ranks' losses add up to the loss.
         """
-        o = self.options
-        n_ais = o.ais_batch_size or batch_size
+        o, sh = self.options, self.shards
+        n_ais = sh.local_size(o.ais_batch_size or batch_size)
         evals = nonfinite = filtered = 0
 
         def count(c: dict[str, int]) -> None:
@@ -364,44 +459,87 @@ class FAB(nn.Module):
             filtered += c["n_filtered"]
 
         if not o.use_buffer:
-            res, keep, c = self.run_ais(flow, log_p_fn, n_ais, sample_filter)
+            res, keep, c, _ = self._ais_round(flow, log_p_fn, n_ais, sample_filter, iteration, 0)
             count(c)
             x, lw = res.x[keep], res.log_w[keep]
-            if o.clip_quantile > 0 and lw.numel() > 1:
-                lw = lw.clamp(max=float(torch.quantile(lw.double(), 1 - o.clip_quantile)))
+            if o.clip_quantile > 0:
+                lw_all = sh.gather(lw)
+                if lw_all.numel() > 1:
+                    lw = lw.clamp(max=float(torch.quantile(lw_all.double(), 1 - o.clip_quantile)))
             log_q_x = flow.log_prob(x) if x.shape[0] else x.new_zeros(0)
             ok = torch.isfinite(log_q_x)
             nonfinite += int((~ok).sum())
-            if not bool(ok.any()):
+            if sh.count(int(ok.sum())) == 0:
                 zero = (log_q_x.nan_to_num(0.0) * 0).sum()
                 return ObjectiveResult(zero, self.last_flow_log_w, evals, nonfinite, filtered, 0)
-            loss = fab_alpha2_loss(log_q_x[ok], lw[ok])
+            if sh.sharded:  # self-normalised over all shards' weights
+                log_norm = torch.logsumexp(sh.gather(lw[ok]), 0)
+                loss = -((lw[ok] - log_norm).exp().detach() * log_q_x[ok]).sum()
+            else:
+                loss = fab_alpha2_loss(log_q_x[ok], lw[ok])
             return ObjectiveResult(
                 loss, self.last_flow_log_w, evals, nonfinite, filtered, int(ok.sum())
             )
 
-        if iteration % o.n_updates_per_ais == 0 or len(self.buffer) < o.buffer_min_length:
+        length = self._buffer_length()
+        if iteration % o.n_updates_per_ais == 0 or length < o.buffer_min_length:
+            round_ = 0
             while True:
-                res, keep, c = self.run_ais(flow, log_p_fn, n_ais, sample_filter)
+                res, keep, c, sizes = self._ais_round(
+                    flow, log_p_fn, n_ais, sample_filter, iteration, round_
+                )
                 count(c)
-                nonfinite += self.buffer.add(res.x[keep], res.log_w[keep], res.log_q[keep])
-                if len(self.buffer) >= max(1, o.buffer_min_length) or not bool(keep.any()):
+                rows = zip(res.x.split(sizes), res.log_w.split(sizes), res.log_q.split(sizes),
+                           keep.split(sizes), strict=True)  # fmt: skip
+                for s, (x_s, lw_s, lq_s, k_s) in zip(sh.local, rows, strict=True):
+                    nonfinite += self.buffers[s].add(x_s[k_s], lw_s[k_s], lq_s[k_s])
+                length = self._buffer_length()
+                if length >= max(1, o.buffer_min_length) or sh.count(int(keep.sum())) == 0:
                     break
-        self.last["buffer_length"] = float(len(self.buffer))
-        if len(self.buffer) == 0:
+                round_ += 1
+        self.last["buffer_length"] = float(length)
+        if length == 0:
             zero = sum((p * 0).sum() for p in flow.parameters())
             return ObjectiveResult(zero, self.last_flow_log_w, evals, nonfinite, filtered, 0)
-        x, log_q_old, idx = self.buffer.sample(batch_size)
+        draws = []
+        for s, m in sh.each(sh.local_size(batch_size), iteration, "buffer"):
+            buf = self.buffers[s]
+            if len(buf):
+                draws.append(buf.sample(m))
+            else:  # this shard's AIS chains all failed so far
+                draws.append((buf.x[:0], buf.log_q[:0], buf.x.new_zeros(0, dtype=torch.long)))
+        x = torch.cat([d[0] for d in draws])
+        log_q_old = torch.cat([d[1] for d in draws])
         log_q_x = flow.log_prob(x)
         ok = torch.isfinite(log_q_x)
         nonfinite += int((~ok).sum())
         loss, log_c = fab_buffer_loss(
-            log_q_x[ok], log_q_old[ok].to(log_q_x), o.alpha, o.w_adjust_clip
-        )
+            log_q_x[ok], log_q_old[ok].to(log_q_x), o.alpha, o.w_adjust_clip,
+            mean=sh.mean if sh.sharded else None,
+        )  # fmt: skip
         # non-finite rows get a non-finite weight and leave the buffer
         adj = torch.full_like(log_q_x, math.nan).detach()
         adj[ok] = log_c
-        self.buffer.adjust(idx, adj, log_q_x.detach())
+        counts = [d[2].numel() for d in draws]
+        for s, d, a, q in zip(sh.local, draws, adj.split(counts), log_q_x.split(counts),
+                              strict=True):  # fmt: skip
+            self.buffers[s].adjust(d[2], a, q.detach())
         return ObjectiveResult(
             loss, self.last_flow_log_w, evals, nonfinite, filtered, int(ok.sum())
         )
+
+
+def _mean_acceptance(parts: list[AISResult], sizes: list[int], shards: Shards) -> Tensor:
+    """Acceptance per intermediate distribution ``(K,)``, averaged over all shards' chains."""
+    if not shards.sharded:
+        return parts[0].acceptance
+    k = parts[0].acceptance.numel()
+    sums = [0.0] * (k + 1)  # chain-weighted acceptance per level, then the chain count
+    for p, b in zip(parts, sizes, strict=True):
+        if b:
+            for i, v in enumerate(p.acceptance.tolist()):
+                sums[i] += b * v
+            sums[k] += b
+    total = shards.sum(sums)
+    ref = parts[0].acceptance
+    return ref.new_tensor(total[:k]) / total[k] if total[k] else ref.new_full((k,), math.nan)

@@ -16,7 +16,11 @@ from torch import Tensor
 
 from boltzgen.protocols import Density, LogDensity, SampleFilter, Sampler
 
+#: Reduces per-sample losses ``(n,)`` to a scalar loss (``torch.mean`` by default).
+BatchMean = Callable[[Tensor], Tensor]
+
 __all__ = [
+    "BatchMean",
     "ObjectiveResult",
     "batch_ess_fraction",
     "filter_rows",
@@ -115,6 +119,7 @@ def reverse_kl(
     target: LogDensity,
     n: int,
     sample_filter: SampleFilter | None = None,
+    mean: BatchMean | None = None,
 ) -> ObjectiveResult:
     """Reverse KL ``E_q[log q(x) - log p(x)]`` (up to log Z) from ``n`` model samples.
 
@@ -127,6 +132,10 @@ def reverse_kl(
         n: Batch size.
         sample_filter: ``x -> (n,) bool``, True to keep (e.g. L-form chirality); dropped
             samples are counted and cost no target evaluation.
+        mean: Reduces the per-sample losses to the loss (default ``torch.mean``; data-parallel
+            training passes this rank's share of the mean over all ranks,
+            `boltzgen.train.distributed.Shards.mean`, which is then called on every rank even
+            when nothing valid remained).
 
     Returns:
         `ObjectiveResult` with the mean over valid samples as loss.
@@ -137,35 +146,36 @@ def reverse_kl(
     ok, n_filtered = filter_rows(ok, x, sample_filter)
     idx = ok.nonzero().flatten()
     evals = 0
+    lq_ok, log_p = log_q[idx], log_q.new_zeros(0)
     if idx.numel() > 0:
-        x_ok, lq_ok = x[idx], log_q[idx]
-        log_p, p_ok, evals = _target_log_prob(target, x_ok)
+        log_p, p_ok, evals = _target_log_prob(target, x[idx])
         n_nonfinite += int((~p_ok).sum())
         lq_ok, log_p = lq_ok[p_ok], log_p[p_ok]
-    if idx.numel() == 0 or lq_ok.numel() == 0:
+    if lq_ok.numel() == 0 and mean is None:
         zero = (log_q.nan_to_num(0.0) * 0).sum()
         return ObjectiveResult(zero, log_q.new_zeros(0), evals, n_nonfinite, n_filtered, 0)
-    loss = (lq_ok - log_p).mean()
+    loss = (mean or torch.mean)(lq_ok - log_p)
     return ObjectiveResult(
         loss, (log_p - lq_ok).detach(), evals, n_nonfinite, n_filtered, int(lq_ok.numel())
     )
 
 
-def forward_kl(model: LogDensity, x_data: Tensor) -> ObjectiveResult:
+def forward_kl(model: LogDensity, x_data: Tensor, mean: BatchMean | None = None) -> ObjectiveResult:
     """Forward KL ``-E_data[log q(x)]`` (up to the data entropy) on a batch ``x_data``.
 
     Args:
         model: Has ``log_prob(x) -> (n,)``.
         x_data: ``(n, ...)`` samples from the target (e.g. MD frames, nm).
+        mean: As in `reverse_kl`.
     """
     ok = _rows_finite(x_data)
     log_q = model.log_prob(x_data[ok])
     fin = torch.isfinite(log_q)
     n_bad = int((~ok).sum()) + int((~fin).sum())
-    if not bool(fin.any()):
+    if not bool(fin.any()) and mean is None:
         zero = (log_q.nan_to_num(0.0) * 0).sum()
         return ObjectiveResult(zero, log_q.new_zeros(0), 0, n_bad, 0, 0)
-    loss = -log_q[fin].mean()
+    loss = -(mean or torch.mean)(log_q[fin])
     return ObjectiveResult(loss, log_q.new_zeros(0), 0, n_bad, 0, int(fin.sum()))
 
 
@@ -176,15 +186,17 @@ def mixed_kl(
     x_data: Tensor,
     alpha: float = 0.5,
     sample_filter: SampleFilter | None = None,
+    mean: BatchMean | None = None,
 ) -> ObjectiveResult:
     """``alpha * reverse_kl + (1 - alpha) * forward_kl`` (Noe et al. 2019 mix the two).
 
-    Diagnostics are those of the reverse part; dropped counts are summed.
+    Diagnostics are those of the reverse part; dropped counts are summed. ``mean`` as in
+    `reverse_kl`.
     """
     if not 0.0 <= alpha <= 1.0 or math.isnan(alpha):
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    r = reverse_kl(model, target, n, sample_filter)
-    f = forward_kl(model, x_data)
+    r = reverse_kl(model, target, n, sample_filter, mean)
+    f = forward_kl(model, x_data, mean)
     return ObjectiveResult(
         alpha * r.loss + (1 - alpha) * f.loss,
         r.log_weights,

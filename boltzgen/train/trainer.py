@@ -21,6 +21,7 @@ from boltzgen.errors import BoltzgenError, CheckpointError, ConfigError
 from boltzgen.files import atomic_open, save_torch
 from boltzgen.interrupts import Interrupted, deferred_signals
 from boltzgen.protocols import Density, LogDensity, SampleFilter
+from boltzgen.train.distributed import ShardedModel, Shards
 from boltzgen.train.fab import FAB, FABOptions
 from boltzgen.train.objectives import (
     ObjectiveResult,
@@ -78,6 +79,11 @@ class TrainOptions:
         dtype: ``"float32"`` or ``"float64"``.
         device: torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         seed: Seed of torch's random number generator at the start of a fresh run.
+        shards: Draw each iteration's global batch as this many shards, shard ``s`` of
+            iteration ``t`` from a generator seeded by ``(seed, t, s)``: the run is then the
+            same with any number of processes that divides it (`boltzgen.train.distributed`).
+            None: one shard per process when data parallel; in one process the batch comes
+            from torch's generator seeded once with ``seed``.
         checkpoint_every: Write the checkpoint every this many iterations (and at the end).
         checkpoint_seconds: Also write it when this many seconds of training have passed since
             the last write (0: only by iterations).
@@ -97,6 +103,7 @@ class TrainOptions:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
+    shards: int | None = None
     checkpoint_every: int = 100
     checkpoint_seconds: float = 600.0
     progress: bool = True
@@ -127,6 +134,8 @@ class TrainOptions:
             ) from exc
         if not self.checkpoint_seconds >= 0:
             raise bad("checkpoint_seconds must be >= 0")
+        if self.shards is not None and (self.shards < 1 or self.batch_size % self.shards):
+            raise bad(f"shards must be >= 1 and divide batch_size, got {self.shards}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -224,6 +233,11 @@ class Trainer:
         self.counters = {"target_evals": 0, "nonfinite": 0, "filtered": 0, "skipped_steps": 0}
         self.wall_s = 0.0
         self.last: dict[str, float] = {}
+        self.shards = Shards.for_training(
+            options.shards, options.batch_size, options.seed, self.device
+        )
+        self.sharded_model = ShardedModel(self.model, self.shards)
+        self.shards.broadcast(self.model)
         self.fab = self._make_fab(fab_options) if options.objective == "fab" else None
         torch.manual_seed(options.seed)
 
@@ -235,7 +249,10 @@ class Trainer:
             raise BoltzgenError("objective fab trains a plain flow; remove the SNF layers (snf:)")
         space = flow_space(self.model, self.target)
         self.flow_target = space.target
-        fab = FAB(space.dim, fab_options or FABOptions(), space.circular, space.log_p_floor)
+        fab_options = fab_options or FABOptions()
+        if fab_options.ais_batch_size is not None:
+            self.shards.shard_size(fab_options.ais_batch_size)  # ConfigError unless it divides
+        fab = FAB(space.dim, fab_options, space.circular, space.log_p_floor, shards=self.shards)
         return fab.to(device=self.device, dtype=self.options.torch_dtype)
 
     # ------------------------------------------------------------------ paths
@@ -266,8 +283,18 @@ class Trainer:
             "wall_s": self.wall_s,
             "options": asdict(self.options),
             "metadata": self.metadata,
-            **({"fab": self.fab.state_dict()} if self.fab is not None else {}),
+            **({"fab": self._fab_state()} if self.fab is not None else {}),
         }
+
+    def _fab_state(self) -> dict:
+        """The FAB state with every rank's shards (collective when data parallel)."""
+        state = self.fab.state_dict()
+        if self.shards.distributed:
+            merged: dict[int, dict] = {}
+            for part in self.shards.gather_objects(self.fab.shard_state()):
+                merged.update(part)
+            state["_extra_state"]["shards"] = merged
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict` (the model must have the same architecture)."""
@@ -287,9 +314,12 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
     def save_checkpoint(self) -> None:
-        """Write ``checkpoint.pt`` atomically (no-op without an output folder)."""
+        """Write ``checkpoint.pt`` atomically (no-op without an output folder); data parallel,
+        every rank calls it and rank 0 writes."""
         if self.checkpoint_path is not None:
-            save_torch(self.state_dict(), self.checkpoint_path)
+            state = self.state_dict()
+            if self.shards.rank == 0:
+                save_torch(state, self.checkpoint_path)
 
     def resume(self, path: str | os.PathLike | None = None) -> None:
         """Continue from a checkpoint (default: this run's); the CSV log is cut back to it."""
@@ -302,7 +332,7 @@ class Trainer:
     # ------------------------------------------------------------------ logging
     def _truncate_log(self) -> None:
         path = self.log_path
-        if path is None or not path.exists():
+        if path is None or not path.exists() or self.shards.rank != 0:
             return
         with open(path, newline="") as fh:
             rows = list(csv.reader(fh))
@@ -312,7 +342,7 @@ class Trainer:
 
     def _write_log(self, row: dict) -> None:
         path = self.log_path
-        if path is None:
+        if path is None or self.shards.rank != 0:
             return
         new = not path.exists() or self.iteration == 1
         columns = list(LOG_COLUMNS) + sorted(set(row) - set(LOG_COLUMNS))
@@ -324,20 +354,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _objective(self) -> ObjectiveResult:
-        opt = self.options
+        opt, sh = self.options, self.shards
         if opt.objective == "fab":
             return self._fab_objective()
+        # data parallel: this rank's shards, each from its own generator; means over all ranks
+        model = self.sharded_model if sh.sharded else self.model
+        mean = sh.mean if sh.sharded else None
+        self.sharded_model.iteration = self.iteration
+        n = sh.local_size(opt.batch_size)
         if opt.objective == "reverse_kl":
-            return reverse_kl(self.model, self.target, opt.batch_size, self.sample_filter)
-        if self.data_probs is None:
-            idx = torch.randint(0, self.x_data.shape[0], (opt.batch_size,), device=self.device)
-        else:
-            idx = torch.multinomial(self.data_probs, opt.batch_size, replacement=True)
+            return reverse_kl(model, self.target, n, self.sample_filter, mean)
+        idx = torch.cat([self._data_indices(m) for _, m in sh.each(n, self.iteration, "data")])
         if opt.objective == "forward_kl":
-            return forward_kl(self.model, self.x_data[idx])
+            return forward_kl(model, self.x_data[idx], mean)
         return mixed_kl(
-            self.model, self.target, opt.batch_size, self.x_data[idx], opt.alpha, self.sample_filter
+            model, self.target, n, self.x_data[idx], opt.alpha, self.sample_filter, mean
         )
+
+    def _data_indices(self, n: int) -> Tensor:
+        """``n`` frames of the training data, uniform or ``∝ exp(data_weights)``."""
+        if self.data_probs is None:
+            return torch.randint(0, self.x_data.shape[0], (n,), device=self.device)
+        return torch.multinomial(self.data_probs, n, replacement=True)
 
     def _fab_objective(self) -> ObjectiveResult:
         model, flt = self.model, self.sample_filter
@@ -377,11 +415,21 @@ class Trainer:
         internal0 = int(getattr(self.model, "internal_target_evals", 0))
         res = self._objective()
         internal = int(getattr(self.model, "internal_target_evals", 0)) - internal0
+        # sums over the ranks (the identity in one process)
+        loss, n_used, evals, n_nonfinite, n_filtered = self.shards.sum(
+            [float(res.loss.detach()), res.n_used, res.n_target_evals + internal,
+             res.n_nonfinite, res.n_filtered]
+        )  # fmt: skip
+        if self.shards.sharded:
+            self.sharded_model.settle()
         grad_norm = float("nan")
-        ok = res.n_used > 0 and bool(torch.isfinite(res.loss))
+        ok = n_used > 0 and math.isfinite(loss)
         if ok:
-            res.loss.backward()
-            params = [p for p in self.model.parameters() if p.grad is not None]
+            if res.loss.requires_grad:
+                res.loss.backward()
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.shards.all_reduce_grads(params)
+            params = [p for p in params if p.grad is not None]
             clip = self.options.grad_clip
             clip = clip if clip is not None and clip > 0 else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -397,18 +445,18 @@ class Trainer:
             if getattr(module, "adaptive", False) and callable(getattr(module, "adapt", None)):
                 module.adapt()
         self.iteration += 1
-        self.counters["target_evals"] += res.n_target_evals + internal
-        self.counters["nonfinite"] += res.n_nonfinite
-        self.counters["filtered"] += res.n_filtered
-        ess = batch_ess_fraction(res.log_weights)
+        self.counters["target_evals"] += int(evals)
+        self.counters["nonfinite"] += int(n_nonfinite)
+        self.counters["filtered"] += int(n_filtered)
+        ess = batch_ess_fraction(self.shards.gather(res.log_weights))
         self.wall_s += time.perf_counter() - t0
         row = {
             "iteration": self.iteration,
-            "loss": float(res.loss.detach()),
+            "loss": loss,
             "ess_fraction": ess,
             "lr": lr,
             "grad_norm": grad_norm,
-            "n_used": res.n_used,
+            "n_used": int(n_used),
             **self.counters,
             "wall_s": round(self.wall_s, 3),
             **self.diagnostics(),
@@ -434,7 +482,7 @@ class Trainer:
         bar = tqdm(
             total=self.options.max_iter,
             initial=self.iteration,
-            disable=not self.options.progress,
+            disable=not self.options.progress or self.shards.rank != 0,
             dynamic_ncols=True,
         )
         every, seconds = self.options.checkpoint_every, self.options.checkpoint_seconds
@@ -455,18 +503,25 @@ class Trainer:
                     )
                     due = self.iteration % every == 0
                     due = due or (seconds > 0 and time.monotonic() - last_save >= seconds)
-                    if due or received:
+                    due, signum = self._agree(due, received.signum or 0)
+                    if due or signum:
                         self.save_checkpoint()
                         last_save = time.monotonic()
-                    if received:
-                        raise TrainingInterrupted(
-                            received.signum, self.iteration, self.checkpoint_path
-                        )
+                    if signum:
+                        raise TrainingInterrupted(signum, self.iteration, self.checkpoint_path)
             finally:
                 bar.close()
             if self.iteration % every != 0 or stop == 0:
                 self.save_checkpoint()
         return self.last
+
+    def _agree(self, due: bool, signum: int) -> tuple[bool, int]:
+        """Whether any rank wants a checkpoint now, and the signal any rank received (0:
+        none): data-parallel ranks save and stop together."""
+        if not self.shards.distributed:
+            return due, signum
+        due_any, signum_any = self.shards.max([due, signum])
+        return bool(due_any), int(signum_any)
 
 
 class TrainingInterrupted(Interrupted):
