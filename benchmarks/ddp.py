@@ -55,6 +55,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--skip", type=int, default=10, help="warm-up iterations left out")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--note", default="", help="what else ran on the machine (printed with the results)"
+    )
     args = p.parse_args()
     runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     for _ in range(args.repeats):
@@ -62,7 +65,7 @@ def main() -> None:
             runs[name].append(run_once(nproc, threads, args.iters, args.skip))
     out = {
         "machine": machine(),
-        "note": "shared 2-core machine: other sessions' jobs ran at the same time",
+        "note": args.note,
         "config": str(CONFIG.relative_to(ROOT)),
         "global_batch": 256,
         "iterations": args.iters,
