@@ -111,3 +111,37 @@ def test_installed_wheel_cli_lists_systems(wheel_site, tmp_path):
     proc = _run_isolated(site, code, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert {"aldp", "xylene", "trpzip2"} <= set(proc.stdout.split())
+
+
+def _requirement(text: str) -> tuple[str, str]:
+    """``"name>=1.2"`` -> ``("name", ">=1.2")``; conda's ``pytorch`` is pip's ``torch``."""
+    import re
+
+    name, spec = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*(.*)", text).groups()
+    name = name.lower().replace("_", "-")
+    return {"pytorch": "torch"}.get(name, name), spec.replace(" ", "")
+
+
+def _conda_requirements(path: Path) -> set[tuple[str, str]]:
+    import yaml
+
+    env = yaml.safe_load(path.read_text())
+    out = set()
+    for dep in env["dependencies"]:
+        for item in dep["pip"] if isinstance(dep, dict) else [dep]:
+            name, spec = _requirement(item)
+            if name not in ("python", "pip", "-e"):
+                out.add((name, spec))
+    return out
+
+
+def test_conda_environments_agree_with_pyproject():
+    """environment.yml is the runtime (pyproject's dependencies, same bounds);
+    environment-dev.yml adds exactly the `test` extra."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {_requirement(d) for d in project["dependencies"]}
+    test = {_requirement(d) for d in project["optional-dependencies"]["test"]}
+    assert _conda_requirements(ROOT / "environment.yml") == runtime
+    assert _conda_requirements(ROOT / "environment-dev.yml") == runtime | test
