@@ -70,6 +70,8 @@ def print_train_summary(result: TrainResult) -> None:
         f"{c['nonfinite']}, D-form {c['filtered']}; skipped steps {c['skipped_steps']}\n"
         f"checkpoint: {result.checkpoint}\nlog: {result.log}"
     )
+    if "compile_s" in result.last:
+        print(f"torch.compile: the first step, compiling, took {result.last['compile_s']:.1f} s")
 
 
 def check_analysis_args(args: argparse.Namespace) -> None:

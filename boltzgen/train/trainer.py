@@ -37,6 +37,7 @@ __all__ = [
     "TrainOptions",
     "Trainer",
     "TrainingInterrupted",
+    "compile_model",
     "load_checkpoint",
     "lr_factor",
     "options_from_dict",
@@ -84,6 +85,10 @@ class TrainOptions:
             same with any number of processes that divides it (`boltzgen.train.distributed`).
             None: one shard per process when data parallel; in one process the batch comes
             from torch's generator seeded once with ``seed``.
+        compile: `torch.compile` the flow's and the coordinate transform's passes for training
+            (`compile_model`); the first step then includes the compile time, which the log's
+            ``compile_s`` column reports. Off by default: on the quick ALDP config the compiled
+            step is not faster (``benchmarks/compile_step.py``).
         checkpoint_every: Write the checkpoint every this many iterations (and at the end).
         checkpoint_seconds: Also write it when this many seconds of training have passed since
             the last write (0: only by iterations).
@@ -104,6 +109,7 @@ class TrainOptions:
     device: str = "cpu"
     seed: int = 0
     shards: int | None = None
+    compile: bool = False
     checkpoint_every: int = 100
     checkpoint_seconds: float = 600.0
     progress: bool = True
@@ -239,6 +245,9 @@ class Trainer:
         self.sharded_model = ShardedModel(self.model, self.shards)
         self.shards.broadcast(self.model)
         self.fab = self._make_fab(fab_options) if options.objective == "fab" else None
+        self.compile_s: float | None = None  # wall time of the first (compiling) step
+        if options.compile:
+            compile_model(self.model)
         torch.manual_seed(options.seed)
 
     def _make_fab(self, fab_options: FABOptions | None) -> nn.Module:
@@ -449,7 +458,10 @@ class Trainer:
         self.counters["nonfinite"] += int(n_nonfinite)
         self.counters["filtered"] += int(n_filtered)
         ess = batch_ess_fraction(self.shards.gather(res.log_weights))
-        self.wall_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.wall_s += elapsed
+        if self.options.compile and self.compile_s is None:
+            self.compile_s = elapsed
         row = {
             "iteration": self.iteration,
             "loss": loss,
@@ -459,6 +471,7 @@ class Trainer:
             "n_used": int(n_used),
             **self.counters,
             "wall_s": round(self.wall_s, 3),
+            **({"compile_s": round(self.compile_s, 3)} if self.compile_s is not None else {}),
             **self.diagnostics(),
         }
         self.last = row
@@ -531,6 +544,27 @@ class TrainingInterrupted(Interrupted):
     def __init__(self, signum: int, iteration: int, checkpoint: Path | None) -> None:
         super().__init__(signum, f"at iteration {iteration}")
         self.iteration, self.checkpoint = iteration, checkpoint
+
+
+def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """`torch.compile` a model's flow passes (``sample_and_log_prob``, ``log_prob``) and its
+    coordinate transform's (``forward_and_log_det``, ``inverse_and_log_det``) in place.
+
+    The compiled callables are instance attributes, so parameters, ``state_dict`` and
+    checkpoints are those of the eager model; stochastic (SNF) layers stay eager. Compilation
+    happens at the first call of each pass (minutes on a small CPU). ``backend`` is
+    `torch.compile`'s (``"eager"`` only captures the graphs: a quick check). Returns ``model``.
+    """
+    parts = (
+        (getattr(model, "flow", model), ("sample_and_log_prob", "log_prob")),
+        (getattr(model, "coordinates", None), ("forward_and_log_det", "inverse_and_log_det")),
+    )
+    for module, names in parts:
+        for name in names if module is not None else ():
+            fn = getattr(module, name, None)
+            if callable(fn):
+                setattr(module, name, torch.compile(fn, backend=backend))
+    return model
 
 
 def options_from_dict(data: dict) -> TrainOptions:
