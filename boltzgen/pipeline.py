@@ -248,22 +248,36 @@ class TrainResult:
     log: Path
 
 
-def _check_resumable(config: RunConfig, checkpoint: Path) -> None:
-    from boltzgen.train import load_checkpoint
-
-    old = load_checkpoint(checkpoint).get("metadata", {})
-    if old.get("system") != config.system.name:
-        raise CheckpointError(
-            f"{checkpoint} is a checkpoint of system {old.get('system')!r}, "
-            f"not {config.system.name!r}"
+def _check_same_model(
+    meta: dict[str, Any],
+    config: RunConfig,
+    what: str,
+    error: type[BoltzgenError],
+    any_temperature: bool = False,
+    hint: str = "",
+) -> None:
+    """Raise ``error`` unless checkpoint metadata ``meta`` is of ``config``'s system and model
+    sections (`MODEL_SECTIONS`; with ``any_temperature`` the system's temperature may differ)."""
+    if meta.get("system") != config.system.name:
+        raise error(
+            f"{what} is a checkpoint of system {meta.get('system')!r}, not {config.system.name!r}"
         )
     new = config_to_dict(config)
     for section in MODEL_SECTIONS:
-        if old.get("config", {}).get(section) != new[section]:
-            raise CheckpointError(
-                f"{checkpoint} was trained with a different '{section}' section; "
-                "resume with the config it was started with"
-            )
+        a, b = dict(meta.get("config", {}).get(section) or {}), dict(new[section])
+        if any_temperature and section == "system":
+            a.pop("temperature", None)
+            b.pop("temperature", None)
+        if a != b:
+            raise error(f"{what} was trained with a different '{section}' section{hint}")
+
+
+def _check_resumable(config: RunConfig, checkpoint: Path) -> None:
+    from boltzgen.train import load_checkpoint
+
+    meta = load_checkpoint(checkpoint).get("metadata", {})
+    hint = "; resume with the config it was started with"
+    _check_same_model(meta, config, str(checkpoint), CheckpointError, hint=hint)
 
 
 def _initial_weights(config: RunConfig, checkpoint: Path) -> dict[str, Tensor]:
@@ -272,22 +286,8 @@ def _initial_weights(config: RunConfig, checkpoint: Path) -> dict[str, Tensor]:
     from boltzgen.train import load_checkpoint
 
     old = load_checkpoint(checkpoint)
-    meta = old.get("metadata", {})
-    if meta.get("system") != config.system.name:
-        raise ConfigError(
-            f"init_from: {checkpoint} is a checkpoint of system {meta.get('system')!r}, "
-            f"not {config.system.name!r}"
-        )
-    new = config_to_dict(config)
-    for section in MODEL_SECTIONS:
-        a, b = dict(meta.get("config", {}).get(section, {})), dict(new[section])
-        if section == "system":
-            a.pop("temperature", None)
-            b.pop("temperature", None)
-        if a != b:
-            raise ConfigError(
-                f"init_from: {checkpoint} was trained with a different '{section}' section"
-            )
+    what = f"init_from: {checkpoint}"
+    _check_same_model(old.get("metadata", {}), config, what, ConfigError, any_temperature=True)
     return old["model"]
 
 
