@@ -56,6 +56,7 @@ def main() -> None:
         _worker(args.worker == "compiled", args.iters)
         return
     out = {"machine": machine(), "note": args.note, "config": str(CONFIG.relative_to(ROOT))}
+    out["torch_threads_per_mode"] = 1
     results = {}
     for mode in ("eager", "compiled"):
         cmd = [sys.executable, __file__, "--worker", mode, "--iters", str(args.iters)]
