@@ -55,6 +55,42 @@ class CoordinatesConfig:
 
 
 @dataclass
+class RestraintConfig:
+    """A flat-bottomed restraint on one torsion (`boltzgen.energy.TorsionRestraint`).
+
+    Attributes:
+        atoms: Four zero-based atom indices (ALDP's phi: 4, 6, 8, 14).
+        range: ``[lo, hi]`` degrees, the flat bottom (circular: ``[150, 210]`` wraps).
+        force_constant: kT per rad^2 outside the range.
+    """
+
+    atoms: list
+    range: list
+    force_constant: float = 50.0
+
+    def __post_init__(self) -> None:
+        a, r = self.atoms, self.range
+        if not (isinstance(a, list) and len(a) == 4 and all(_is_int(i) and i >= 0 for i in a)):
+            raise ConfigError(f"restraint.atoms must be four atom indices >= 0, got {a!r}")
+        if len(set(a)) != 4:
+            raise ConfigError(f"restraint.atoms must be four different atoms, got {a!r}")
+        if not (isinstance(r, list) and len(r) == 2 and all(_is_number(v) for v in r)):
+            raise ConfigError(f"restraint.range must be [lo, hi] in degrees, got {r!r}")
+        if not 0 < r[1] - r[0] < 360:
+            raise ConfigError(f"restraint.range needs 0 < hi - lo < 360 degrees, got {r!r}")
+        if not self.force_constant > 0:
+            raise ConfigError(f"restraint.force_constant must be > 0, got {self.force_constant}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+@dataclass
 class FlowConfig:
     """Arguments of `boltzgen.flows.make_spline_flow` (FAB's ALDP architecture by default)."""
 
@@ -131,7 +167,8 @@ class RunConfig:
     ``log_weights``) for the forward-KL and mixed objectives; a relative path is read from the
     working directory. ``init_from`` is an optional checkpoint whose model weights start a fresh
     run (a stage of a multi-stage recipe); its system, coordinates, flow and snf sections must
-    equal this config's except the temperature.
+    equal this config's except the temperature. ``restraint`` trains on the Boltzmann density
+    times a flat-bottomed restraint on one torsion (`RestraintConfig`): a flow for one basin.
 
     ``chirality_filter`` drops samples whose chiral alpha carbons are not all in the L form
     (`boltzgen.coordinates.is_l_form`). None (the key absent or null) means: on for a molecule
@@ -150,6 +187,7 @@ class RunConfig:
     chirality_filter: bool | None = None
     data: str | None = None
     init_from: str | None = None
+    restraint: RestraintConfig | None = None
 
 
 _SECTIONS = {
@@ -209,7 +247,7 @@ def config_from_dict(data: dict) -> RunConfig:
     """`RunConfig` from a plain dict (as read from YAML); unknown keys raise `ConfigError`."""
     if not isinstance(data, dict):
         raise ConfigError("a run config must be a mapping at the top level")
-    known = set(_SECTIONS) | {"output_dir", "chirality_filter", "data", "init_from"}
+    known = set(_SECTIONS) | {"output_dir", "chirality_filter", "data", "init_from", "restraint"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
@@ -228,6 +266,8 @@ def config_from_dict(data: dict) -> RunConfig:
         if not isinstance(data["init_from"], str):
             raise ConfigError(f"init_from must be a checkpoint path, got {data['init_from']!r}")
         kwargs["init_from"] = data["init_from"]
+    if data.get("restraint") is not None:
+        kwargs["restraint"] = _section(RestraintConfig, data["restraint"], "restraint")
     if data.get("chirality_filter") is not None:
         if not isinstance(data["chirality_filter"], bool):
             raise ConfigError(

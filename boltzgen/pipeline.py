@@ -14,8 +14,9 @@ functions::
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ __all__ = [
     "build_run",
     "check_device",
     "chirality_filter",
+    "draw_mixture",
     "draw_samples",
     "draw_samples_sharded",
     "load_run",
@@ -159,6 +161,8 @@ def build_run(config: RunConfig) -> Run:
         else OpenMMEnergy(system.system)
     )
     target = BoltzmannTarget(energy, system.kT)
+    if config.restraint is not None:
+        target = _restrained(target, config.restraint, system.n_atoms)
     snf = config.snf
     if snf.n_layers > 0:
         if snf.second_order and sc.energy == "torch":
@@ -187,6 +191,16 @@ def build_run(config: RunConfig) -> Run:
             return is_l_form(x, topology)
 
     return Run(config, system, coords, model, target, sample_filter)
+
+
+def _restrained(target: Any, r: Any, n_atoms: int) -> Any:
+    """``target`` times the flat-bottomed torsion restraint of a `RestraintConfig`."""
+    from boltzgen.energy import TorsionRestraint
+
+    if max(r.atoms) >= n_atoms:
+        raise ConfigError(f"restraint.atoms {r.atoms}: the system has {n_atoms} atoms")
+    lo, hi = (math.radians(v) for v in r.range)
+    return TorsionRestraint(target, r.atoms, lo, hi, r.force_constant)
 
 
 def check_device(device: str) -> None:
@@ -756,6 +770,84 @@ def with_overrides(config: RunConfig, **train_overrides: Any) -> RunConfig:
     t = replace(config.train, **{k: v for k, v in train_overrides.items() if v is not None})
     config = replace(config, train=t)
     return config if out is None else replace(config, output_dir=str(out))
+
+
+# ---------------------------------------------------------------------------- mixture sampling
+def draw_mixture(
+    runs: Sequence[Run],
+    fractions: Sequence[float],
+    n: int,
+    batch_size: int = 1000,
+    device: str = "cpu",
+    seed: int | None = None,
+) -> GeneratedSamples:
+    """Flow samples of several runs of one system, weighted as one mixture proposal.
+
+    Run ``k`` draws ``round(fractions[k] n)`` samples (the first run the rest), and every sample
+    gets the weight ``p(x) / sum_k f_k q_k(x)``, every run's density evaluated at every sample
+    (the balance heuristic of multiple importance sampling, Veach & Guibas 1995). The weights
+    are exact for any fractions; a run trained on one basin (a `restraint` config) fixes that
+    basin's weight, which a single mode-seeking flow misses, and costs the others little when
+    its fraction is near the basin's population.
+
+    Args:
+        runs: Trained runs of one system and temperature, without SNF layers (their density
+            is stochastic).
+        fractions: Share of the samples of each run, positive, summing to 1.
+        n: Number of samples; batch_size, device: as in `draw_samples`.
+        seed: Run ``k`` draws with seed ``seed + k`` (None: torch's generator as it is).
+
+    Returns:
+        `GeneratedSamples` whose ``log_q`` is the mixture's log density.
+
+    Raises:
+        BoltzgenError: mismatched runs or fractions.
+    """
+    if len(runs) != len(fractions) or not runs:
+        raise BoltzgenError("draw_mixture needs one fraction per run")
+    if not all(f > 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise BoltzgenError(f"mixture fractions must be positive and sum to 1, got {fractions}")
+    first = runs[0]
+    for run in runs:
+        if run.config.system.name != first.config.system.name:
+            raise BoltzgenError("mixture components must be runs of the same system")
+        if run.system.temperature != first.system.temperature:
+            raise BoltzgenError("mixture components must be runs at the same temperature")
+        if len(getattr(run.model, "stochastic", ())):
+            raise BoltzgenError("mixture components cannot have SNF layers")
+    counts = [round(f * n) for f in fractions]
+    counts[0] = n - sum(counts[1:])
+    if counts[0] < 1:
+        raise BoltzgenError(f"the first run's share of {n} samples is empty")
+    parts = [
+        draw_samples(run, m, batch_size, device=device, seed=None if seed is None else seed + k)
+        for k, (run, m) in enumerate(zip(runs, counts, strict=True))
+        if m > 0
+    ]
+    x = np.concatenate([p.positions for p in parts])
+    u = np.concatenate([p.energies for p in parts])
+    log_q = []
+    with torch.no_grad():
+        for run in runs:
+            dtype = next(run.model.parameters()).dtype
+            model = run.model.to(device)
+            rows = [
+                model.log_prob(xb.to(device=device, dtype=dtype)).double().cpu()
+                for xb in torch.from_numpy(x).split(batch_size)
+            ]
+            log_q.append(torch.cat(rows))
+    log_f = torch.log(torch.tensor(list(fractions), dtype=torch.float64))[:, None]
+    log_mix = torch.logsumexp(log_f + torch.stack(log_q), 0).numpy()
+    return GeneratedSamples(
+        positions=x,
+        log_q=log_mix,
+        energies=u,
+        log_weights=-u / first.target.kT - log_mix,
+        temperature=float(first.system.temperature),
+        system=first.config.system.name,
+        n_nonfinite=sum(p.n_nonfinite for p in parts),
+        n_filtered=sum(p.n_filtered for p in parts),
+    )
 
 
 # -------------------------------------------------------------------------- parallel sampling

@@ -54,6 +54,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     ]:
         cfg = {**base, section: {**base[section], key: value}, "output_dir": str(d / f"run_{name}")}
         (d / f"cfg_{name}.yaml").write_text(yaml.safe_dump(cfg))
+    cfg = {**base, "restraint": {"atoms": [4, 6, 8], "range": [0, 120]}}
+    (d / "cfg_restraint.yaml").write_text(yaml.safe_dump({**cfg, "output_dir": str(d / "rr")}))
     cfg = {**base, "data": str(d / "missing.npz"), "output_dir": str(d / "run_data")}
     cfg["train"] = {**base["train"], "objective": "forward_kl"}
     (d / "cfg_data.yaml").write_text(yaml.safe_dump(cfg))
@@ -238,6 +240,38 @@ CASES = [
         ["sample", "{checkpoint}", "-n", "9", "-o", "{dir}/s.npz", "--nproc", "0"],
         "--nproc",
     ),
+    (
+        "sample-mix-format",
+        ["sample", "{checkpoint}", "-n", "9", "-o", "{dir}/s.npz", "--mix", "{checkpoint}"],
+        "CHECKPOINT:FRACTION",
+    ),
+    (
+        "sample-mix-fraction",
+        ["sample", "{checkpoint}", "-n", "9", "-o", "{dir}/s.npz", "--mix", "{checkpoint}:1.5"],
+        "FRACTION",
+    ),
+    (
+        "sample-mix-missing",
+        ["sample", "{checkpoint}", "-n", "9", "-o", "{dir}/s.npz", "--mix", "{dir}/none.pt:0.1"],
+        "none.pt",
+    ),
+    (
+        "sample-mix-ais",
+        [
+            "sample",
+            "{checkpoint}",
+            "-n",
+            "9",
+            "-o",
+            "{dir}/s.npz",
+            "--mix",
+            "{checkpoint}:0.1",
+            "--ais",
+            "2",
+        ],
+        "--ais",
+    ),
+    ("train-restraint", ["train", "{cfg_restraint}"], "restraint.atoms"),
     ("unknown-command", ["frobnicate"], "frobnicate"),
     ("missing-argument", ["sample", "{checkpoint}"], "-n"),
 ]

@@ -384,7 +384,9 @@ def test_config_types_and_unknown_keys(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("name", ["reverse_kl_quick.yaml", "snf_quick.yaml"])
+@pytest.mark.parametrize(
+    "name", ["reverse_kl_quick.yaml", "snf_quick.yaml", "basin_alpha_l_quick.yaml"]
+)
 def test_shipped_quick_configs_train_from_the_cli(name, tmp_path, capsys):
     """Two iterations of the shipped quick configs at their real sizes, then a sample."""
     from boltzgen.cli import main

@@ -42,6 +42,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue an interrupted run from OUTPUT.partial.npz (same checkpoint and options)",
     )
+    p.add_argument(
+        "--mix",
+        action="append",
+        default=[],
+        metavar="CHECKPOINT:FRACTION",
+        help="also draw this share of the samples from another run of the system (e.g. a "
+        "basin flow trained with a restraint) and weight all samples by the mixture's density "
+        "(multiple importance sampling); repeatable; the main checkpoint draws the rest",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_nproc_argument(p, "sampling processes (one merged samples file)")
     add_threads_argument(p)
@@ -80,8 +89,14 @@ def run(args: argparse.Namespace) -> int:
         raise BoltzgenError(f"--resume: {partial} does not exist (nothing to resume)")
     if not args.resume and partial.exists():
         raise BoltzgenError(f"{partial} exists (an interrupted run); pass --resume or delete it")
+    mix = [_mix_component(text) for text in args.mix]
+    if mix and (args.ais or args.resume or args.nproc != 1):
+        raise BoltzgenError("--mix draws plain flow samples in one process: drop --ais, "
+                            "--resume and --nproc")  # fmt: skip
     threads = set_threads(args.threads)
     pipeline.check_device(args.device)
+    if mix:
+        return _mixture(args, mix, out, threads)
     if args.nproc != 1:
         return _launch(args, threads)
     run_ = pipeline.load_run(args.checkpoint)
@@ -113,6 +128,46 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {samples.n} samples to {out}; ESS {ess(lw):.1f} ({100 * ess_fraction(lw):.2f}%); "
         f"dropped non-finite {samples.n_nonfinite}, D-form {samples.n_filtered}; "
         f"{threads} torch CPU thread{'s' * (threads > 1)}"
+    )
+    return 0
+
+
+def _mix_component(text: str) -> tuple[str, float]:
+    """``CHECKPOINT:FRACTION`` of ``--mix``."""
+    path, sep, fraction = text.rpartition(":")
+    try:
+        value = float(fraction)
+    except ValueError:
+        value = float("nan")
+    if not sep or not path or not 0 < value < 1:
+        raise BoltzgenError(f"--mix takes CHECKPOINT:FRACTION with 0 < FRACTION < 1, got {text!r}")
+    if not Path(path).is_file():
+        raise BoltzgenError(f"--mix: checkpoint {path} does not exist")
+    return path, value
+
+
+def _mixture(args: argparse.Namespace, mix: list, out: Path, threads: int) -> int:
+    """``sample --mix``: the main run and the extra runs as one mixture proposal."""
+    from boltzgen import pipeline
+    from boltzgen.analysis.reweighting import ess, ess_fraction
+
+    rest = 1.0 - sum(f for _, f in mix)
+    if not rest > 0:
+        raise BoltzgenError("the --mix fractions must leave a share for the main checkpoint")
+    runs = [pipeline.load_run(p) for p in [args.checkpoint] + [p for p, _ in mix]]
+    seed = runs[0].config.train.seed + 1 if args.seed is None else args.seed
+    fractions = [rest] + [f for _, f in mix]
+    samples = pipeline.draw_mixture(
+        runs, fractions, args.n_samples, args.batch_size, device=args.device, seed=seed
+    )
+    samples.save(out, runs[0].system)
+    lw = samples.log_weights
+    shares = ", ".join(f"{f:g}" for f in fractions)
+    print(
+        f"wrote {samples.n} samples of a {len(runs)}-run mixture ({shares}) to {out}; ESS "
+        f"{ess(lw):.1f} ({100 * ess_fraction(lw):.2f}%); dropped non-finite "
+        f"{samples.n_nonfinite}, D-form {samples.n_filtered}; {threads} torch CPU "
+        f"thread{'s' * (threads > 1)}"
     )
     return 0
 

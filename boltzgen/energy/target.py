@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
 from boltzgen.energy.base import Energy
 
-__all__ = ["BoltzmannTarget", "regularize_energy"]
+__all__ = ["BoltzmannTarget", "TorsionRestraint", "regularize_energy"]
 
 
 def regularize_energy(u: Tensor, energy_cut: float = 1.0e8, energy_max: float = 1.0e20) -> Tensor:
@@ -74,6 +77,67 @@ class BoltzmannTarget(nn.Module):
             else:
                 u = u.detach()
         return -regularize_energy(u, self.energy_cut, self.energy_max)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.log_prob(x)
+
+
+class TorsionRestraint(nn.Module):
+    """A Boltzmann target times a flat-bottomed restraint on one torsion, to train a flow on
+    one basin (e.g. ALDP's phi > 0 basin for a mixture proposal).
+
+    ``log_prob(x) = target.log_prob(x) - k d(x)^2`` where ``d`` is the circular distance (rad)
+    of the torsion ``atoms`` from the interval ``[lo, hi)`` (0 inside). ``energy`` and ``kT``
+    are the unrestrained target's, so importance weights of samples stay toward the
+    unrestrained Boltzmann density.
+
+    Args:
+        target: A `BoltzmannTarget`.
+        atoms: Four zero-based atom indices of the torsion.
+        lo, hi: The flat bottom, radians, ``hi - lo`` in (0, 2 pi).
+        force_constant: ``k`` in kT per rad^2.
+    """
+
+    def __init__(
+        self,
+        target: BoltzmannTarget,
+        atoms: Sequence[int],
+        lo: float,
+        hi: float,
+        force_constant: float,
+    ) -> None:
+        super().__init__()
+        if len(atoms) != 4 or len(set(atoms)) != 4:
+            raise ValueError(f"a torsion needs four different atoms, got {list(atoms)}")
+        if not 0 < hi - lo < 2 * math.pi or not force_constant > 0:
+            raise ValueError("need 0 < hi - lo < 2 pi and force_constant > 0")
+        self.target = target
+        self.atoms = [int(a) for a in atoms]
+        self.center, self.half_width = 0.5 * (lo + hi), 0.5 * (hi - lo)
+        self.force_constant = float(force_constant)
+
+    @property
+    def energy(self) -> nn.Module:
+        """The unrestrained energy (kJ/mol)."""
+        return self.target.energy
+
+    @property
+    def kT(self) -> float:  # noqa: N802 - the physical symbol
+        """k_B T in kJ/mol."""
+        return self.target.kT
+
+    def distance(self, x: Tensor) -> Tensor:
+        """Circular distance ``(B,)`` rad of the torsion of positions ``(B, n_atoms, 3)`` from
+        the flat bottom."""
+        from boltzgen.coordinates import geometry
+
+        angle = geometry.dihedrals(x, [self.atoms])[:, 0]
+        offset = torch.remainder(angle - self.center + math.pi, 2 * math.pi) - math.pi
+        return torch.clamp(offset.abs() - self.half_width, min=0.0)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Restrained unnormalised log density ``(B,)``, nats."""
+        return self.target.log_prob(x) - self.force_constant * self.distance(x) ** 2
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return self.log_prob(x)

@@ -1,0 +1,109 @@
+"""A basin flow and mixture proposals: the torsion restraint against mdtraj's dihedrals, and
+the mixture's weights (multiple importance sampling, balance heuristic)."""
+
+import math
+
+import mdtraj
+import numpy as np
+import pytest
+import torch
+
+from boltzgen import cli, pipeline, systems
+from boltzgen.config import config_from_dict
+from boltzgen.energy import BoltzmannTarget, TorchEnergy, TorsionRestraint
+from boltzgen.errors import BoltzgenError, ConfigError
+
+PHI = [4, 6, 8, 14]
+TINY = {
+    "system": {"name": "aldp"},
+    "flow": {"n_blocks": 2, "n_bins": 4, "hidden": 16},
+    "train": {"max_iter": 2, "batch_size": 32, "progress": False, "checkpoint_every": 2},
+}
+
+
+def test_torsion_restraint_is_the_target_inside_and_a_circular_well_outside():
+    aldp = systems.load("aldp")
+    frames = np.load(systems.shipped_path("aldp", "reference", "reference.npz"))["positions"]
+    x = torch.tensor(frames[::100], dtype=torch.float64)  # 100 MD frames, phi mostly < 0
+    target = BoltzmannTarget(TorchEnergy.from_openmm(aldp.system), aldp.kT)
+    lo, hi, k = math.radians(-100.0), math.radians(-60.0), 50.0
+    restrained = TorsionRestraint(target, PHI, lo, hi, k)
+    phi = mdtraj.compute_dihedrals(mdtraj.Trajectory(frames[::100], aldp.topology), [PHI])[:, 0]
+    # circular distance from [lo, hi], computed independently of the module
+    shifted = [phi + s for s in (-2 * np.pi, 0.0, 2 * np.pi)]
+    d = np.minimum.reduce(
+        [
+            np.where((a >= lo) & (a <= hi), 0.0, np.minimum(abs(a - lo), abs(a - hi)))
+            for a in shifted
+        ]
+    )
+    assert 0 < (d == 0).sum() < len(d)  # frames inside and outside the flat bottom
+    expected = target.log_prob(x).numpy() - k * d**2
+    # mdtraj computes in float32: |d error| ~ 1e-6 rad
+    np.testing.assert_allclose(restrained.log_prob(x).numpy(), expected, rtol=0, atol=1e-3)
+    assert restrained.energy is target.energy and restrained.kT == target.kT
+    with pytest.raises(ValueError):
+        TorsionRestraint(target, PHI[:3], lo, hi, k)
+
+
+def test_restraint_config_is_validated():
+    ok = config_from_dict({**TINY, "restraint": {"atoms": PHI, "range": [0, 120]}})
+    assert ok.restraint.force_constant == 50.0
+    for bad in (
+        {"atoms": PHI[:3], "range": [0, 120]},
+        {"atoms": [4, 4, 8, 14], "range": [0, 120]},
+        {"atoms": PHI, "range": [120, 0]},
+        {"atoms": PHI, "range": [0, "x"]},
+        {"atoms": PHI, "range": [0, 120], "force_constant": -1},
+    ):
+        with pytest.raises(ConfigError, match="restraint"):
+            config_from_dict({**TINY, "restraint": bad})
+    with pytest.raises(ConfigError, match="22 atoms"):
+        bad = {"atoms": [0, 1, 2, 99], "range": [0, 120]}
+        pipeline.build_run(config_from_dict({**TINY, "restraint": bad}))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mixture")
+    main = pipeline.train(config_from_dict({**TINY, "output_dir": str(d / "main")})).checkpoint
+    basin = config_from_dict(
+        {**TINY, "output_dir": str(d / "basin"), "restraint": {"atoms": PHI, "range": [0, 120]}}
+    )
+    return main, pipeline.train(basin).checkpoint
+
+
+def test_a_run_mixed_with_itself_is_the_run(checkpoints):
+    run = pipeline.load_run(checkpoints[0])
+    s = pipeline.draw_mixture([run, run], [0.7, 0.3], 50, seed=3)
+    with torch.no_grad():
+        log_q = run.model.log_prob(torch.from_numpy(s.positions)).double().numpy()
+    np.testing.assert_allclose(s.log_q, log_q, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(s.log_weights, -s.energies / run.target.kT - s.log_q, rtol=1e-12)
+    assert s.n == 50
+    with pytest.raises(BoltzgenError, match="sum to 1"):
+        pipeline.draw_mixture([run, run], [0.7, 0.7], 50)
+
+
+def test_mixture_weights_use_every_component_density(checkpoints):
+    main, basin = (pipeline.load_run(c) for c in checkpoints)
+    s = pipeline.draw_mixture([main, basin], [0.8, 0.2], 40, seed=5)
+    x = torch.from_numpy(s.positions)
+    with torch.no_grad():
+        q = torch.stack([main.model.log_prob(x), basin.model.log_prob(x)]).double()
+    expected = torch.logsumexp(torch.log(torch.tensor([[0.8], [0.2]])).double() + q, 0)
+    np.testing.assert_allclose(s.log_q, expected.numpy(), rtol=1e-6, atol=1e-4)
+    # the weights are toward the unrestrained Boltzmann density of both runs' system
+    aldp = systems.load("aldp")
+    u = TorchEnergy.from_openmm(aldp.system)(x.double()).numpy()
+    np.testing.assert_allclose(s.energies, u, rtol=1e-6, atol=1e-4)
+
+
+def test_cli_sample_mix(checkpoints, tmp_path, capsys):
+    main, basin = checkpoints
+    out = tmp_path / "mix.npz"
+    assert cli.main(["sample", str(main), "-n", "60", "-o", str(out), "--mix",
+                     f"{basin}:0.25", "--seed", "2"]) == 0  # fmt: skip
+    data = np.load(out)
+    assert data["positions"].shape == (60, 22, 3) and np.isfinite(data["log_weights"]).all()
+    assert "2-run mixture (0.75, 0.25)" in capsys.readouterr().out
