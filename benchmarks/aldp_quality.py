@@ -9,6 +9,10 @@ z-scores ``(dF - dF_ref) / sqrt(se^2 + se_ref^2)``, and the 64 x 64 Ramachandran
 ``KL(reference || reweighted samples)`` next to its noise floor: the KL of an equally sized
 weighted resample of the reference itself, averaged over 5 resamples.
 
+With ``--mix CHECKPOINT:FRACTION`` (e.g. a basin flow, ``systems/aldp/basin_alpha_l_quick.yaml``)
+it also judges the mixture proposal of ``boltzgen sample --mix`` (`pipeline.draw_mixture`), with
+the training cost of both runs.
+
 Run:  python benchmarks/aldp_quality.py runs/aldp_reverse_kl_quick/checkpoint.pt [-n 100000]
       python benchmarks/aldp_quality.py systems/aldp/reverse_kl_quick.yaml   # trains first
 """
@@ -100,6 +104,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=5000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mix", default=None, metavar="CHECKPOINT:FRACTION", help="also a mixture")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out: dict = machine()
@@ -135,6 +140,25 @@ def main() -> None:
         wall = time.perf_counter() - t0
         pp = phi_psi(s.positions, run.system)
         out[name] = {
+            "sampling_wall_s": wall,
+            **evaluate(pp, s.log_weights, reference, ref_states, 0),
+        }
+    if args.mix:
+        path, _, fraction = args.mix.rpartition(":")
+        other = load_checkpoint(path)
+        out["mixture_component"] = {
+            "checkpoint": path,
+            "fraction": float(fraction),
+            "iterations": other["iteration"],
+            "wall_s": other.get("wall_s"),
+            "target_evals": other.get("counters", {}).get("target_evals"),
+        }
+        t0 = time.perf_counter()
+        runs, fractions = [run, pipeline.load_run(path)], [1 - float(fraction), float(fraction)]
+        s = pipeline.draw_mixture(runs, fractions, args.n_samples, args.batch_size, seed=args.seed)
+        wall = time.perf_counter() - t0
+        pp = phi_psi(s.positions, run.system)
+        out["mixture"] = {
             "sampling_wall_s": wall,
             **evaluate(pp, s.log_weights, reference, ref_states, 0),
         }
