@@ -31,6 +31,7 @@ from boltzgen.files import atomic_path, save_npz
 from boltzgen.interrupts import Interrupted, deferred_signals
 from boltzgen.protocols import SampleFilter
 from boltzgen.systems import MolecularSystem
+from boltzgen.train.trainer import check_device
 
 if TYPE_CHECKING:  # torch-heavy modules, imported when a run is built
     from boltzgen.coordinates import InternalCoordinates
@@ -201,22 +202,6 @@ def _restrained(target: Any, r: Any, n_atoms: int) -> Any:
         raise ConfigError(f"restraint.atoms {r.atoms}: the system has {n_atoms} atoms")
     lo, hi = (math.radians(v) for v in r.range)
     return TorsionRestraint(target, r.atoms, lo, hi, r.force_constant)
-
-
-def check_device(device: str) -> None:
-    """Raise `ConfigError` unless ``device`` names a torch device this machine has."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(
-            f"device must be a torch device such as cpu or cuda, got {device!r}"
-        ) from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r}: torch sees no CUDA GPU on this machine")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {device!r}: torch sees no MPS device on this machine")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device {device!r}: boltzgen runs on cpu, cuda or mps")
 
 
 def load_training_data(path: str | Path, n_atoms: int) -> tuple[Tensor, Tensor | None]:

@@ -37,6 +37,7 @@ __all__ = [
     "TrainOptions",
     "Trainer",
     "TrainingInterrupted",
+    "check_device",
     "compile_model",
     "load_checkpoint",
     "lr_factor",
@@ -150,6 +151,22 @@ class TrainOptions:
         return _DTYPES[self.dtype]
 
 
+def check_device(device: str) -> None:
+    """Raise `ConfigError` unless ``device`` names a torch device this machine has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"device must be a torch device such as cpu or cuda, got {device!r}"
+        ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: torch sees no CUDA GPU on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: torch sees no MPS device on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {device!r}: boltzgen runs on cpu, cuda or mps")
+
+
 def lr_factor(iteration: int, max_iter: int, warmup_iters: int, min_factor: float) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine decay to ``min_factor``."""
     if iteration < warmup_iters:
@@ -210,9 +227,8 @@ class Trainer:
         fab_options: FABOptions | None = None,
     ) -> None:
         self.options = options
+        check_device(options.device)
         self.device = torch.device(options.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise BoltzgenError(f"device {options.device!r} requested but CUDA is not available")
         dtype = options.torch_dtype
         self.model = model.to(device=self.device, dtype=dtype)
         self.target = target.to(device=self.device) if isinstance(target, nn.Module) else target
