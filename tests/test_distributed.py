@@ -23,7 +23,7 @@ from boltzgen.train import Trainer, TrainOptions
 from boltzgen.train.distributed import Shards, shard_seed
 from boltzgen.train.fab import FABOptions
 
-CASES = ("reverse_kl", "mixed_kl_snf", "fab", "fab_buffer")
+CASES = ("reverse_kl", "mixed_kl_snf", "reweighted_kl", "fab", "fab_buffer")
 N_ITER, STOP = 8, 4
 
 
@@ -51,7 +51,7 @@ def _trainer(case: str, out) -> Trainer:
         model.add_stochastic_layers(layers)
     opts = TrainOptions(
         max_iter=N_ITER, batch_size=32, objective=objective, lr=5e-3, dtype="float64",
-        checkpoint_every=3, progress=False, seed=7, shards=2,
+        checkpoint_every=3, progress=False, seed=7, shards=2, weight_power=2.0,
     )  # fmt: skip
     fab = FABOptions(
         n_intermediate=2, n_leapfrog=3, per_dim_step=True, use_buffer=case == "fab_buffer",

@@ -8,7 +8,7 @@ from torch import nn
 
 from boltzgen.flows import Unbounded, make_spline_flow
 from boltzgen.sampling.generator import BoltzmannGenerator
-from boltzgen.train.objectives import forward_kl, log_ess, mixed_kl, reverse_kl
+from boltzgen.train.objectives import forward_kl, log_ess, mixed_kl, reverse_kl, reweighted_kl
 
 
 @pytest.fixture(autouse=True)
@@ -126,6 +126,67 @@ def test_forward_and_mixed_kl():
     assert m.loss.item() == pytest.approx(0.25 * r.loss.item() + 0.75 * f.loss.item(), rel=1e-12)
     with pytest.raises(ValueError):
         mixed_kl(model, StdNormalUnnorm(), 4, x, alpha=1.5)
+
+
+def _grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return torch.stack([model.mu.grad.clone(), model.log_s.grad.clone()])
+
+
+def test_reweighted_kl_gradient_is_the_forward_kl_gradient():
+    """power 1, alpha 0: the self-normalised IS estimate of grad KL(p || q) from q's samples."""
+    torch.manual_seed(6)
+    mu, s = 0.5, 1.5
+    model = Gauss1D(mu, s)
+    g = _grads(model, reweighted_kl(model, StdNormalUnnorm(), 200000, alpha=0.0).loss)
+    # KL(N(0,1) || N(mu, s^2)) = log s + (1 + mu^2) / (2 s^2) - 1/2
+    assert g[0].item() == pytest.approx(mu / s**2, abs=0.01)
+    assert g[1].item() == pytest.approx(1 - (1 + mu**2) / s**2, abs=0.02)
+
+
+def test_reweighted_kl_power_2_is_the_alpha_2_divergence_gradient():
+    torch.manual_seed(7)
+    model = Gauss1D(0.5, 1.5)
+    res = reweighted_kl(model, StdNormalUnnorm(), 200000, alpha=0.0, power=2.0)
+    g = _grads(model, res.loss)
+    # oracle: autograd of the closed form log int N(0,1)^2 / N(mu, s^2) dx
+    mu, log_s = (
+        torch.tensor(0.5, requires_grad=True),
+        torch.tensor(math.log(1.5), requires_grad=True),
+    )
+    s2 = torch.exp(2 * log_s)
+    a, b = 1 - 1 / (2 * s2), mu / s2
+    d2 = log_s - 0.5 * math.log(2 * math.pi) + 0.5 * torch.log(math.pi / a) + b**2 / (4 * a)
+    d2 = d2 + mu**2 / (2 * s2)
+    exact = torch.stack(torch.autograd.grad(d2, [mu, log_s]))
+    assert torch.allclose(g, exact, atol=0.03), (g, exact)
+    assert res.n_used == 200000 and res.log_weights.shape == (200000,)
+
+
+def test_reweighted_kl_alpha_1_is_reverse_kl_and_mixes_linearly():
+    model = Gauss1D(0.5, 1.5)
+    torch.manual_seed(8)
+    r = reverse_kl(model, StdNormalUnnorm(), 64)
+    gr = _grads(model, r.loss)
+    torch.manual_seed(8)
+    w1 = reweighted_kl(model, StdNormalUnnorm(), 64, alpha=1.0)
+    assert w1.loss.item() == pytest.approx(r.loss.item(), rel=1e-12)
+    assert torch.allclose(_grads(model, w1.loss), gr)
+    torch.manual_seed(8)
+    gf = _grads(model, reweighted_kl(model, StdNormalUnnorm(), 64, alpha=0.0).loss)
+    torch.manual_seed(8)
+    gm = _grads(model, reweighted_kl(model, StdNormalUnnorm(), 64, alpha=0.3).loss)
+    assert torch.allclose(gm, 0.3 * gr + 0.7 * gf)
+    # NaN rows dropped from both parts; everything dropped backpropagates a zero loss
+    torch.manual_seed(9)
+    res = reweighted_kl(NaNSampler(), StdNormalUnnorm(), 100, sample_filter=lambda x: x[:, 0] > 0)
+    assert res.n_nonfinite == 25 and torch.isfinite(res.loss)
+    res = reweighted_kl(NaNSampler(), StdNormalUnnorm(), 8, sample_filter=lambda x: x[:, 0] > 99)
+    assert res.loss.item() == 0.0 and res.n_used == 0
+    res.loss.backward()
+    with pytest.raises(ValueError):
+        reweighted_kl(model, StdNormalUnnorm(), 4, power=0.0)
 
 
 def test_log_ess():

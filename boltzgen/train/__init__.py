@@ -12,6 +12,7 @@ from boltzgen.train.objectives import (
     forward_kl,
     mixed_kl,
     reverse_kl,
+    reweighted_kl,
 )
 from boltzgen.train.trainer import (
     CHECKPOINT_FORMAT,
@@ -41,6 +42,7 @@ __all__ = [
     "load_checkpoint",
     "lr_factor",
     "mixed_kl",
+    "reweighted_kl",
     "options_from_dict",
     "reverse_kl",
 ]

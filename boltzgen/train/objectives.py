@@ -1,4 +1,5 @@
-"""Training objectives of Boltzmann generators as free functions: reverse, forward, mixed KL.
+"""Training objectives of Boltzmann generators as free functions: reverse, forward, mixed and
+reweighted KL.
 
 All return an `ObjectiveResult` holding the differentiable loss and the diagnostics a trainer
 logs (importance log-weights, target evaluations, dropped samples). Non-finite samples,
@@ -28,6 +29,7 @@ __all__ = [
     "log_ess",
     "mixed_kl",
     "reverse_kl",
+    "reweighted_kl",
 ]
 
 
@@ -114,6 +116,25 @@ def _target_log_prob(target: LogDensity, x: Tensor) -> tuple[Tensor, Tensor, int
     return torch.where(ok, log_p, torch.zeros_like(log_p)), ok, evals
 
 
+def _reverse_parts(
+    model: Sampler, target: LogDensity, n: int, sample_filter: SampleFilter | None
+) -> tuple[Tensor, Tensor, Tensor, int, int, int]:
+    """Draw ``n`` model samples; return the valid ones as ``(x, log_q, log_p, evals,
+    n_nonfinite, n_filtered)`` (``x``, ``log_q`` with gradients, ``log_p`` of the target)."""
+    x, log_q = model.sample_and_log_prob(n)
+    ok = _rows_finite(x) & torch.isfinite(log_q)
+    n_nonfinite = int((~ok).sum())
+    ok, n_filtered = filter_rows(ok, x, sample_filter)
+    idx = ok.nonzero().flatten()
+    evals = 0
+    x_ok, lq_ok, log_p = x[idx], log_q[idx], log_q.new_zeros(0)
+    if idx.numel() > 0:
+        log_p, p_ok, evals = _target_log_prob(target, x_ok)
+        n_nonfinite += int((~p_ok).sum())
+        x_ok, lq_ok, log_p = x_ok[p_ok], lq_ok[p_ok], log_p[p_ok]
+    return x_ok, lq_ok, log_p, evals, n_nonfinite, n_filtered
+
+
 def reverse_kl(
     model: Sampler,
     target: LogDensity,
@@ -140,20 +161,12 @@ def reverse_kl(
     Returns:
         `ObjectiveResult` with the mean over valid samples as loss.
     """
-    x, log_q = model.sample_and_log_prob(n)
-    ok = _rows_finite(x) & torch.isfinite(log_q)
-    n_nonfinite = int((~ok).sum())
-    ok, n_filtered = filter_rows(ok, x, sample_filter)
-    idx = ok.nonzero().flatten()
-    evals = 0
-    lq_ok, log_p = log_q[idx], log_q.new_zeros(0)
-    if idx.numel() > 0:
-        log_p, p_ok, evals = _target_log_prob(target, x[idx])
-        n_nonfinite += int((~p_ok).sum())
-        lq_ok, log_p = lq_ok[p_ok], log_p[p_ok]
+    _, lq_ok, log_p, evals, n_nonfinite, n_filtered = _reverse_parts(
+        model, target, n, sample_filter
+    )
     if lq_ok.numel() == 0 and mean is None:
-        zero = (log_q.nan_to_num(0.0) * 0).sum()
-        return ObjectiveResult(zero, log_q.new_zeros(0), evals, n_nonfinite, n_filtered, 0)
+        zero = lq_ok.sum() * 0
+        return ObjectiveResult(zero, lq_ok.new_zeros(0), evals, n_nonfinite, n_filtered, 0)
     loss = (mean or torch.mean)(lq_ok - log_p)
     return ObjectiveResult(
         loss, (log_p - lq_ok).detach(), evals, n_nonfinite, n_filtered, int(lq_ok.numel())
@@ -205,3 +218,59 @@ def mixed_kl(
         r.n_filtered,
         r.n_used + f.n_used,
     )
+
+
+def reweighted_kl(
+    model: Density,
+    target: LogDensity,
+    n: int,
+    alpha: float = 0.5,
+    power: float = 1.0,
+    sample_filter: SampleFilter | None = None,
+    mean: BatchMean | None = None,
+    log_normalizer: Callable[[Tensor], Tensor] | None = None,
+) -> ObjectiveResult:
+    """``alpha * reverse_kl + (1 - alpha) * `` a self-normalised importance-weighted forward KL
+    on the same model samples.
+
+    The forward part is ``-sum_i wbar_i log q(x_i)`` with ``x_i`` the batch's samples taken as
+    fixed points (detached), ``log q`` evaluated again through the model's inverse (with
+    gradients), and ``wbar_i = w_i^power / sum_j w_j^power``, ``w = p(x) / q(x)`` detached.
+    ``power = 1`` estimates the gradient of the forward KL ``KL(p || q)`` (mass covering: it
+    pulls ``q`` up where samples are under-weighted by it, the heavy tail of the weights that
+    reverse KL leaves); ``power = 2`` that of the alpha-2 divergence ``log E_q[w^2]``, i.e. of
+    ``-log ESS``. With a target at another temperature than the model was trained at this is
+    the reweighted forward KL of temperature-annealed Boltzmann generators (Schopmans &
+    Friederich 2025). Costs one more pass of the model (``log_prob``) per step.
+
+    Args:
+        model: Has ``sample_and_log_prob(n)`` and ``log_prob(x)``.
+        target: The unnormalised log density.
+        n: Batch size.
+        alpha: Weight of the reverse KL in [0, 1].
+        power: Exponent of the weights (> 0).
+        sample_filter, mean: As in `reverse_kl`.
+        log_normalizer: ``log_w -> log sum_j exp(log_w_j)`` over all ranks' weights (data
+            parallel training; default: this batch's logsumexp).
+    """
+    if not 0.0 <= alpha <= 1.0 or math.isnan(alpha):
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not power > 0:
+        raise ValueError(f"power must be > 0, got {power}")
+    x, lq_ok, log_p, evals, n_nonfinite, n_filtered = _reverse_parts(
+        model, target, n, sample_filter
+    )
+    if lq_ok.numel() == 0 and mean is None:
+        zero = lq_ok.sum() * 0
+        return ObjectiveResult(zero, lq_ok.new_zeros(0), evals, n_nonfinite, n_filtered, 0)
+    log_w = (log_p - lq_ok).detach()
+    scaled = power * log_w
+    log_norm = (log_normalizer or (lambda v: torch.logsumexp(v, 0)))(scaled)
+    wbar = torch.exp(scaled - log_norm)
+    loss = alpha * (mean or torch.mean)(lq_ok - log_p)
+    if alpha < 1.0 and x.shape[0] > 0:
+        log_q_fixed = model.log_prob(x.detach())
+        keep = torch.isfinite(log_q_fixed)
+        forward = -(wbar * torch.where(keep, log_q_fixed, torch.zeros_like(log_q_fixed))).sum()
+        loss = loss + (1.0 - alpha) * forward
+    return ObjectiveResult(loss, log_w, evals, n_nonfinite, n_filtered, int(lq_ok.numel()))

@@ -29,6 +29,7 @@ from boltzgen.train.objectives import (
     forward_kl,
     mixed_kl,
     reverse_kl,
+    reweighted_kl,
 )
 
 __all__ = [
@@ -46,7 +47,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "boltzgen-checkpoint-1"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_OBJECTIVES = ("reverse_kl", "forward_kl", "mixed_kl", "fab")
+_OBJECTIVES = ("reverse_kl", "forward_kl", "mixed_kl", "reweighted_kl", "fab")
 LOG_COLUMNS = (
     "iteration",
     "loss",
@@ -69,9 +70,13 @@ class TrainOptions:
     Attributes:
         max_iter: Total number of iterations (the schedule's length).
         batch_size: Samples per iteration (model samples and/or data frames).
-        objective: ``"reverse_kl"``, ``"forward_kl"``, ``"mixed_kl"`` or ``"fab"`` (settings
-            in `boltzgen.train.fab.FABOptions`).
-        alpha: Weight of the reverse KL in ``"mixed_kl"``.
+        objective: ``"reverse_kl"``, ``"forward_kl"``, ``"mixed_kl"`` (reverse KL + forward
+            KL on data), ``"reweighted_kl"`` (reverse KL + importance-weighted forward KL on the
+            model's own samples, `boltzgen.train.objectives.reweighted_kl`; no data) or ``"fab"``
+            (settings in `boltzgen.train.fab.FABOptions`).
+        alpha: Weight of the reverse KL in ``"mixed_kl"`` and ``"reweighted_kl"``.
+        weight_power: Exponent of the importance weights in ``"reweighted_kl"`` (1: forward
+            KL, 2: alpha-2 divergence / ESS).
         optimizer: ``"adam"`` or ``"adamw"``.
         lr: Peak learning rate.
         weight_decay: Weight decay (AdamW's decoupled one for ``"adamw"``).
@@ -101,6 +106,7 @@ class TrainOptions:
     batch_size: int = 256
     objective: str = "reverse_kl"
     alpha: float = 0.5
+    weight_power: float = 1.0
     optimizer: str = "adam"
     lr: float = 5.0e-4
     weight_decay: float = 0.0
@@ -132,6 +138,8 @@ class TrainOptions:
             raise bad("need lr > 0, warmup_iters >= 0, 0 <= min_lr_factor <= 1")
         if not 0 <= self.alpha <= 1:
             raise bad(f"alpha must be in [0, 1], got {self.alpha}")
+        if not self.weight_power > 0:
+            raise bad(f"weight_power must be > 0, got {self.weight_power}")
         if self.checkpoint_every < 1:
             raise bad("checkpoint_every must be >= 1")
         try:
@@ -390,6 +398,15 @@ class Trainer:
         n = sh.local_size(opt.batch_size)
         if opt.objective == "reverse_kl":
             return reverse_kl(model, self.target, n, self.sample_filter, mean)
+        if opt.objective == "reweighted_kl":
+
+            def log_normalizer(v: Tensor) -> Tensor:  # over all ranks' samples
+                return torch.logsumexp(sh.gather(v), 0)
+
+            return reweighted_kl(
+                model, self.target, n, opt.alpha, opt.weight_power, self.sample_filter, mean,
+                log_normalizer if sh.distributed else None,
+            )  # fmt: skip
         idx = torch.cat([self._data_indices(m) for _, m in sh.each(n, self.iteration, "data")])
         if opt.objective == "forward_kl":
             return forward_kl(model, self.x_data[idx], mean)
