@@ -15,6 +15,7 @@ from boltzgen.train.objectives import (
 )
 from boltzgen.train.trainer import (
     CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
     CheckpointError,
     Trainer,
     TrainingInterrupted,
@@ -27,6 +28,7 @@ from boltzgen.train.trainer import (
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
     "FAB",
     "CheckpointError",
     "FABOptions",
