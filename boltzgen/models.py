@@ -134,6 +134,19 @@ def _system_of(ckpt: dict[str, Any], path: Path) -> str:
     return name
 
 
+def _same_system(name: str, want: str) -> bool:
+    """Whether checkpoint system ``name`` is the system ``want`` (a name or a system folder)."""
+    if name == want:
+        return True
+    from boltzgen.errors import SystemLoadError
+    from boltzgen.systems import system_dir
+
+    try:
+        return system_dir(name).resolve() == system_dir(want).resolve()
+    except SystemLoadError:
+        return False
+
+
 def read_components(paths: Sequence[str | os.PathLike], system: str | None = None) -> list[dict]:
     """The checkpoints of a model's components, checked to be of one system (``system``, if
     given) before any of them is built.
@@ -150,7 +163,7 @@ def read_components(paths: Sequence[str | os.PathLike], system: str | None = Non
         name = _system_of(ckpt, Path(p))
         if want is None:
             want, first = name, p
-        elif name != want:
+        elif not _same_system(name, want):
             other = f"{first} is of {want!r}" if first is not None else f"not {want!r}"
             raise CheckpointError(f"{p} is a model of system {name!r}, {other}")
         out.append(ckpt)
@@ -269,7 +282,7 @@ def load_model(target: str | os.PathLike, system: str | None = None) -> Pretrain
             if c.get("sha256") and _sha256(f) != c["sha256"]:
                 raise CheckpointError(f"{f} does not match its model card (SHA-256 differs)")
         named = card.get("system")
-        if system is not None and named is not None and named != system:
+        if system is not None and named is not None and not _same_system(named, system):
             raise CheckpointError(f"{path} is a model of system {named!r}, not {system!r}")
         read_components(files, system or named)
     runs = [pipeline.load_run(f) for f in files]
