@@ -31,8 +31,8 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "cpu": cpu_model(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
+        "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "torch": str(torch.__version__),  # a TorchVersion: torch.load(weights_only) refuses it
         "threads": torch.get_num_threads(),
     }
     if device is not None:
