@@ -302,7 +302,8 @@ def draw(
 ) -> GeneratedSamples:
     """``n`` weighted samples of a model: `boltzgen.pipeline.draw_samples` of its one
     component (``ais`` and ``kwargs`` such as ``partial``, ``resume``, ``progress`` pass on),
-    or `boltzgen.pipeline.draw_mixture` of several (plain flow samples; ``kwargs`` unused).
+    or `boltzgen.pipeline.draw_mixture` of several (plain flow samples; of ``kwargs`` only
+    ``progress``).
 
     Raises:
         BoltzgenError: ``ais > 0`` for a mixture (AIS refines the samples of one flow).
@@ -318,7 +319,10 @@ def draw(
             f"AIS refines the samples of one flow; {model.path} is a mixture of "
             f"{len(model.runs)} flows: use ais 0 (its weights are exact)"
         )
-    return pipeline.draw_mixture(model.runs, model.fractions, n, batch_size, device, seed)
+    progress = bool(kwargs.get("progress", False))
+    return pipeline.draw_mixture(
+        model.runs, model.fractions, n, batch_size, device, seed, progress=progress
+    )
 
 
 # --------------------------------------------------------------------------------- model cards

@@ -821,6 +821,7 @@ def draw_mixture(
     batch_size: int = 1000,
     device: str = "cpu",
     seed: int | None = None,
+    progress: bool = False,
 ) -> GeneratedSamples:
     """Flow samples of several runs of one system, weighted as one mixture proposal.
 
@@ -837,6 +838,7 @@ def draw_mixture(
         fractions: Share of the samples of each run, positive, summing to 1.
         n: Number of samples; batch_size, device: as in `draw_samples`.
         seed: Run ``k`` draws with seed ``seed + k`` (None: torch's generator as it is).
+        progress: A tqdm progress bar for each run's draws.
 
     Returns:
         `GeneratedSamples` whose ``log_q`` is the mixture's log density.
@@ -861,7 +863,14 @@ def draw_mixture(
     if counts[0] < 1:
         raise BoltzgenError(f"the first run's share of {n} samples is empty")
     parts = [
-        draw_samples(run, m, batch_size, device=device, seed=None if seed is None else seed + k)
+        draw_samples(
+            run,
+            m,
+            batch_size,
+            device=device,
+            seed=None if seed is None else seed + k,
+            progress=progress,
+        )
         for k, (run, m) in enumerate(zip(runs, counts, strict=True))
         if m > 0
     ]

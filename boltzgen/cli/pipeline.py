@@ -345,10 +345,10 @@ def _sample(args: argparse.Namespace, source: _Source, device: str) -> int | Non
             progress=not args.no_progress,
         )
     except pipeline.SamplingInterrupted as stop:
-        print(
-            f"\n{stop}: they are in {partial}; run the same command again to resume",
-            file=sys.stderr,
-        )
+        saved = f"they are in {partial}; run the same command again to resume"
+        if stop.partial is None:  # a mixture: its components draw without a progress file
+            saved = "nothing saved; the same command draws them again"
+        print(f"\n{stop}: {saved}", file=sys.stderr)
         return stop.exit_code
     system = model.runs[0].system
     written = drawn.export(samples_path, system)
