@@ -27,7 +27,7 @@ from torch import Tensor
 
 from boltzgen.config import RunConfig, config_from_dict, config_to_dict
 from boltzgen.errors import BoltzgenError, CheckpointError, ConfigError
-from boltzgen.files import atomic_path, save_npz
+from boltzgen.files import atomic_open, atomic_path, save_npz
 from boltzgen.interrupts import Interrupted, deferred_signals
 from boltzgen.protocols import SampleFilter
 from boltzgen.systems import MolecularSystem
@@ -42,6 +42,7 @@ __all__ = [
     "GeneratedSamples",
     "Run",
     "SamplingInterrupted",
+    "TRAJECTORY_SUFFIXES",
     "TrainResult",
     "build_run",
     "check_device",
@@ -53,7 +54,9 @@ __all__ = [
     "load_training_data",
     "merge_samples",
     "minimized_positions",
+    "topology_path",
     "train",
+    "weights_path",
     "with_overrides",
 ]
 
@@ -425,19 +428,72 @@ class GeneratedSamples:
         return out
 
     def save(self, path: str | Path, system: MolecularSystem | None = None) -> Path:
-        """Write a samples ``.npz``, or ``.pdb`` / ``.dcd`` (needs ``system``), atomically."""
+        """Write a samples ``.npz``, or ``.pdb`` / ``.dcd`` / ``.xtc`` (needs ``system``),
+        atomically."""
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix == ".npz":
             save_npz(path, **self.arrays())
-        elif suffix in (".pdb", ".dcd"):
+        elif suffix in TRAJECTORY_SUFFIXES:
             if system is None:
                 raise BoltzgenError(f"writing {path.name} needs the system's topology")
             with atomic_path(path) as tmp:
                 system.to_mdtraj(self.positions).save(str(tmp))
         else:
-            raise BoltzgenError(f"output must end in .npz, .pdb or .dcd, got {path.name!r}")
+            raise BoltzgenError(f"output must end in .npz, .pdb, .dcd or .xtc, got {path.name!r}")
         return path
+
+    def save_weights(self, path: str | Path, frames: str = "the frames") -> Path:
+        """Write the importance weights as text, one row per sample in order (``np.loadtxt``
+        reads it): ``log_weight`` (unnormalised, nats, toward ``exp(-U/kT)``), ``weight``
+        (normalised: sums to 1) and ``energy`` (U, kJ/mol); ``frames`` names the trajectory
+        in the header."""
+        from boltzgen.analysis.reweighting import normalized_log_weights
+
+        w = np.exp(normalized_log_weights(self.log_weights))
+        header = (
+            f"boltzgen importance weights of {frames}, one row per frame in order; system "
+            f"{self.system}, {self.temperature:g} K\nlog_weight: unnormalised log importance "
+            "weight toward exp(-U/kT) (nats); weight: normalised, sums to 1; energy: U in "
+            "kJ/mol\nlog_weight weight energy_kj_mol"
+        )
+        table = np.column_stack([self.log_weights, w, self.energies])
+        with atomic_open(path, "w", encoding="utf-8") as fh:
+            np.savetxt(fh, table, fmt="%.10g", header=header)
+        return Path(path)
+
+    def export(self, path: str | Path, system: MolecularSystem) -> list[Path]:
+        """`save` plus what a viewer needs beside it: a topology PDB (the first sample) for an
+        ``.npz``, ``.dcd`` or ``.xtc`` (`topology_path`), and the weights (`save_weights`,
+        `weights_path`) for a trajectory. Returns the files written, ``path`` first."""
+        path = Path(path)
+        written = [self.save(path, system)]
+        if path.suffix.lower() != ".pdb":
+            top = topology_path(path)
+            with atomic_path(top) as tmp:
+                system.to_mdtraj(self.positions[:1]).save(str(tmp))
+            written.append(top)
+        if path.suffix.lower() in TRAJECTORY_SUFFIXES:
+            written.append(self.save_weights(weights_path(path), path.name))
+        return written
+
+
+#: Trajectory formats `GeneratedSamples.save` writes through mdtraj (frames of positions).
+TRAJECTORY_SUFFIXES = (".pdb", ".dcd", ".xtc")
+
+
+def topology_path(path: str | Path) -> Path:
+    """The topology PDB written beside a samples file: ``samples.npz`` ->
+    ``samples.topology.pdb``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.topology.pdb")
+
+
+def weights_path(path: str | Path) -> Path:
+    """The weights file written beside a trajectory: ``samples.xtc`` ->
+    ``samples.weights.txt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.weights.txt")
 
 
 def _valid_rows(
@@ -765,6 +821,7 @@ def draw_mixture(
     batch_size: int = 1000,
     device: str = "cpu",
     seed: int | None = None,
+    progress: bool = False,
 ) -> GeneratedSamples:
     """Flow samples of several runs of one system, weighted as one mixture proposal.
 
@@ -781,6 +838,7 @@ def draw_mixture(
         fractions: Share of the samples of each run, positive, summing to 1.
         n: Number of samples; batch_size, device: as in `draw_samples`.
         seed: Run ``k`` draws with seed ``seed + k`` (None: torch's generator as it is).
+        progress: A tqdm progress bar for each run's draws.
 
     Returns:
         `GeneratedSamples` whose ``log_q`` is the mixture's log density.
@@ -805,7 +863,14 @@ def draw_mixture(
     if counts[0] < 1:
         raise BoltzgenError(f"the first run's share of {n} samples is empty")
     parts = [
-        draw_samples(run, m, batch_size, device=device, seed=None if seed is None else seed + k)
+        draw_samples(
+            run,
+            m,
+            batch_size,
+            device=device,
+            seed=None if seed is None else seed + k,
+            progress=progress,
+        )
         for k, (run, m) in enumerate(zip(runs, counts, strict=True))
         if m > 0
     ]

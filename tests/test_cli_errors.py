@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from boltzgen import cli, systems
@@ -56,6 +57,15 @@ def files(tmp_path_factory) -> dict[str, Path]:
         (d / f"cfg_{name}.yaml").write_text(yaml.safe_dump(cfg))
     cfg = {**base, "restraint": {"atoms": [4, 6, 8], "range": [0, 120]}}
     (d / "cfg_restraint.yaml").write_text(yaml.safe_dump({**cfg, "output_dir": str(d / "rr")}))
+    # checkpoints: a newer format version, another system, a model folder of another system
+    component = torch.load(
+        systems.shipped_path("aldp", "pretrained", "component_1.pt"), weights_only=True
+    )
+    torch.save({**component, "format_version": 99}, d / "ckpt_v99.pt")
+    meta = {**component["metadata"], "system": "xylene"}
+    torch.save({**component, "metadata": meta}, d / "ckpt_xylene.pt")
+    torch.save(component, d / "ckpt_aldp.pt")
+    (d / "quality_bad.json").write_text("{not json\n")
     cfg = {**base, "data": str(d / "missing.npz"), "output_dir": str(d / "run_data")}
     cfg["train"] = {**base["train"], "objective": "forward_kl"}
     (d / "cfg_data.yaml").write_text(yaml.safe_dump(cfg))
@@ -103,6 +113,14 @@ CASES = [
     ),
     ("sample-no-ckpt", ["sample", "{dir}/none.pt", "-n", "9", "-o", "{dir}/s.npz"], "none.pt"),
     ("sample-not-ckpt", ["sample", "{checkpoint}", "-n", "9", "-o", "{dir}/s.npz"], "checkpoint"),
+    ("sample-version", ["sample", "{ckpt_v99}", "-n", "9", "-o", "{dir}/s.npz"], "version 99"),
+    (
+        "sample-mix-system",
+        ["sample", "{ckpt_aldp}", "-n", "9", "-o", "{dir}/s.npz", "--mix", "{ckpt_xylene}:0.1"],
+        "system 'xylene'",
+    ),
+    ("sample-model-ais", ["sample", "aldp", "-n", "9", "-o", "{dir}/s.npz", "--ais", "2"], "--ais"),
+    ("sample-no-model", ["sample", "xylene", "-n", "9", "-o", "{dir}/s.npz"], "ships no"),
     (
         "sample-threads",
         ["sample", "{checkpoint}", "-n", "9", "-o", "{dir}/s.npz", "--threads", "-1"],
@@ -228,6 +246,49 @@ CASES = [
     ("pipeline-ais", ["pipeline", "aldp", "--ais", "-1"], "--ais"),
     ("pipeline-max-iter", ["pipeline", "aldp", "--max-iter", "-1"], "max_iter"),
     ("pipeline-bad-config", ["pipeline", "aldp", "--config", "{cfg_layer}"], "layer_type"),
+    ("pipeline-model-system", ["pipeline", "xylene", "--model", "aldp"], "not 'xylene'"),
+    ("pipeline-model-ckpt-system", ["pipeline", "aldp", "--model", "{ckpt_xylene}"], "xylene"),
+    ("pipeline-model-version", ["pipeline", "aldp", "--model", "{ckpt_v99}"], "version 99"),
+    ("pipeline-model-missing", ["pipeline", "aldp", "--model", "{dir}/none.pt"], "none.pt"),
+    ("pipeline-model-ais", ["pipeline", "aldp", "--ais", "4"], "mixture"),
+    ("pipeline-model-and-train", ["pipeline", "aldp", "--train", "--model", "aldp"], "--model"),
+    ("pipeline-batch-size", ["pipeline", "aldp", "--batch-size", "0"], "--batch-size"),
+    ("pipeline-trajectory", ["pipeline", "aldp", "--trajectory", "pdf"], "--trajectory"),
+    # info
+    ("info-missing", ["info", "{dir}/none.pt"], "none.pt"),
+    ("info-no-model", ["info", "xylene"], "ships no pretrained model"),
+    ("info-unknown", ["info", "no-such-molecule"], "no-such-molecule"),
+    ("info-not-ckpt", ["info", "{checkpoint}"], "checkpoint"),
+    ("info-version", ["info", "{ckpt_v99}"], "upgrade boltzgen"),
+    ("info-folder", ["info", "{dir}"], "model_card.json"),
+    # export-model
+    ("export-missing", ["export-model", "{dir}/none.pt", "-o", "{dir}/m"], "none.pt"),
+    (
+        "export-fraction",
+        ["export-model", "{ckpt_aldp}", "{ckpt_aldp}:1.5", "-o", "{dir}/m"],
+        "FRACTION",
+    ),
+    (
+        "export-no-share",
+        ["export-model", "{ckpt_aldp}", "{ckpt_aldp}:1", "-o", "{dir}/m"],
+        "no share",
+    ),
+    (
+        "export-systems",
+        ["export-model", "{ckpt_aldp}", "{ckpt_xylene}:0.1", "-o", "{dir}/m"],
+        "xylene",
+    ),
+    ("export-version", ["export-model", "{ckpt_v99}", "-o", "{dir}/m"], "version 99"),
+    (
+        "export-quality-missing",
+        ["export-model", "{ckpt_aldp}", "-o", "{dir}/m", "--quality", "{dir}/none.json"],
+        "none.json",
+    ),
+    (
+        "export-quality-json",
+        ["export-model", "{ckpt_aldp}", "-o", "{dir}/m", "--quality", "{quality_bad}"],
+        "JSON",
+    ),
     # check-energy
     ("check-energy-frames", ["check-energy", "aldp", "--frames", "0"], "--frames"),
     ("check-energy-system", ["check-energy", "no-such-molecule"], "unknown system"),

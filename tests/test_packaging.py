@@ -113,6 +113,26 @@ def test_installed_wheel_cli_lists_systems(wheel_site, tmp_path):
     assert {"aldp", "xylene", "trpzip2"} <= set(proc.stdout.split())
 
 
+def test_installed_wheel_loads_the_shipped_model(wheel_site, tmp_path):
+    """A wheel install (no checkout on the path, another working directory) finds the shipped
+    ALDP model, loads it and draws weighted samples; its CLI prints the card."""
+    _, site = wheel_site
+    code = (
+        "import json, numpy as np, torch; torch.set_num_threads(1); from boltzgen import models; "
+        "m = models.load_model('aldp'); s = models.draw(m, 4, seed=1); "
+        "print(json.dumps({'path': str(m.path), 'n': s.n, 'fractions': m.fractions, "
+        "'finite': bool(np.isfinite(s.log_weights).all())}))"
+    )
+    proc = _run_isolated(site, code, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(out["path"]).is_relative_to(site) and out["n"] == 4 and out["finite"]
+    assert abs(sum(out["fractions"]) - 1) < 1e-12
+    proc = _run_isolated(site, "from boltzgen.cli import main; main(['info', 'aldp'])", tmp_path)
+    assert proc.returncode == 0 and "component_1.pt" in proc.stdout, proc.stderr
+    assert not list(tmp_path.glob("*"))  # nothing written in the working directory
+
+
 def _requirement(text: str) -> tuple[str, str]:
     """``"name>=1.2"`` -> ``("name", ">=1.2")``; conda's ``pytorch`` is pip's ``torch``."""
     import re

@@ -62,6 +62,21 @@ def test_pipeline_bad_input_exit_2(tmp_path, capsys) -> None:
     assert "--ais must be >= 0" in capsys.readouterr().err
 
 
+def test_pipeline_train_flag_trains_the_quick_config_not_the_shipped_model(tmp_path, capsys):
+    out = tmp_path / "quick"
+    argv = ["pipeline", "aldp", "--train", "--max-iter", "2", "-n", "20", "--batch-size", "20",
+            "--ais", "1", "--output-dir", str(out), "--no-progress", "--no-plots"]  # fmt: skip
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "[1/3] training" in text and "reverse_kl_quick.yaml" in text
+    summary = json.loads((out / "pipeline.json").read_text())
+    assert summary["model"] is None and summary["checkpoint"] == str(out / "checkpoint.pt")
+    assert summary["ais_intermediate"] == 1 and summary["n_samples"] == 20
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["iteration"] == 2 and state["metadata"]["config"]["flow"]["hidden"] == 64
+    assert (out / "samples.topology.pdb").is_file()
+
+
 def test_init_from_starts_a_stage_from_another_runs_weights(tmp_path) -> None:
     import torch
 

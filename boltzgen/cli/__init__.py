@@ -7,7 +7,9 @@ Subcommands:
     evaluate   metrics against a reference (KL, ESS) and plots
     pipeline   the main job: train the quick config, sample, report ESS and basin populations
     train      train a Boltzmann generator from a YAML run config
-    sample     draw weighted samples from a checkpoint (.npz, .pdb, .dcd)
+    sample     draw weighted samples from a checkpoint or model (.npz, .pdb, .dcd, .xtc)
+    info       the model card of a pretrained model, or what a checkpoint holds
+    export-model  a model folder (stripped checkpoints + model card) from trained runs
     check-energy  short MD of a system; OpenMM vs torch-native energies and forces on it
 
 Bad input ends with one ``boltzgen: error: ...`` line and exit code 2, never a traceback. SIGINT
@@ -39,6 +41,8 @@ SUBCOMMANDS = (
     "systems",
     "train",
     "sample",
+    "info",
+    "export_model",
 )
 
 

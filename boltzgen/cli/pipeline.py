@@ -1,15 +1,22 @@
-"""``boltzgen pipeline``: the main job, train -> sample -> reweight -> compare, in one command.
+"""``boltzgen pipeline``: the main job, sample -> reweight -> compare, in one command.
 
-With the defaults it trains ``systems/<system>/reverse_kl_quick.yaml`` (minutes on a laptop
-CPU), draws 10,000 samples (flow samples refined by annealed importance sampling toward the
-Boltzmann density through 8 intermediate distributions), prints the effective sample size and
-the fraction of samples in each state of the system's ``states.yaml`` (raw and reweighted,
-with bootstrap errors) next to the shipped MD reference, and writes plots (without a shipped
-reference, as for xylene and trpzip2, it says so and skips the comparison). Every shipped
-system has a ``reverse_kl_quick.yaml`` and a ``states.yaml``. A finished
+For a system that ships a pretrained model (``systems/<system>/pretrained``, e.g. ``aldp``) it
+loads that model (no training), draws 100,000 samples (plain flow samples of its mixture
+proposal: exact importance weights), prints the effective sample size, k-hat and the fraction
+of samples in each state of the system's ``states.yaml`` (raw and reweighted, with bootstrap
+errors) next to the shipped MD reference, and writes plots, metrics JSON and the samples
+(``samples.npz`` and ``samples.topology.pdb``; ``--trajectory dcd|xtc`` adds a trajectory and
+its ``samples.weights.txt``) to ``runs/<system>_pretrained``. ``--model`` samples another
+model folder or checkpoint instead.
+
+With ``--train`` (implied by ``--config`` and ``--max-iter``, and the only way for systems
+that ship no model, such as xylene and trpzip2) it first trains
+``systems/<system>/reverse_kl_quick.yaml`` (minutes on a laptop CPU), then draws 10,000
+samples refined by annealed importance sampling through 8 intermediate distributions, and
+reports the same. Without a shipped reference it says so and skips the comparison. A finished
 checkpoint in the output folder is reused and an unfinished one resumed, so an interrupted
 pipeline continues where it stopped, in training or in sampling (``samples.partial.npz``).
-Every step is a `boltzgen.pipeline` or `boltzgen.analysis.reports` call.
+Every step is a `boltzgen.pipeline`, `boltzgen.models` or `boltzgen.analysis.reports` call.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,34 +39,83 @@ if TYPE_CHECKING:
 
 __all__ = ["register", "run"]
 
+#: Defaults of the two paths: (samples, AIS intermediate distributions, batch size). A
+#: pretrained model draws in batches of 5000 with seed 1, as benchmarks/aldp_quality.py does
+#: for its model card: the pipeline's samples are then the card's, bit for bit.
+PRETRAINED_DEFAULTS = (100_000, 0, 5000)
+TRAINED_DEFAULTS = (10_000, 8, 1000)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``boltzgen pipeline [SYSTEM] [--config C] [--max-iter N] [-n N] ...``."""
+    """Register ``boltzgen pipeline [SYSTEM] [--train] [--config C] [--model M] [-n N] ...``."""
     p = subparsers.add_parser(
         "pipeline",
-        help="the main job: train the quick config, sample, report ESS and basin populations",
-        description="Train a Boltzmann generator from a run config (default: the system's "
-        "reverse_kl_quick.yaml), sample from it, and report ESS, k-hat and the fraction of "
-        "samples in each state (raw and reweighted), next to the MD reference if shipped.",
+        help="the main job: sample the shipped model (or train the quick config), report ESS "
+        "and basin populations",
+        description="Sample the system's shipped pretrained model (or, with --train, train a "
+        "Boltzmann generator from a run config, default reverse_kl_quick.yaml), reweight, and "
+        "report ESS, k-hat and the fraction of samples in each state (raw and reweighted), "
+        "next to the MD reference if shipped; write plots, metrics JSON and the samples.",
     )
     p.add_argument("system", nargs="?", default="aldp", help="shipped system (default aldp)")
     p.add_argument(
+        "--train",
+        action="store_true",
+        help="train from scratch (systems/<system>/reverse_kl_quick.yaml) instead of using "
+        "the shipped model; systems without one always train",
+    )
+    p.add_argument(
         "--config",
         default=None,
-        help="run config (default: systems/<system>/reverse_kl_quick.yaml)",
+        help="train this run config (implies --train; default: systems/<system>/"
+        "reverse_kl_quick.yaml)",
     )
-    p.add_argument("--max-iter", type=int, default=None, help="override train.max_iter")
-    p.add_argument("-n", "--n-samples", type=int, default=10000, help="samples to draw")
-    p.add_argument("--output-dir", default=None, help="default: the config's output_dir")
-    p.add_argument("--device", default=None, help="torch device (default: the config's)")
+    p.add_argument(
+        "--max-iter", type=int, default=None, help="override train.max_iter (implies --train)"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="sample this model folder or checkpoint instead of the shipped model",
+    )
+    p.add_argument(
+        "-n",
+        "--n-samples",
+        type=int,
+        default=None,
+        help=f"samples to draw (default {PRETRAINED_DEFAULTS[0]} from a pretrained model, "
+        f"{TRAINED_DEFAULTS[0]} after training)",
+    )
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        help="default: runs/<system>_pretrained for a pretrained model, the config's "
+        "output_dir when training",
+    )
+    p.add_argument("--device", default=None, help="torch device (default: the config's, cpu)")
     p.add_argument("--seed", type=int, default=1, help="sampling seed")
     p.add_argument(
         "--ais",
         type=int,
-        default=8,
+        default=None,
         metavar="K",
         help="refine samples by AIS toward the Boltzmann density with K intermediate "
-        "distributions (default 8; 0: plain flow samples)",
+        f"distributions (default {TRAINED_DEFAULTS[1]} after training, "
+        f"{PRETRAINED_DEFAULTS[1]} for a pretrained model; a mixture model takes 0 only)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"samples per batch (default {PRETRAINED_DEFAULTS[2]} from a pretrained model, "
+        f"{TRAINED_DEFAULTS[2]} after training); the samples depend on it",
+    )
+    p.add_argument(
+        "--trajectory",
+        choices=["dcd", "xtc"],
+        default=None,
+        help="also write the samples as a trajectory (samples.dcd or .xtc, with "
+        "samples.topology.pdb and samples.weights.txt: log-weight, weight, energy per frame)",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the evaluation plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -100,26 +157,115 @@ def _basin_table(
     return basins
 
 
+@dataclass
+class _Source:
+    """What step 2 samples: a trained checkpoint or a pretrained model, and where to write."""
+
+    out: Path
+    system: str
+    checkpoint: Path | None = None
+    model: Path | None = None
+    config_path: Path | None = None
+    card: dict[str, Any] | None = None
+
+
+def _check_args(args: argparse.Namespace) -> bool:
+    """The numeric options and the choice of path; returns whether the pipeline trains."""
+    if args.ais is not None and args.ais < 0:
+        raise BoltzgenError(f"--ais must be >= 0, got {args.ais}")
+    if args.n_samples is not None and args.n_samples < 10:
+        raise BoltzgenError(f"-n must be at least 10, got {args.n_samples}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise BoltzgenError(f"--batch-size must be at least 1, got {args.batch_size}")
+    training = args.train or args.config is not None or args.max_iter is not None
+    if training and args.model is not None:
+        raise BoltzgenError(
+            "--model samples a given model; --train, --config and --max-iter train one: choose one"
+        )
+    return training
+
+
+def _pretrained_source(args: argparse.Namespace) -> _Source | None:
+    """The pretrained model to sample (--model, or the system's shipped one), checked before
+    any work (readable, of this system, no --ais for a mixture); None when the system ships
+    none and no --model is given."""
+    from boltzgen import models
+
+    path = models.find_model(args.model) if args.model else models.shipped_model(args.system)
+    if path is None:
+        return None
+    if path.is_dir():
+        card = models.read_card(path)
+        files = [path / c["file"] for c in card["components"]]
+        models.read_components(files, args.system)
+    else:
+        card = models.checkpoint_card(path, models.read_components([path], args.system)[0])
+    n_flows = len(card["components"])
+    if args.ais and n_flows > 1:
+        raise BoltzgenError(
+            f"--ais refines one flow; {path} is a mixture of {n_flows} flows: drop --ais"
+        )
+    name = Path(args.system).name
+    out = Path(args.output_dir) if args.output_dir else Path("runs") / f"{name}_pretrained"
+    return _Source(out=out, system=args.system, model=path, card=card)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``boltzgen pipeline``; returns the exit code."""
     from boltzgen import pipeline
-    from boltzgen.analysis import load_samples
-    from boltzgen.analysis.reports import (
-        evaluate_samples,
-        load_states,
-        print_report,
-        reweight_report,
-    )
-    from boltzgen.config import load_config
-    from boltzgen.files import write_json
+    from boltzgen.analysis.reports import load_states
     from boltzgen.systems import system_dir
-    from boltzgen.train import TrainingInterrupted, load_checkpoint
 
-    if args.ais < 0:
-        raise BoltzgenError(f"--ais must be >= 0, got {args.ais}")
-    if args.n_samples < 10:
-        raise BoltzgenError(f"-n must be at least 10, got {args.n_samples}")
+    training = _check_args(args)
     sdir = system_dir(args.system)
+    source = None if training else _pretrained_source(args)
+    training = source is None
+    defaults = TRAINED_DEFAULTS if training else PRETRAINED_DEFAULTS
+    for key, value in zip(("n_samples", "ais", "batch_size"), defaults, strict=True):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if training:
+        source, config = _training_source(args, sdir)
+        states = load_states(None, config.system.name)  # a bad states file stops before training
+        device = config.train.device
+    else:
+        states = load_states(None, args.system)
+        device = args.device or "cpu"
+    threads = set_threads(args.threads)
+    pipeline.check_device(device)
+    t_start = time.perf_counter()
+    if training:
+        code = _train(source, config, threads)
+        if code is not None:
+            return code
+    else:
+        card = source.card
+        kind = (
+            f"a mixture of {len(card['components'])} flows ("
+            + ", ".join(f"{c['fraction']:g}" for c in card["components"])
+            + ")"
+            if len(card["components"]) > 1
+            else "one flow"
+        )
+        stand_in = "STAND-IN, " if card.get("stand_in") else ""
+        print(
+            f"[1/3] using the pretrained model {source.model} ({stand_in}{kind}; no training: "
+            f"--train retrains {sdir / 'reverse_kl_quick.yaml'}; boltzgen info "
+            f"{args.system} prints its card) -> {source.out}",
+            flush=True,
+        )
+        source.out.mkdir(parents=True, exist_ok=True)
+    code = _sample(args, source, device)
+    if code is not None:
+        return code
+    return _report(args, source, states, sdir, t_start)
+
+
+def _training_source(args: argparse.Namespace, sdir: Path) -> tuple[_Source, Any]:
+    """The run config to train (with the CLI's overrides) and its output folder."""
+    from boltzgen import pipeline
+    from boltzgen.config import load_config
+
     config_path = Path(args.config) if args.config else sdir / "reverse_kl_quick.yaml"
     if not config_path.is_file():
         raise ConfigError(f"run config {config_path} does not exist (pass --config)")
@@ -130,78 +276,119 @@ def run(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         output_dir=args.output_dir,
     )
-    states = load_states(None, config.system.name)  # a bad states file stops before training
-    threads = set_threads(args.threads)
-    pipeline.check_device(config.train.device)
     out = Path(config.output_dir)
-    max_iter = config.train.max_iter
-    ckpt = out / "checkpoint.pt"
-    t_start = time.perf_counter()
+    source = _Source(
+        out=out,
+        system=config.system.name,
+        checkpoint=out / "checkpoint.pt",
+        config_path=config_path,
+    )
+    return source, config
 
-    # 1. train (or reuse / resume)
+
+def _train(source: _Source, config: Any, threads: int) -> int | None:
+    """Step 1 of the training path: train, resume or reuse; an exit code if interrupted."""
+    from boltzgen import pipeline
+    from boltzgen.train import TrainingInterrupted, load_checkpoint
+
+    ckpt, out, max_iter = source.checkpoint, source.out, config.train.max_iter
     if ckpt.is_file() and load_checkpoint(ckpt)["iteration"] >= max_iter:
         print(f"[1/3] reusing the trained checkpoint {ckpt} (delete it to train again)")
-    else:
-        resume = ckpt.is_file()
-        verb = "resuming" if resume else "training"
+        return None
+    resume = ckpt.is_file()
+    verb = "resuming" if resume else "training"
+    print(
+        f"[1/3] {verb} {source.config_path} -> {out} ({max_iter} iterations, {threads} torch "
+        f"CPU thread{'s' * (threads > 1)}; --threads N to change)",
+        flush=True,
+    )
+    try:
+        print_train_summary(pipeline.train(config, resume=resume))
+    except TrainingInterrupted as stop:
         print(
-            f"[1/3] {verb} {config_path} -> {out} ({max_iter} iterations, {threads} torch CPU "
-            f"thread{'s' * (threads > 1)}; --threads N to change)",
-            flush=True,
+            f"\n{stop}: checkpoint {stop.checkpoint} written; run the same command again to resume",
+            file=sys.stderr,
         )
-        try:
-            print_train_summary(pipeline.train(config, resume=resume))
-        except TrainingInterrupted as stop:
-            print(
-                f"\n{stop}: checkpoint {stop.checkpoint} written; run the same command again "
-                "to resume",
-                file=sys.stderr,
-            )
-            return stop.exit_code
+        return stop.exit_code
+    return None
 
-    # 2. sample
+
+def _sample(args: argparse.Namespace, source: _Source, device: str) -> int | None:
+    """Step 2: draw the samples and write them (npz + topology PDB, and the trajectory with
+    its weights if asked); an exit code if interrupted."""
+    from boltzgen import models, pipeline
+
+    out = source.out
     samples_path = out / "samples.npz"
     how = f"flow + AIS with {args.ais} intermediate distributions" if args.ais else "flow"
+    if source.card is not None and len(source.card["components"]) > 1:
+        how = "mixture proposal"
     partial = out / "samples.partial.npz"
     resume = partial.is_file()
     verb = f"resuming {partial}:" if resume else "drawing"
     print(f"[2/3] {verb} {args.n_samples} samples ({how}) -> {samples_path}", flush=True)
     t0 = time.perf_counter()
-    trained = pipeline.load_run(ckpt)
+    if source.model is not None:
+        model = models.load_model(source.model, source.system)
+    else:
+        model = models.load_model(source.checkpoint)
     try:
-        drawn = pipeline.draw_samples(
-            trained,
+        drawn = models.draw(
+            model,
             args.n_samples,
-            1000,
+            args.batch_size,
             ais=args.ais,
-            device=args.device or "cpu",
+            device=device,
             seed=args.seed,
             partial=partial,
             resume=resume,
             progress=not args.no_progress,
         )
     except pipeline.SamplingInterrupted as stop:
-        print(
-            f"\n{stop}: they are in {partial}; run the same command again to resume",
-            file=sys.stderr,
-        )
+        saved = f"they are in {partial}; run the same command again to resume"
+        if stop.partial is None:  # a mixture: its components draw without a progress file
+            saved = "nothing saved; the same command draws them again"
+        print(f"\n{stop}: {saved}", file=sys.stderr)
         return stop.exit_code
-    drawn.save(samples_path)
+    system = model.runs[0].system
+    written = drawn.export(samples_path, system)
+    if args.trajectory:
+        traj = drawn.export(out / f"samples.{args.trajectory}", system)
+        written += [p for p in traj if p not in written]
     partial.unlink(missing_ok=True)
     print(
         f"      {drawn.n} samples in {time.perf_counter() - t0:.1f} s; dropped non-finite "
-        f"{drawn.n_nonfinite}, D-form {drawn.n_filtered}"
+        f"{drawn.n_nonfinite}, D-form {drawn.n_filtered}; wrote "
+        + ", ".join(p.name for p in written)
     )
+    source.card = source.card or model.card
+    return None
 
-    # 3. reweight and compare
+
+def _report(
+    args: argparse.Namespace, source: _Source, states: Any, sdir: Path, t_start: float
+) -> int:
+    """Step 3: reweight, compare with the MD reference, plots, ``pipeline.json``."""
+    from boltzgen.analysis import load_samples
+    from boltzgen.analysis.reports import evaluate_samples, print_report, reweight_report
+    from boltzgen.files import write_json
+
+    out = source.out
+    samples_path = out / "samples.npz"
     print("[3/3] reweighting", flush=True)
     samples = load_samples(samples_path)
     report = reweight_report(samples, states, n_bootstrap=200, seed=0)
     print_report(report)
     write_json(report, out / "reweight.json")
     summary: dict[str, Any] = {
-        "config": str(config_path),
-        "checkpoint": str(ckpt),
+        "config": None if source.config_path is None else str(source.config_path),
+        "checkpoint": None if source.checkpoint is None else str(source.checkpoint),
+        "model": None if source.model is None else str(source.model),
+        "stand_in": bool((source.card or {}).get("stand_in")),
+        "components": [
+            {"file": c.get("file"), "fraction": c.get("fraction")}
+            for c in (source.card or {}).get("components", [])
+        ],
         "samples": str(samples_path),
         "reweight": str(out / "reweight.json"),
         "n_samples": samples.n,
@@ -227,9 +414,10 @@ def run(args: argparse.Namespace) -> int:
             eval_dir,
             n_bootstrap=50,
             seed=0,
-            training_log=log if log.is_file() else None,
+            training_log=log if source.checkpoint is not None and log.is_file() else None,
         )
         write_json(metrics, eval_dir / "metrics.json")
+        summary["metrics"] = str(eval_dir / "metrics.json")
         if "ramachandran_kl_reweighted" in metrics:
             pair = ", ".join(metrics["ramachandran_cvs"])
             print(

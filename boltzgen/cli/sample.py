@@ -1,4 +1,8 @@
-"""``boltzgen sample``: draw weighted samples from a trained checkpoint.
+"""``boltzgen sample``: draw weighted samples from a trained checkpoint or a pretrained model.
+
+Beside an ``.npz`` (or a ``.dcd`` / ``.xtc`` trajectory) it writes ``OUTPUT.topology.pdb`` (the
+first sample: the topology viewers and mdtraj need), and beside a trajectory
+``OUTPUT.weights.txt`` (one row per frame: log-weight, normalised weight, energy).
 
 SIGINT or SIGTERM stops it after the batch in progress with the samples so far in
 ``OUTPUT.partial.npz`` (e.g. ``samples.partial.npz``); the same command with ``--resume``
@@ -17,15 +21,27 @@ from boltzgen.errors import BoltzgenError
 
 __all__ = ["register", "run"]
 
-SUFFIXES = (".npz", ".pdb", ".dcd")
+SUFFIXES = (".npz", ".pdb", ".dcd", ".xtc")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Register ``boltzgen sample CHECKPOINT -n N -o OUT [--batch-size B] [--ais K] [--resume]``."""
-    p = subparsers.add_parser("sample", help="draw weighted samples from a trained checkpoint")
-    p.add_argument("checkpoint", help="checkpoint.pt written by boltzgen train")
+    p = subparsers.add_parser(
+        "sample", help="draw weighted samples from a trained checkpoint or a pretrained model"
+    )
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint.pt written by boltzgen train, or a pretrained model: a model folder "
+        "or the name of a system that ships one (aldp)",
+    )
     p.add_argument("-n", "--n-samples", type=int, required=True, help="number of samples")
-    p.add_argument("-o", "--output", required=True, help="samples.npz, or .pdb/.dcd for viewers")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="samples.npz, or .pdb/.dcd/.xtc for viewers (with OUTPUT.topology.pdb and "
+        "OUTPUT.weights.txt beside it)",
+    )
     p.add_argument("--batch-size", type=int, default=1000, help="samples per batch")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--seed", type=int, default=None, help="random seed")
@@ -61,7 +77,7 @@ def check_output(path: str | Path) -> Path:
     """A writable samples path with a known suffix, or `BoltzgenError`."""
     out = Path(path)
     if out.suffix.lower() not in SUFFIXES:
-        raise BoltzgenError(f"output must end in .npz, .pdb or .dcd, got {out.name!r}")
+        raise BoltzgenError(f"output must end in .npz, .pdb, .dcd or .xtc, got {out.name!r}")
     if not out.parent.exists():
         raise BoltzgenError(f"output folder {out.parent} does not exist")
     return out
@@ -77,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     or SIGTERM, after writing the samples so far to ``OUTPUT.partial.npz``)."""
     from boltzgen import pipeline
     from boltzgen.analysis.reweighting import ess, ess_fraction
+    from boltzgen.models import find_model
     from boltzgen.train import distributed
 
     if args.n_samples < 1 or args.batch_size < 1:
@@ -91,12 +108,15 @@ def run(args: argparse.Namespace) -> int:
         raise BoltzgenError(f"{partial} exists (an interrupted run); pass --resume or delete it")
     mix = [_mix_component(text) for text in args.mix]
     if mix and (args.ais or args.resume or args.nproc != 1):
-        raise BoltzgenError("--mix draws plain flow samples in one process: drop --ais, "
-                            "--resume and --nproc")  # fmt: skip
+        raise BoltzgenError(
+            "--mix draws plain flow samples in one process: drop --ais, --resume and --nproc"
+        )
     threads = set_threads(args.threads)
     pipeline.check_device(args.device)
     if mix:
         return _mixture(args, mix, out, threads)
+    if find_model(args.checkpoint).is_dir():  # a pretrained model
+        return _model(args, out, threads)
     if args.nproc != 1:
         return _launch(args, threads)
     run_ = pipeline.load_run(args.checkpoint)
@@ -121,11 +141,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return stop.exit_code
-    samples.save(out, run_.system)
+    written = samples.export(out, run_.system)
     partial.unlink(missing_ok=True)
     lw = samples.log_weights
     print(
-        f"wrote {samples.n} samples to {out}; ESS {ess(lw):.1f} ({100 * ess_fraction(lw):.2f}%); "
+        f"wrote {samples.n} samples to {_names(written)}; ESS {ess(lw):.1f} "
+        f"({100 * ess_fraction(lw):.2f}%); "
         f"dropped non-finite {samples.n_nonfinite}, D-form {samples.n_filtered}; "
         f"{threads} torch CPU thread{'s' * (threads > 1)}"
     )
@@ -150,24 +171,63 @@ def _mixture(args: argparse.Namespace, mix: list, out: Path, threads: int) -> in
     """``sample --mix``: the main run and the extra runs as one mixture proposal."""
     from boltzgen import pipeline
     from boltzgen.analysis.reweighting import ess, ess_fraction
+    from boltzgen.models import read_components
 
     rest = 1.0 - sum(f for _, f in mix)
     if not rest > 0:
         raise BoltzgenError("the --mix fractions must leave a share for the main checkpoint")
-    runs = [pipeline.load_run(p) for p in [args.checkpoint] + [p for p, _ in mix]]
+    paths = [args.checkpoint] + [p for p, _ in mix]
+    read_components(paths)  # one system, checked before any run is built
+    runs = [pipeline.load_run(p) for p in paths]
     seed = runs[0].config.train.seed + 1 if args.seed is None else args.seed
     fractions = [rest] + [f for _, f in mix]
     samples = pipeline.draw_mixture(
         runs, fractions, args.n_samples, args.batch_size, device=args.device, seed=seed
     )
-    samples.save(out, runs[0].system)
+    written = samples.export(out, runs[0].system)
     lw = samples.log_weights
     shares = ", ".join(f"{f:g}" for f in fractions)
     print(
-        f"wrote {samples.n} samples of a {len(runs)}-run mixture ({shares}) to {out}; ESS "
+        f"wrote {samples.n} samples of a {len(runs)}-run mixture ({shares}) to "
+        f"{_names(written)}; ESS "
         f"{ess(lw):.1f} ({100 * ess_fraction(lw):.2f}%); dropped non-finite "
         f"{samples.n_nonfinite}, D-form {samples.n_filtered}; {threads} torch CPU "
         f"thread{'s' * (threads > 1)}"
+    )
+    return 0
+
+
+def _names(paths: list[Path]) -> str:
+    """``a.npz`` or ``a.xtc (+ a.topology.pdb, a.weights.txt)``."""
+    extra = f" (+ {', '.join(p.name for p in paths[1:])})" if len(paths) > 1 else ""
+    return f"{paths[0]}{extra}"
+
+
+def _model(args: argparse.Namespace, out: Path, threads: int) -> int:
+    """``sample MODEL``: a pretrained model (a model folder or a system's shipped model)."""
+    from boltzgen import models
+    from boltzgen.analysis.reweighting import ess, ess_fraction
+
+    if args.resume or args.nproc != 1:
+        raise BoltzgenError(
+            "a pretrained model is sampled in one process: drop --resume and --nproc"
+        )
+    model = models.load_model(args.checkpoint)
+    if args.ais and len(model.runs) > 1:
+        raise BoltzgenError(
+            f"--ais refines one flow; {model.path} is a mixture of "
+            f"{len(model.runs)} flows: drop --ais"
+        )
+    seed = 1 if args.seed is None else args.seed
+    samples = models.draw(
+        model, args.n_samples, args.batch_size, ais=args.ais, device=args.device, seed=seed
+    )
+    written = samples.export(out, model.runs[0].system)
+    lw = samples.log_weights
+    print(
+        f"wrote {samples.n} samples of {model.path} to {_names(written)}; ESS {ess(lw):.1f} "
+        f"({100 * ess_fraction(lw):.2f}%); dropped non-finite {samples.n_nonfinite}, D-form "
+        f"{samples.n_filtered}; {threads} torch CPU thread{'s' * (threads > 1)}"
     )
     return 0
 
@@ -184,9 +244,22 @@ def _launch(args: argparse.Namespace, threads: int) -> int:
     if args.n_samples < args.nproc:
         raise BoltzgenError(f"-n {args.n_samples} is fewer than one sample per process")
     load_checkpoint(args.checkpoint)  # a bad checkpoint fails here, once
-    argv = ["sample", args.checkpoint, "-n", args.n_samples, "-o", args.output,
-            "--batch-size", args.batch_size, "--device", args.device, "--ais", args.ais,
-            "--threads", threads]  # fmt: skip
+    argv = [
+        "sample",
+        args.checkpoint,
+        "-n",
+        args.n_samples,
+        "-o",
+        args.output,
+        "--batch-size",
+        args.batch_size,
+        "--device",
+        args.device,
+        "--ais",
+        args.ais,
+        "--threads",
+        threads,
+    ]
     argv += ["--seed", args.seed] if args.seed is not None else []
     launch(argv, args.nproc)
     return 0
@@ -200,16 +273,22 @@ def _rank(args: argparse.Namespace, run_: Any, seed: int, out: Path, threads: in
 
     with distributed.process_group(args.device) as device:
         samples = pipeline.draw_samples_sharded(
-            run_, args.n_samples, seed, batch_size=args.batch_size, ais=args.ais,
-            device=device, progress=False,
-        )  # fmt: skip
+            run_,
+            args.n_samples,
+            seed,
+            batch_size=args.batch_size,
+            ais=args.ais,
+            device=device,
+            progress=False,
+        )
     if samples is None:  # rank 0 writes the merged file
         return 0
-    samples.save(out, run_.system)
+    written = samples.export(out, run_.system)
     lw = samples.log_weights
     world = distributed.launched()
     print(
-        f"wrote {samples.n} samples to {out}; ESS {ess(lw):.1f} ({100 * ess_fraction(lw):.2f}%); "
+        f"wrote {samples.n} samples to {_names(written)}; ESS {ess(lw):.1f} "
+        f"({100 * ess_fraction(lw):.2f}%); "
         f"dropped non-finite {samples.n_nonfinite}, D-form {samples.n_filtered}; "
         f"{world} processes x {threads} torch CPU thread{'s' * (threads > 1)}"
     )

@@ -16,6 +16,7 @@ from boltzgen.train.objectives import (
 )
 from boltzgen.train.trainer import (
     CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
     CheckpointError,
     Trainer,
     TrainingInterrupted,
@@ -28,6 +29,7 @@ from boltzgen.train.trainer import (
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
     "FAB",
     "CheckpointError",
     "FABOptions",

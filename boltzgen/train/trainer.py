@@ -34,6 +34,7 @@ from boltzgen.train.objectives import (
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
     "CheckpointError",
     "TrainOptions",
     "Trainer",
@@ -45,7 +46,13 @@ __all__ = [
     "options_from_dict",
 ]
 
+#: The ``format`` tag of every boltzgen checkpoint (kept as it was, so that older boltzgen
+#: versions still read the checkpoints of this one).
 CHECKPOINT_FORMAT = "boltzgen-checkpoint-1"
+#: The ``format_version`` this boltzgen writes and the newest it reads. Raise it when the
+#: layout changes so that an older reader cannot use a checkpoint; checkpoints written before
+#: the field existed (``format`` tag only) are version 1, the layout they share with this one.
+CHECKPOINT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _OBJECTIVES = ("reverse_kl", "forward_kl", "mixed_kl", "reweighted_kl", "fab")
 LOG_COLUMNS = (
@@ -185,10 +192,16 @@ def lr_factor(iteration: int, max_iter: int, warmup_iters: int, min_factor: floa
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict:
-    """Read a boltzgen checkpoint written by `Trainer`.
+    """Read a boltzgen checkpoint written by `Trainer` (or a stripped model checkpoint,
+    `boltzgen.models.strip_checkpoint`).
+
+    A checkpoint carries ``format`` (`CHECKPOINT_FORMAT`) and ``format_version`` (an int, at
+    most `CHECKPOINT_VERSION`; absent in checkpoints written before it existed, which read as
+    version 1).
 
     Raises:
-        CheckpointError: missing or unreadable file, or not a boltzgen checkpoint.
+        CheckpointError: missing or unreadable file, not a boltzgen checkpoint, or a format
+            version this boltzgen cannot read (a newer one).
     """
     path = Path(path)
     if not path.is_file():
@@ -202,6 +215,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict:
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a boltzgen checkpoint")
+    version = ckpt.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path} has an invalid checkpoint format_version {version!r}")
+    if version > CHECKPOINT_VERSION:
+        from boltzgen import __version__
+
+        written = ckpt.get("boltzgen_version")
+        by = f" by boltzgen {written}" if isinstance(written, str) else ""
+        raise CheckpointError(
+            f"{path} was written{by} in checkpoint format version {version}; boltzgen "
+            f"{__version__} reads versions up to {CHECKPOINT_VERSION}: upgrade boltzgen"
+        )
     return ckpt
 
 
@@ -306,8 +331,15 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        from boltzgen import __version__
+        from boltzgen.machine import machine_info
+
         return {
             "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "kind": "training",
+            "boltzgen_version": __version__,
+            "hardware": machine_info(str(self.device)),
             "iteration": self.iteration,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -360,7 +392,13 @@ class Trainer:
         path = self.checkpoint_path if path is None else Path(path)
         if path is None:
             raise CheckpointError("no checkpoint path to resume from")
-        self.load_state_dict(load_checkpoint(path, map_location=str(self.device)))
+        state = load_checkpoint(path, map_location=str(self.device))
+        if state.get("kind", "training") != "training":
+            raise CheckpointError(
+                f"{path} is a stripped model checkpoint (no optimizer state) and cannot be "
+                "resumed; start a new run from its weights with init_from:"
+            )
+        self.load_state_dict(state)
         self._truncate_log()
 
     # ------------------------------------------------------------------ logging
