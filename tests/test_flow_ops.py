@@ -103,3 +103,24 @@ def test_fused_spline_circle_ends():
     params = torch.randn(1, 3, 19, dtype=torch.float64)
     y, _ = spline.forward_and_log_det(torch.full((1, 3), -math.pi, dtype=torch.float64), params)
     assert torch.allclose(y, torch.full_like(y, -math.pi))
+
+
+def test_spline_coupling_state_dict_keys_unchanged():
+    """Checkpoints of earlier versions load: the coupling's state-dict keys and shapes are the
+    same (the index buffers added for speed are not persistent)."""
+    from boltzgen.flows import SplineCoupling
+
+    domains = [Unbounded(), Circular(), Unbounded(), Circular(), Bounded(0.0, 1.0)]
+    layer = SplineCoupling(domains, torch.tensor([1, 0, 1, 0, 0]).bool(), 4, hidden=8,
+                           identity_spline=True)  # fmt: skip
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert shapes == {
+        "t_idx": (2,), "id_idx": (3,), "inv_perm": (5,),
+        "spline_t.unbounded": (2,), "spline_t.circular": (2,),
+        "spline_id.unbounded": (3,), "spline_id.circular": (3,),
+        "id_params": (3, 13),
+        "net.initial.weight": (8, 5), "net.initial.bias": (8,),
+        "net.blocks.0.1.weight": (8, 8), "net.blocks.0.1.bias": (8,),
+        "net.blocks.0.4.weight": (8, 8), "net.blocks.0.4.bias": (8,),
+        "net.final.weight": (26, 8), "net.final.bias": (26,),
+    }  # fmt: skip
