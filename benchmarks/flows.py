@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from _machine import machine
 
 N_DIM, N_CIRC, N_BLOCKS, N_BINS, HIDDEN, TAIL = 60, 12, 12, 8, 256, 5.0
 
@@ -202,7 +203,15 @@ def main() -> None:
                 if r >= args.warmup:
                     times[lib][op].append(time.perf_counter() - t0)
 
+    from torch.profiler import ProfilerActivity, profile
+
+    aten: dict = {}
+    for lib in ops:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ops[lib]["log_prob_backward"]()
+        aten[lib] = sum(1 for e in prof.events() if e.name.startswith("aten::"))
     result: dict = {
+        **machine(),
         "architecture": {
             "dims": N_DIM,
             "circular": N_CIRC,
@@ -212,9 +221,8 @@ def main() -> None:
             "batch": args.batch,
         },
         "device": args.device,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
         "reps": args.reps,
+        "aten_calls_log_prob_backward": aten,
         "params": {lib: sum(p.numel() for p in m.parameters()) for lib, m in models.items()},
         "median_s": {
             lib: {op: statistics.median(v) for op, v in d.items()} for lib, d in times.items()

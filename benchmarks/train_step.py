@@ -76,6 +76,13 @@ def _setup(lib: str, arch: str):
         opt.step()
         return float(loss.detach())
 
+    def flow_step() -> None:
+        """The flow's part of a step: sample with log q, backward (y enters the loss too)."""
+        opt.zero_grad(set_to_none=True)
+        y, log_q = draw()
+        (log_q + 1e-3 * (y * y).sum(1)).mean().backward()
+
+    step.flow_step = flow_step
     return step
 
 
@@ -128,6 +135,7 @@ def main() -> None:
         **machine(),
         "reps": args.reps,
         "aten_calls": "profiler events named aten::*, nested and backward included, one step",
+        "flow_aten_calls": "the same for the flow alone: sample with log q, then backward",
         "archs": {},
     }
     for arch in args.arch:
@@ -149,6 +157,9 @@ def main() -> None:
             "all_s": {lib: [round(t, 4) for t in v] for lib, v in times.items()},
             "speedup_normflows_over_boltzgen": med["normflows"] / med["boltzgen"],
             "aten_calls_per_step": {lib: _aten_calls(step) for lib, step in steps.items()},
+            "flow_aten_calls_per_step": {
+                lib: _aten_calls(step.flow_step) for lib, step in steps.items()
+            },
         }
         if not args.no_memory:
             row["peak_memory_mib"] = {

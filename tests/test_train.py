@@ -460,7 +460,9 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp
 def test_compiled_training_step_gives_the_eager_losses(monkeypatch):
     """``train.compile``: the flow and coordinate passes run through torch.compile (here its
     graph-capturing ``eager`` backend; the default inductor backend takes minutes to compile on
-    a small CPU) and the training losses are those of the eager model, bit for bit."""
+    a small CPU) and the training losses are those of the eager model: the first bit for bit,
+    the later ones (after optimiser steps) to float64 round-off, because eager splines take
+    the fused analytic backward and compiled ones the traced reference composition."""
     from boltzgen import pipeline
     from boltzgen.config import config_from_dict
     from boltzgen.train import trainer as trainer_module
@@ -492,5 +494,6 @@ def test_compiled_training_step_gives_the_eager_losses(monkeypatch):
                          (compiled.model.coordinates, "forward_and_log_det")]:  # fmt: skip
         assert name in vars(module)  # the compiled pass shadows the class's method
     rows = [compiled.step() for _ in range(3)]
-    assert [r["loss"] for r in rows] == losses
+    assert rows[0]["loss"] == losses[0]
+    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-12, abs=0)
     assert all(r["compile_s"] == rows[0]["compile_s"] > 0 for r in rows)

@@ -60,10 +60,29 @@ class Circular(Domain):
     """The circle, represented as [-pi, pi)."""
 
 
+_ANGLE_CONSTS: dict = {}
+
+
+def _angle_consts(x: Tensor) -> tuple[Tensor, Tensor]:
+    """0-dim ``(pi, 2 pi)`` in ``x``'s dtype and device, built once (a Python number in an
+    operation costs a conversion of its own on every call)."""
+    key = (x.dtype, x.device)
+    c = _ANGLE_CONSTS.get(key)
+    if c is None:
+        c = _ANGLE_CONSTS[key] = (
+            torch.full((), math.pi, dtype=x.dtype, device=x.device),
+            torch.full((), _TWO_PI, dtype=x.dtype, device=x.device),
+        )
+    return c
+
+
 def wrap_angle(x: Tensor) -> Tensor:
     """Wrap angles (radians) to [-pi, pi); any shape, identity gradient."""
-    r = torch.remainder(x + math.pi, _TWO_PI) - math.pi
-    return torch.where(r >= math.pi, r - _TWO_PI, r)  # round-off can give exactly pi
+    if not x.is_floating_point():
+        x = x.to(torch.get_default_dtype())
+    pi, two_pi = _angle_consts(x)
+    r = torch.remainder(x + pi, two_pi) - pi
+    return torch.where(r >= pi, r - two_pi, r)  # round-off can give exactly pi
 
 
 def wrap_circular(x: Tensor, circular: Tensor | None) -> Tensor:
@@ -134,17 +153,17 @@ class Compose(Transform):
     def forward_and_log_det(
         self, z: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        total = z.new_zeros(z.shape[0])
+        total = None
         for t in self.transforms:
             z, ld = t.forward_and_log_det(z, context)
-            total = total + ld
-        return z, total
+            total = ld if total is None else total + ld
+        return z, (z.new_zeros(z.shape[0]) if total is None else total)
 
     def inverse_and_log_det(
         self, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        total = x.new_zeros(x.shape[0])
+        total = None
         for t in reversed(self.transforms):
             x, ld = t.inverse_and_log_det(x, context)
-            total = total + ld
-        return x, total
+            total = ld if total is None else total + ld
+        return x, (x.new_zeros(x.shape[0]) if total is None else total)

@@ -87,6 +87,13 @@ class SplineCoupling(Transform):
         self.register_buffer("id_idx", torch.tensor(id_idx, dtype=torch.long))
         self.register_buffer("inv_perm", torch.argsort(torch.tensor(t_idx + id_idx)))
         self.id_circular = [isinstance(domains[i], Circular) for i in id_idx]
+        # Not in the state dict (checkpoints keep their keys): the split of the input in one
+        # gather, and the positions of the conditioner's linear and circular inputs.
+        self.register_buffer("perm", torch.tensor(t_idx + id_idx), persistent=False)
+        lin_pos = [i for i, c in enumerate(self.id_circular) if not c]
+        circ_pos = [i for i, c in enumerate(self.id_circular) if c]
+        self.register_buffer("id_lin_pos", torch.tensor(lin_pos, dtype=torch.long), False)
+        self.register_buffer("id_circ_pos", torch.tensor(circ_pos, dtype=torch.long), False)
         n_in = len(id_idx) + sum(self.id_circular)
         n_p = self.spline_t.n_params
         self.net = ResidualNet(
@@ -99,8 +106,18 @@ class SplineCoupling(Transform):
             self.id_params = nn.Parameter(init)
 
     def _params(self, x_id: Tensor, context: Tensor | None) -> Tensor:
-        h = circular_features(x_id, self.id_circular)
+        # circular_features(x_id, self.id_circular) with precomputed indices
+        h = x_id
+        if self.id_circ_pos.numel():
+            ang = x_id.index_select(1, self.id_circ_pos)
+            parts = [torch.cos(ang), torch.sin(ang)]
+            if self.id_lin_pos.numel():
+                parts.insert(0, x_id.index_select(1, self.id_lin_pos))
+            h = torch.cat(parts, 1)
         return self.net(h, context).view(x_id.shape[0], self.n_t, -1)
+
+    def _split(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        return v.index_select(1, self.perm).split([self.n_t, v.shape[1] - self.n_t], 1)
 
     def _join(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.cat([a, b], dim=1).index_select(1, self.inv_perm)
@@ -108,7 +125,7 @@ class SplineCoupling(Transform):
     def forward_and_log_det(
         self, z: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        z_t, z_id = z[:, self.t_idx], z[:, self.id_idx]
+        z_t, z_id = self._split(z)
         if self.identity_spline:
             # Unconditional spline of the identity dims first: the conditioner reads outputs.
             p_id = self.id_params.to(z.dtype).unsqueeze(0)
@@ -124,7 +141,7 @@ class SplineCoupling(Transform):
     def inverse_and_log_det(
         self, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        x_t, x_id = x[:, self.t_idx], x[:, self.id_idx]
+        x_t, x_id = self._split(x)
         if self.identity_spline:
             p_id = self.id_params.to(x.dtype).unsqueeze(0)
             z_id, ld_id = self.spline_id.inverse_and_log_det(x_id, p_id)

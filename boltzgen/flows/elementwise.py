@@ -154,7 +154,9 @@ class CircularShift(Transform):
             self.register_buffer("shift", s.float())
 
     def _move(self, v: Tensor, sign: float) -> Tensor:
-        moved = wrap_angle(v[:, self.idx] + sign * self.shift.to(v.dtype))
+        angles = v.index_select(1, self.idx)
+        shift = self.shift.to(v.dtype)
+        moved = wrap_angle(angles + shift if sign > 0 else angles - shift)
         return v.index_copy(1, self.idx, moved)
 
     def forward_and_log_det(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -251,6 +252,15 @@ class DomainSpline(nn.Module):
             self.min_derivative,
         )
 
+    def _consts(self, like: Tensor) -> dict:
+        """Constants of the fused evaluation, built once per (dtype, device)."""
+        key = ("fused", like.dtype, like.device)
+        c = self._bounds_cache.get(key)
+        if c is None:
+            c = _fused_consts(self, like)
+            self._bounds_cache[key] = c
+        return c
+
     def _prepare(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.any_circular:
             v = wrap_circular(v, self.circular)
@@ -268,19 +278,297 @@ class DomainSpline(nn.Module):
             out = wrap_circular(out, self.circular)
         return out, ld
 
-    def forward_and_log_det(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """Forward map of ``x`` ``(batch, D)`` with ``params`` ``(batch or 1, D, 3K + 1)``.
-
-        Returns ``(y, log|dy/dx|)`` with the log-det per element, ``(batch, D)``.
-        """
+    def reference_forward_and_log_det(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """`forward_and_log_det` composed of plain autograd operations (full knots by
+        `rqs_knots`, then `rqs_forward`): the definition the fused evaluation reproduces, and
+        the path of its higher-order derivatives."""
         xk, yk, dk = self.knots(params)
         x, xc, outside = self._prepare(x)
         y, ld = rqs_forward(xc, xk, yk, dk)
         return self._finish(x, y, ld, outside)
 
-    def inverse_and_log_det(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """Inverse map; returns ``(x, log|dx/dy|)`` per element, ``(batch, D)``."""
+    def reference_inverse_and_log_det(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """`inverse_and_log_det` composed of plain autograd operations (see
+        `reference_forward_and_log_det`)."""
         xk, yk, dk = self.knots(params)
         y, yc, outside = self._prepare(y)
         x, ld = rqs_inverse(yc, xk, yk, dk)
         return self._finish(y, x, ld, outside)
+
+    def forward_and_log_det(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward map of ``x`` ``(batch, D)`` with ``params`` ``(batch or 1, D, 3K + 1)``.
+
+        Returns ``(y, log|dy/dx|)`` with the log-det per element, ``(batch, D)``.
+        Eager calls run the fused evaluation; under `torch.compile` the reference composition
+        is traced (the compiler fuses it).
+        """
+        if torch.compiler.is_compiling():
+            return self.reference_forward_and_log_det(x, params)
+        return _FusedSpline.apply(x, params, self, False)
+
+    def inverse_and_log_det(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse map; returns ``(x, log|dx/dy|)`` per element, ``(batch, D)``."""
+        if torch.compiler.is_compiling():
+            return self.reference_inverse_and_log_det(y, params)
+        return _FusedSpline.apply(y, params, self, True)
+
+
+# ----------------------------------------------------------------------------- fused evaluation
+#
+# `DomainSpline` evaluates through `_FusedSpline`: the forward pass computes exactly the
+# reference formulas (`rqs_knots`, `rqs_forward` / `rqs_inverse`, the domain rules) without
+# recording a graph, with the bin of each element fetched by one `take` from a flat table of
+# knots and raw derivatives; the backward pass is the analytic gradient in a few dozen fused
+# tensor operations. Higher derivatives (create_graph=True, e.g. SNF layers that train
+# through gradients of log q) differentiate the reference composition instead, so they are
+# exact to any order.
+
+
+def _fused_consts(sp: DomainSpline, like: Tensor) -> dict:
+    """Per (dtype, device) constants of `_FusedSpline`: knot templates, index offsets, masks,
+    and 0-dim scalars (a Python number in an operation costs a conversion of its own)."""
+    dt, dev = like.dtype, like.device
+    k, n, dim = sp.n_bins, sp.n_bins + 1, sp.dim
+    low, high = sp.bounds(like)
+    # knots = base + (fac / cs_K) * cs, cs the zero-padded cumulative sums (as in rqs_knots)
+    min_size = torch.tensor([[sp.min_bin_width], [sp.min_bin_height]], dtype=dt, device=dev)
+    offset = min_size * torch.arange(n, dtype=dt, device=dev)
+    span = (high - low)[:, None, None]
+    circ = sp.circular.to(dev)
+    unb = sp.unbounded.to(dev)
+    last = torch.zeros(dim, n, dtype=torch.bool, device=dev)
+    last[:, -1] = circ  # a circular dim's last derivative is its first
+    ends = torch.zeros(dim, n, dtype=torch.bool, device=dev)
+    ends[:, 0] = unb  # unbounded dims: unit end derivatives
+    ends[:, -1] = unb
+    # gradient of the derivative table: nothing reaches fixed ends, a circular dim's last
+    # derivative feeds its first
+    keep = (~(last | ends)).to(dt)
+    first = torch.zeros(dim, n, dtype=dt, device=dev)
+    first[:, 0] = circ.to(dt)
+    # Flat positions of the bin's (x0, x1, y0, y1, d0, d1) in the (D, 3 (K + 1)) table
+    # [x knots | y knots | derivatives] of one parameter set, minus the bin index: (6, 1, D).
+    o = torch.arange(dim, device=dev) * 3 * n
+    offs = torch.stack([o, o + 1, o + n, o + n + 1, o + 2 * n, o + 2 * n + 1])[:, None, :]
+    scalar = dict(dtype=dt, device=dev)
+    return {
+        "low": low,
+        "high": high,
+        "base": low[:, None, None] + span * offset,  # (D, 2, K + 1)
+        "fac": span * (1.0 - min_size * k),  # (D, 2, 1)
+        "zero_col": torch.zeros(1, 1, 1, 1, **scalar),
+        "circ": circ,
+        "unb": unb,
+        "last": last,
+        "ends": ends,
+        "keep": keep,
+        "first": first,
+        "offs": offs,
+        "zero": torch.zeros((), **scalar),
+        "one": torch.ones((), **scalar),
+        "two": torch.full((), 2.0, **scalar),
+        "pi": torch.full((), math.pi, **scalar),
+        "two_pi": torch.full((), 2.0 * math.pi, **scalar),
+        "shift": torch.full((), math.log(math.expm1(1.0 - sp.min_derivative)), **scalar),
+        "min_d": torch.full((), sp.min_derivative, **scalar),
+        "batch_offs": {},  # batch size -> offs + offsets of per-sample parameter sets
+    }
+
+
+def _wrap(v: Tensor, c: dict) -> Tensor:
+    """`wrap_circular` with the constants of `_fused_consts`."""
+    r = torch.remainder(v + c["pi"], c["two_pi"]) - c["pi"]
+    r = torch.where(r >= c["pi"], r - c["two_pi"], r)  # round-off can give exactly pi
+    return torch.where(c["circ"], r, v)
+
+
+class _FusedSpline(torch.autograd.Function):
+    """``DomainSpline`` forward or inverse with an analytic first derivative."""
+
+    @staticmethod
+    def forward(  # noqa: D102
+        ctx: Any, v: Tensor, params: Tensor, sp: DomainSpline, inverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        c = sp._consts(v)
+        k, n, dim = sp.n_bins, sp.n_bins + 1, sp.dim
+        if sp.min_bin_width * k >= 1.0 or sp.min_bin_height * k >= 1.0:
+            raise ValueError("minimal bin size too large for the number of bins")
+        zero, one, two = c["zero"], c["one"], c["two"]
+        # domain rules on the input (as DomainSpline._prepare)
+        v_in = v
+        if sp.any_circular:
+            v = _wrap(v, c)
+        vc = v.clamp(c["low"], c["high"])
+        outside = None
+        if sp.any_unbounded:
+            outside = vc != v  # circular inputs are inside after wrapping
+            if sp.any_bounded:
+                outside = outside & c["unb"]
+        # knots (as rqs_knots)
+        n_sets = params.shape[0]
+        wh = params[..., : 2 * k].view(n_sets, dim, 2, k)
+        e = torch.exp(wh - wh.amax(-1, keepdim=True))
+        cs = torch.cat([c["zero_col"].expand(n_sets, dim, 2, 1), e.cumsum(-1)], -1)
+        cs_last = cs[..., k:]
+        scale = c["fac"] / cs_last
+        knots = torch.addcmul(c["base"], scale, cs)  # (P, D, 2, K + 1)
+        d_in = params[..., 2 * k :] + c["shift"]
+        dk = F.softplus(d_in) + c["min_d"]
+        if sp.any_circular:
+            dk = torch.where(c["last"], dk[..., :1], dk)
+        if sp.any_unbounded:
+            dk = torch.where(c["ends"], one, dk)
+        src = torch.cat([knots.view(n_sets, dim, 2 * n), dk], -1)  # (P, D, 3 (K + 1))
+        # the bin of each element; its knots and derivatives in one take
+        start = n + 1 if inverse else 1
+        inner = knots.view(n_sets, dim, 2 * n)[..., start : start + k - 1]
+        idx = (vc.unsqueeze(-1) >= inner).sum(-1)  # (B, D)
+        offs = c["offs"]
+        if n_sets > 1:
+            offs = c["batch_offs"].get(n_sets)
+            if offs is None:
+                b_off = torch.arange(n_sets, device=v.device) * (dim * 3 * n)
+                offs = c["offs"] + b_off[None, :, None]
+                c["batch_offs"][n_sets] = offs
+        flat = idx + offs  # (6, B, D)
+        x0, x1, y0, y1, d0, d1 = src.take(flat).unbind(0)
+        # the rational-quadratic spline (as rqs_forward / rqs_inverse)
+        w = x1 - x0
+        h = y1 - y0
+        s = h / w
+        c2 = (d0 + d1) - two * s
+        if not inverse:
+            t_raw = (vc - x0) / w
+            t = t_raw.clamp(zero, one)
+            t2 = t * t
+            t1t = t - t2
+            den = torch.addcmul(s, c2, t1t)
+            a = torch.addcmul(s * t2, d0, t1t)
+            out = torch.addcdiv(y0, h * a, den)
+            omt = one - t
+            omt2 = omt * omt
+            num = torch.addcmul(torch.addcmul(d1 * t2, s, t1t, value=2.0), d0, omt2)
+            sd = s / den
+            deriv = sd * sd * num  # dy/dx
+            ld = torch.log(deriv)
+        else:
+            dy = vc - y0
+            dyc2 = dy * c2
+            qa = torch.addcmul(dyc2, h, s - d0)
+            qb = h * d0 - dyc2
+            sdy = s * dy
+            disc = torch.addcmul(qb * qb, qa, sdy, value=4.0).clamp_min(zero)
+            t_raw = (two * sdy) / (qb + torch.sqrt(disc))
+            t = t_raw.clamp(zero, one)
+            out = torch.addcmul(x0, t, w)
+            t2 = t * t
+            t1t = t - t2
+            den = torch.addcmul(s, c2, t1t)
+            omt = one - t
+            omt2 = omt * omt
+            num = torch.addcmul(torch.addcmul(d1 * t2, s, t1t, value=2.0), d0, omt2)
+            ds = den / s
+            ld = torch.log(ds * ds / num)
+            a = deriv = None
+        # domain rules on the output (as DomainSpline._finish)
+        if sp.any_bounded:
+            out = out.clamp(c["low"], c["high"])
+        if outside is not None:
+            out = torch.where(outside, v, out)
+            ld = torch.where(outside, zero, ld)
+        if sp.any_circular:
+            out = _wrap(out, c)
+        ctx.sp, ctx.inverse, ctx.n_sets = sp, inverse, n_sets
+        ctx.save_for_backward(
+            v_in, params, t, t_raw, t2, t1t, omt, omt2, s, w, h, d0, d1, c2, den, num, a,
+            deriv, d_in, outside, flat, e, cs, cs_last, scale,
+        )  # fmt: skip
+        return out, ld
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Tensor, g_ld: Tensor) -> tuple:  # noqa: D102
+        (v, params, t, t_raw, t2, t1t, omt, omt2, s, w, h, d0, d1, c2, den, num, a, deriv,
+         d_in, outside, flat, e, cs, cs_last, scale) = ctx.saved_tensors  # fmt: skip
+        sp, inverse = ctx.sp, ctx.inverse
+        if torch.is_grad_enabled():  # create_graph: differentiate the reference composition
+            return _reference_backward(sp, inverse, v, params, g_out, g_ld, ctx.needs_input_grad)
+        c = sp._consts(v)
+        zero, one = c["zero"], c["one"]
+        if outside is not None:
+            g_pass = torch.where(outside, g_out, zero)
+            g_out = torch.where(outside, zero, g_out)
+            g_ld = torch.where(outside, zero, g_ld)
+        inside = t == t_raw  # the clamp of t passes no gradient
+        e2 = omt - t  # 1 - 2 t
+        iden = den.reciprocal()
+        inum = num.reciprocal()
+        # d log|dy/dx| / dt of the forward spline
+        l_t = torch.addcmul(s * e2, d1, t)
+        l_t = torch.addcmul(l_t, d0, omt, value=-1.0) * inum
+        l_t = torch.addcmul(l_t, c2 * e2, iden, value=-1.0) * c["two"]
+        if not inverse:
+            alpha, beta = g_out, g_ld
+            g_t = torch.addcmul(g_out * (w * deriv), g_ld, l_t)
+            g_v = torch.where(inside, g_t, zero) / w
+            g_x0 = -g_v
+            g_w = g_x0 * t
+        else:  # implicit function: t solves y = y0 + h R(t); the log-det is -log|dy/dx|
+            a = torch.addcmul(s * t2, d0, t1t)
+            beta = -g_ld
+            sd = s * iden
+            f_t = sd * sd * num * w  # dy/dt at the solution
+            g_t = torch.addcmul(g_out * w, g_ld, l_t, value=-1.0)
+            g_v = torch.where(inside, g_t, zero) / f_t
+            alpha = -g_v
+            g_x0 = g_out
+            g_w = g_out * t
+        r = a * iden
+        ap = alpha * h * iden
+        p = beta * inum
+        m = torch.addcmul(ap * r, beta, iden, value=2.0)
+        g_d1 = torch.addcmul(t2 * p, t1t, m, value=-1.0)
+        g_d0 = torch.addcmul(omt2 * p, t1t, ap - m)
+        g_s = torch.addcmul(ap * t2, torch.add(one, t1t, alpha=-2.0), m, value=-1.0)
+        g_s = torch.addcmul(torch.add(g_s, beta / s, alpha=2.0), t1t, p, value=2.0)
+        gsw = g_s / w
+        g_h = torch.addcmul(gsw, alpha, r)
+        g_w = torch.addcmul(g_w, gsw, s, value=-1.0)
+        if outside is not None:
+            g_v = torch.where(outside, g_pass, g_v)
+        g_params = None
+        if ctx.needs_input_grad[1]:
+            k, n, n_sets, dim = sp.n_bins, sp.n_bins + 1, ctx.n_sets, sp.dim
+            g6 = torch.cat([g_x0 - g_w, g_w, alpha - g_h, g_h, g_d0, g_d1])
+            g_tab = g6.new_zeros(n_sets * dim * 3 * n)
+            g_tab.index_add_(0, flat.view(-1), g6.view(-1))
+            g_tab = g_tab.view(n_sets, dim, 3 * n)
+            # knots = base + scale cs, scale = fac / cs_K, cs_j = sum_{i < j} e_i
+            g_kn = g_tab[..., : 2 * n].view(n_sets, dim, 2, n)
+            g_last = (g_kn * cs).sum(-1, keepdim=True) * scale / cs_last
+            acc = (g_kn * scale).cumsum(-1)
+            g_e = (acc[..., k:] - g_last) - acc[..., :k]
+            g_d = g_tab[..., 2 * n :]
+            g_d = torch.addcmul(g_d * c["keep"], g_d[..., k:], c["first"])
+            g_params = torch.cat(
+                [(g_e * e).view(n_sets, dim, 2 * k), g_d * torch.sigmoid(d_in)], -1
+            )
+        return (g_v if ctx.needs_input_grad[0] else None), g_params, None, None
+
+
+def _reference_backward(
+    sp: DomainSpline,
+    inverse: bool,
+    v: Tensor,
+    params: Tensor,
+    g_out: Tensor,
+    g_ld: Tensor,
+    needs: Sequence[bool],
+) -> tuple:
+    """Gradients through the reference composition, themselves differentiable."""
+    fn = sp.reference_inverse_and_log_det if inverse else sp.reference_forward_and_log_det
+    inputs = [x for x, need in zip((v, params), needs[:2]) if need]
+    with torch.enable_grad():
+        out, ld = fn(v, params)
+        grads = torch.autograd.grad((out, ld), inputs, (g_out, g_ld), create_graph=True)
+    it = iter(grads)
+    return (next(it) if needs[0] else None), (next(it) if needs[1] else None), None, None
