@@ -132,6 +132,33 @@ def test_load_samples_validates(tmp_path, aldp, aldp_frames):
         analysis.load_samples(tmp_path / "missing.npz")
 
 
+def test_samples_from_arrays_is_load_samples_without_the_file(tmp_path, aldp_frames):
+    from boltzgen.pipeline import GeneratedSamples
+
+    n = aldp_frames.shape[0]
+    rng = np.random.default_rng(0)
+    gen = GeneratedSamples(
+        positions=aldp_frames.astype(np.float32),
+        log_q=rng.normal(size=n),
+        energies=rng.normal(size=n),
+        log_weights=rng.normal(size=n),
+        temperature=310.0,
+        system="aldp",
+    )
+    mem = analysis.samples_from_arrays(gen.arrays())
+    disk = analysis.load_samples(gen.save(tmp_path / "s.npz"))
+    assert mem.path == "<arrays>" and disk.path == str(tmp_path / "s.npz")
+    assert (mem.n, mem.system, mem.temperature, mem.time_series) == (n, "aldp", 310.0, False)
+    for a, b in [(mem.log_w, disk.log_w), (mem.energies, disk.energies)]:
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(mem.positions, disk.positions)
+    assert set(mem.cvs) == set(disk.cvs) == {"phi", "psi"}
+    np.testing.assert_array_equal(mem.phi_psi, disk.phi_psi)
+    bad = {**gen.arrays(), "log_weights": np.zeros(n + 1)}
+    with pytest.raises(analysis.SamplesFileError, match="^drawn: .*but .log_weights. has"):
+        analysis.samples_from_arrays(bad, "drawn")
+
+
 def test_cli_reweight_table_json_and_errors(tmp_path, capsys, aldp, aldp_frames):
     rng = np.random.default_rng(5)
     pos = np.concatenate([aldp_frames] * 5).astype(np.float32)

@@ -15,6 +15,7 @@ from boltzgen.analysis.samples import (
     phi_psi,
     ramachandran,
     ramachandran_kl,
+    samples_from_arrays,
     torsion_quadruples,
     torsions,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "phi_psi",
     "ramachandran",
     "ramachandran_kl",
+    "samples_from_arrays",
     "torsion_quadruples",
     "torsions",
 ]

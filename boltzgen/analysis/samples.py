@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ __all__ = [
     "phi_psi",
     "ramachandran",
     "ramachandran_kl",
+    "samples_from_arrays",
     "torsion_quadruples",
     "torsions",
 ]
@@ -371,10 +372,25 @@ def load_samples(path: str | Path) -> SampleSet:
     if not is_zip:
         raise SamplesFileError(f"{path} is not an .npz samples file (boltzgen sample / md output)")
     try:
-        data = np.load(path, allow_pickle=False)
-        keys = set(data.files)
+        data = np.load(path, allow_pickle=False)  # an NpzFile: a mapping read on access
     except Exception as exc:
         raise SamplesFileError(f"cannot read samples file {path}: {exc}") from exc
+    return samples_from_arrays(data, path)
+
+
+def samples_from_arrays(arrays: Mapping[str, Any], source: str = "<arrays>") -> SampleSet:
+    """A `SampleSet` of samples-file arrays in memory, validated as `load_samples` validates a
+    file; e.g. ``samples_from_arrays(generated.arrays())`` analyses the samples of
+    `boltzgen.models.draw` or `boltzgen.pipeline.draw_samples` without writing them.
+
+    Args:
+        arrays: The keys of a samples file (see `load_samples`), numpy arrays or scalars.
+        source: What `SampleSet.path` and error messages call them.
+
+    Raises:
+        SamplesFileError: inconsistent shapes, NaN positions or weights, all weights zero.
+    """
+    path, data, keys = str(source), arrays, set(arrays.keys())
     n = n_key = None
     stored = sorted((k for k in keys if BACKBONE_KEY.match(k)), key=_residue_order)
     for key in ("log_weights", *stored, "energies", "log_q"):
