@@ -14,6 +14,7 @@ INLINE_FIGURES = {
     "02_reference_free_energies.ipynb": 2,
     "03_train_and_sample.ipynb": 1,
     "04_fab_gmm40.ipynb": 1,
+    "05_pretrained_aldp.ipynb": 1,
 }
 
 
