@@ -429,8 +429,9 @@ class GeneratedSamples:
 
     def save(self, path: str | Path, system: MolecularSystem | None = None) -> Path:
         """Write a samples ``.npz``, or ``.pdb`` / ``.dcd`` / ``.xtc`` (needs ``system``),
-        atomically."""
+        atomically; the folder is created if missing."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         suffix = path.suffix.lower()
         if suffix == ".npz":
             save_npz(path, **self.arrays())

@@ -186,3 +186,17 @@ def test_sample_writes_xtc_with_topology_and_weights(tiny, tmp_path, capsys):
     traj = mdtraj.load(str(out), top=str(tmp_path / "s.topology.pdb"))
     assert traj.xyz.shape == (12, 22, 3)
     assert np.loadtxt(tmp_path / "s.weights.txt").shape == (12, 3)
+
+
+def test_export_creates_the_folder_and_mdtraj_reads_the_trajectory(shipped, tmp_path):
+    s = models.draw(shipped, 6, 6, seed=4)
+    out = tmp_path / "new" / "folder" / "samples.xtc"
+    written = s.export(out, systems.load("aldp"))
+    assert [p.name for p in written] == [
+        "samples.xtc", "samples.topology.pdb", "samples.weights.txt"
+    ]  # fmt: skip
+    traj = mdtraj.load(str(out), top=str(written[1]))
+    np.testing.assert_allclose(traj.xyz, s.positions, atol=2e-3)  # xtc keeps 1e-3 nm
+    table = np.loadtxt(written[2])
+    np.testing.assert_allclose(table[:, 0], s.log_weights, rtol=1e-9)
+    assert table[:, 1].sum() == pytest.approx(1.0)
