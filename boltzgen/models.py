@@ -326,10 +326,51 @@ def draw(
 
 
 # --------------------------------------------------------------------------------- model cards
+def _earlier_stages(path: Path, ckpt: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stages a checkpoint's run started from (its config's ``init_from``, followed back
+    to a run from scratch), first stage first: what each cost, for the card's totals.
+
+    ``init_from`` paths are resolved as at training time (from the working directory), then
+    beside ``path``'s run folder. Raises `BoltzgenError` if one is not found: a card must count
+    every stage.
+    """
+    from boltzgen.train import load_checkpoint
+
+    stages: list[dict[str, Any]] = []
+    seen = {path.resolve()}
+    config = ckpt["metadata"]["config"]
+    while config.get("init_from"):
+        ref = Path(config["init_from"])
+        candidates = [ref] if ref.is_absolute() else [ref, path.parent.parent / ref.name]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None or found.resolve() in seen:
+            raise BoltzgenError(
+                f"{path} was trained from {config['init_from']} (init_from), which is not found "
+                "from here: run export-model where the runs were trained, so that the card "
+                "counts every training stage"
+            )
+        seen.add(found.resolve())
+        prev = load_checkpoint(found)
+        config = prev["metadata"]["config"]
+        train = config.get("train", {})
+        stages.insert(0, {
+            "source": str(found),
+            "objective": train.get("objective"),
+            "temperature": config.get("system", {}).get("temperature"),
+            "iterations": prev.get("iteration"),
+            "batch_size": train.get("batch_size"),
+            "training_wall_s": prev.get("wall_s"),
+            "target_evals": (prev.get("counters") or {}).get("target_evals"),
+        })  # fmt: skip
+        path = found
+    return stages
+
+
 def _component_entry(path: Path, ckpt: dict[str, Any], fraction: float) -> dict[str, Any]:
     config = ckpt["metadata"]["config"]
     return {
         "fraction": fraction,
+        "earlier_stages": _earlier_stages(path, ckpt),
         "format_version": ckpt.get("format_version", 1),
         "iterations": ckpt.get("iteration"),
         "training_wall_s": ckpt.get("wall_s"),
@@ -484,8 +525,8 @@ def export_model(
         "commit": commit or _git_commit(),
         "exported_with": f"boltzgen {__version__}",
         "training": {
-            "wall_s": sum(e["training_wall_s"] or 0.0 for e in entries),
-            "target_evals": sum(e["target_evals"] or 0 for e in entries),
+            "wall_s": sum(_total(e, "training_wall_s") for e in entries),
+            "target_evals": sum(int(_total(e, "target_evals")) for e in entries),
             "hardware": hardware or _hardware_words(entries),
         },
         "sampling": {"proposal": "mixture" if len(entries) > 1 else "flow", "ais": 0},
@@ -498,6 +539,25 @@ def export_model(
     with atomic_open(folder / CARD_TEXT_FILE, "w", encoding="utf-8") as fh:
         fh.write(card_text(card))
     return folder
+
+
+def _total(entry: dict[str, Any], key: str) -> float:
+    """``key`` summed over a component's earlier stages and its own run."""
+    stages = [*(entry.get("earlier_stages") or []), entry]
+    return float(sum(s.get(key) or 0 for s in stages))
+
+
+def _stage_words(entry: dict[str, Any]) -> str:
+    """How a component was trained in stages, for the card's table ("" for one stage)."""
+    stages = entry.get("earlier_stages") or []
+    if not stages:
+        return ""
+    words = "; ".join(
+        f"{s.get('objective')} at {s.get('temperature'):g} K, {s.get('iterations')} iterations x "
+        f"batch {s.get('batch_size')}"
+        for s in stages
+    )
+    return f"; after {len(stages)} earlier stage(s) (init_from): {words}"
 
 
 def _hardware_words(entries: list[dict]) -> str:
@@ -551,14 +611,14 @@ def card_text(card: dict[str, Any]) -> str:
     kind = f"mixture of {len(comps)} flows" if len(comps) > 1 else "one flow"
     lines += [f"Proposal: {kind}; samples drawn without AIS (exact importance weights).", ""]
     lines += [
-        "| component | fraction | model | iterations | training s | target evals |",
+        "| component | fraction | model | iterations (all stages) | training s | target evals |",
         "|---|---|---|---|---|---|",
     ]
     for c in comps:
         lines.append(
-            f"| {c['file']} | {c['fraction']:g} | {_flow_words(c['config'])} | "
-            f"{c.get('iterations')} | {_num(c.get('training_wall_s'), '.0f')} | "
-            f"{c.get('target_evals')} |"
+            f"| {c['file']} | {c['fraction']:g} | {_flow_words(c['config'])}{_stage_words(c)} | "
+            f"{int(_total(c, 'iterations'))} | {_num(_total(c, 'training_wall_s'), '.0f')} | "
+            f"{int(_total(c, 'target_evals'))} |"
         )
     tr = card.get("training") or {}
     lines += [

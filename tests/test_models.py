@@ -200,3 +200,31 @@ def test_export_creates_the_folder_and_mdtraj_reads_the_trajectory(shipped, tmp_
     table = np.loadtxt(written[2])
     np.testing.assert_allclose(table[:, 0], s.log_weights, rtol=1e-9)
     assert table[:, 1].sum() == pytest.approx(1.0)
+
+
+def test_card_counts_every_training_stage(tiny, tmp_path):
+    """A component trained from another run's weights (init_from, e.g. the reweighted_kl
+    fine-tune of the shipped flow): the card adds the earlier stages' cost."""
+    stage2 = {**TINY, "output_dir": str(tmp_path / "stage2"), "init_from": str(tiny)}
+    stage2["train"] = {**TINY["train"], "objective": "reweighted_kl", "max_iter": 3}
+    ckpt2 = pipeline.train(config_from_dict(stage2)).checkpoint
+    first, second = load_checkpoint(tiny), load_checkpoint(ckpt2)
+    out = models.export_model([(ckpt2, 1.0)], tmp_path / "m")
+    card = models.read_card(out)
+    (entry,) = card["components"]
+    assert [s["objective"] for s in entry["earlier_stages"]] == ["reverse_kl"]
+    assert entry["iterations"] == 3 and entry["earlier_stages"][0]["iterations"] == 2
+    evals = first["counters"]["target_evals"] + second["counters"]["target_evals"]
+    assert card["training"]["target_evals"] == evals > second["counters"]["target_evals"]
+    assert card["training"]["wall_s"] == pytest.approx(first["wall_s"] + second["wall_s"])
+    text = models.card_text(card)
+    assert "after 1 earlier stage(s)" in text and f"| {evals} |" in text
+    # the earlier stage's checkpoint gone: the card cannot count it
+    tiny_copy = tmp_path / "gone" / "checkpoint.pt"
+    tiny_copy.parent.mkdir()
+    tiny_copy.write_bytes(tiny.read_bytes())
+    stage2b = {**stage2, "output_dir": str(tmp_path / "stage2b"), "init_from": str(tiny_copy)}
+    ckpt2b = pipeline.train(config_from_dict(stage2b)).checkpoint
+    tiny_copy.unlink()
+    with pytest.raises(BoltzgenError, match="counts every training stage"):
+        models.export_model([(ckpt2b, 1.0)], tmp_path / "m3")
