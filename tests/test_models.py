@@ -64,7 +64,8 @@ def test_shipped_model_card_and_components():
     assert size <= 10e6
     assert card["system"] == "aldp" and card["temperature"] == 300.0
     assert card["commit"] and card["training"]["hardware"] and card["training"]["wall_s"] > 0
-    assert card["training"]["target_evals"] == sum(c["target_evals"] for c in card["components"])
+    stages = [s for c in card["components"] for s in [*c.get("earlier_stages", []), c]]
+    assert card["training"]["target_evals"] == sum(s["target_evals"] for s in stages)
     q = card["quality"]
     for key in ("n", "ess_fraction", "khat", "ramachandran_kl", "ramachandran_kl_noise_floor"):
         assert isinstance(q[key], (int, float)), key
