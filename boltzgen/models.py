@@ -46,6 +46,7 @@ __all__ = [
     "PretrainedModel",
     "card_text",
     "checkpoint_text",
+    "earlier_stages",
     "draw",
     "export_model",
     "find_model",
@@ -53,6 +54,7 @@ __all__ = [
     "read_card",
     "read_components",
     "shipped_model",
+    "stage_summary",
     "strip_checkpoint",
 ]
 
@@ -326,16 +328,38 @@ def draw(
 
 
 # --------------------------------------------------------------------------------- model cards
-def _earlier_stages(path: Path, ckpt: dict[str, Any]) -> list[dict[str, Any]]:
-    """The stages a checkpoint's run started from (its config's ``init_from``, followed back
-    to a run from scratch), first stage first: what each cost, for the card's totals.
+def stage_summary(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What one training run (checkpoint ``ckpt`` at ``path``) was and cost, for the stage
+    lists of runs started from it (``init_from``) and of model cards."""
+    config = ckpt["metadata"]["config"]
+    train = config.get("train", {})
+    return {
+        "source": str(path),
+        "objective": train.get("objective"),
+        "temperature": config.get("system", {}).get("temperature"),
+        "iterations": ckpt.get("iteration"),
+        "batch_size": train.get("batch_size"),
+        "training_wall_s": ckpt.get("wall_s"),
+        "target_evals": (ckpt.get("counters") or {}).get("target_evals"),
+    }
 
-    ``init_from`` paths are resolved as at training time (from the working directory), then
-    beside ``path``'s run folder. Raises `BoltzgenError` if one is not found: a card must count
-    every stage.
+
+def earlier_stages(path: str | os.PathLike, ckpt: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stages a checkpoint's run started from (its config's ``init_from``, back to a run
+    from scratch), first stage first: what each cost, for the card's totals.
+
+    Training records them in the checkpoint's metadata (``earlier_stages``), and export keeps
+    them in stripped checkpoints. For checkpoints without the record, the ``init_from`` paths
+    are followed, resolved as at training time (from the working directory), then beside
+    ``path``'s run folder. Raises `BoltzgenError` if one is not found: a card must count every
+    stage.
     """
     from boltzgen.train import load_checkpoint
 
+    recorded = (ckpt.get("metadata") or {}).get("earlier_stages")
+    if recorded is not None:
+        return list(recorded)
+    path = Path(path)
     stages: list[dict[str, Any]] = []
     seen = {path.resolve()}
     config = ckpt["metadata"]["config"]
@@ -352,16 +376,10 @@ def _earlier_stages(path: Path, ckpt: dict[str, Any]) -> list[dict[str, Any]]:
         seen.add(found.resolve())
         prev = load_checkpoint(found)
         config = prev["metadata"]["config"]
-        train = config.get("train", {})
-        stages.insert(0, {
-            "source": str(found),
-            "objective": train.get("objective"),
-            "temperature": config.get("system", {}).get("temperature"),
-            "iterations": prev.get("iteration"),
-            "batch_size": train.get("batch_size"),
-            "training_wall_s": prev.get("wall_s"),
-            "target_evals": (prev.get("counters") or {}).get("target_evals"),
-        })  # fmt: skip
+        stages.insert(0, stage_summary(found, prev))
+        recorded = (prev.get("metadata") or {}).get("earlier_stages")
+        if recorded is not None:
+            return [*recorded, *stages]
         path = found
     return stages
 
@@ -370,7 +388,7 @@ def _component_entry(path: Path, ckpt: dict[str, Any], fraction: float) -> dict[
     config = ckpt["metadata"]["config"]
     return {
         "fraction": fraction,
-        "earlier_stages": _earlier_stages(path, ckpt),
+        "earlier_stages": earlier_stages(path, ckpt),
         "format_version": ckpt.get("format_version", 1),
         "iterations": ckpt.get("iteration"),
         "training_wall_s": ckpt.get("wall_s"),
@@ -512,7 +530,9 @@ def export_model(
         old.unlink()
     for k, (ckpt, entry) in enumerate(zip(ckpts, entries, strict=True), start=1):
         entry["file"] = f"component_{k}.pt"
-        save_torch(strip_checkpoint(ckpt), folder / entry["file"])
+        stripped = strip_checkpoint(ckpt)
+        meta = {**stripped["metadata"], "earlier_stages": entry["earlier_stages"]}
+        save_torch({**stripped, "metadata": meta}, folder / entry["file"])
         entry["sha256"] = _sha256(folder / entry["file"])
     from boltzgen import __version__
 

@@ -282,15 +282,28 @@ def _check_resumable(config: RunConfig, checkpoint: Path) -> None:
     _check_same_model(meta, config, str(checkpoint), CheckpointError, hint=hint)
 
 
-def _initial_weights(config: RunConfig, checkpoint: Path) -> dict[str, Tensor]:
-    """The model weights of ``init_from``: a checkpoint of the same system and model sections
-    (the temperature may differ: annealing stages)."""
+def _initial_weights(config: RunConfig, checkpoint: Path) -> tuple[dict[str, Tensor], list]:
+    """The model weights of ``init_from``, a checkpoint of the same system and model sections
+    (the temperature may differ: annealing stages), and the training stages behind them
+    (`boltzgen.models.stage_summary` of it and of its own earlier stages, first first)."""
+    from boltzgen.models import earlier_stages, stage_summary
     from boltzgen.train import load_checkpoint
 
     old = load_checkpoint(checkpoint)
     what = f"init_from: {checkpoint}"
     _check_same_model(old.get("metadata", {}), config, what, ConfigError, any_temperature=True)
-    return old["model"]
+    try:
+        before = earlier_stages(checkpoint, old)
+    except BoltzgenError:  # its own init_from is gone: count what is known
+        before = []
+    return old["model"], [*before, stage_summary(checkpoint, old)]
+
+
+def load_checkpoint_metadata(path: Path) -> dict[str, Any]:
+    """The ``metadata`` of a training checkpoint (empty if it has none)."""
+    from boltzgen.train import load_checkpoint
+
+    return load_checkpoint(path).get("metadata") or {}
 
 
 def train(config: RunConfig, resume: bool = False) -> TrainResult:
@@ -324,9 +337,11 @@ def train(config: RunConfig, resume: bool = False) -> TrainResult:
     if config.data is not None and not Path(config.data).is_file():
         raise ConfigError(f"data: training data {config.data} does not exist")
     check_device(config.train.device)
-    initial = None
+    initial, stages = None, None
     if config.init_from is not None and not resume:
-        initial = _initial_weights(config, Path(config.init_from))
+        initial, stages = _initial_weights(config, Path(config.init_from))
+    elif config.init_from is not None:  # resumed: the stages the first start recorded
+        stages = load_checkpoint_metadata(ckpt).get("earlier_stages")
     run = build_run(config)
     if initial is not None:
         run.model.load_state_dict(initial)
@@ -341,7 +356,11 @@ def train(config: RunConfig, resume: bool = False) -> TrainResult:
         x_data=x_data,
         data_weights=data_weights,
         sample_filter=run.sample_filter,
-        metadata={"system": config.system.name, "config": config_to_dict(config)},
+        metadata={
+            "system": config.system.name,
+            "config": config_to_dict(config),
+            **({"earlier_stages": stages} if stages is not None else {}),
+        },
         fab_options=config.fab,
     )
     if resume:

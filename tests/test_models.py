@@ -220,6 +220,10 @@ def test_card_counts_every_training_stage(tiny, tmp_path):
     assert card["training"]["wall_s"] == pytest.approx(first["wall_s"] + second["wall_s"])
     text = models.card_text(card)
     assert "after 1 earlier stage(s)" in text and f"| {evals} |" in text
+    # training recorded the stage; the stripped component keeps it, so it re-exports alone
+    assert second["metadata"]["earlier_stages"] == entry["earlier_stages"]
+    again = models.export_model([(out / "component_1.pt", 1.0)], tmp_path / "m_again")
+    assert models.read_card(again)["training"]["target_evals"] == evals
     # the earlier stage's checkpoint gone: the card cannot count it
     tiny_copy = tmp_path / "gone" / "checkpoint.pt"
     tiny_copy.parent.mkdir()
@@ -227,5 +231,10 @@ def test_card_counts_every_training_stage(tiny, tmp_path):
     stage2b = {**stage2, "output_dir": str(tmp_path / "stage2b"), "init_from": str(tiny_copy)}
     ckpt2b = pipeline.train(config_from_dict(stage2b)).checkpoint
     tiny_copy.unlink()
+    assert models.read_card(models.export_model([(ckpt2b, 1.0)], tmp_path / "m3"))
+    # a checkpoint without the record (written before it existed) whose init_from is gone
+    state = load_checkpoint(ckpt2b)
+    del state["metadata"]["earlier_stages"]
+    torch.save(state, tmp_path / "unrecorded.pt")
     with pytest.raises(BoltzgenError, match="counts every training stage"):
-        models.export_model([(ckpt2b, 1.0)], tmp_path / "m3")
+        models.export_model([(tmp_path / "unrecorded.pt", 1.0)], tmp_path / "m4")
