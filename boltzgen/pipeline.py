@@ -274,12 +274,14 @@ def _check_same_model(
             raise error(f"{what} was trained with a different '{section}' section{hint}")
 
 
-def _check_resumable(config: RunConfig, checkpoint: Path) -> None:
+def _check_resumable(config: RunConfig, checkpoint: Path) -> dict[str, Any]:
+    """Check that ``checkpoint`` is a run of ``config``'s model; return its metadata."""
     from boltzgen.train import load_checkpoint
 
     meta = load_checkpoint(checkpoint).get("metadata", {})
     hint = "; resume with the config it was started with"
     _check_same_model(meta, config, str(checkpoint), CheckpointError, hint=hint)
+    return meta
 
 
 def _initial_weights(config: RunConfig, checkpoint: Path) -> tuple[dict[str, Tensor], list]:
@@ -297,13 +299,6 @@ def _initial_weights(config: RunConfig, checkpoint: Path) -> tuple[dict[str, Ten
     except BoltzgenError:  # its own init_from is gone: count what is known
         before = []
     return old["model"], [*before, stage_summary(checkpoint, old)]
-
-
-def load_checkpoint_metadata(path: Path) -> dict[str, Any]:
-    """The ``metadata`` of a training checkpoint (empty if it has none)."""
-    from boltzgen.train import load_checkpoint
-
-    return load_checkpoint(path).get("metadata") or {}
 
 
 def train(config: RunConfig, resume: bool = False) -> TrainResult:
@@ -324,8 +319,9 @@ def train(config: RunConfig, resume: bool = False) -> TrainResult:
 
     out = Path(config.output_dir)
     ckpt = out / "checkpoint.pt"
+    resumed_meta: dict[str, Any] = {}
     if resume:
-        _check_resumable(config, ckpt)
+        resumed_meta = _check_resumable(config, ckpt)
     elif ckpt.exists():
         raise BoltzgenError(
             f"{ckpt} exists; pass --resume to continue it or choose another --output-dir"
@@ -341,7 +337,7 @@ def train(config: RunConfig, resume: bool = False) -> TrainResult:
     if config.init_from is not None and not resume:
         initial, stages = _initial_weights(config, Path(config.init_from))
     elif config.init_from is not None:  # resumed: the stages the first start recorded
-        stages = load_checkpoint_metadata(ckpt).get("earlier_stages")
+        stages = resumed_meta.get("earlier_stages")
     run = build_run(config)
     if initial is not None:
         run.model.load_state_dict(initial)
