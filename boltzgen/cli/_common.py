@@ -99,3 +99,15 @@ def check_analysis_args(args: argparse.Namespace) -> None:
         if path is not None and not Path(path).absolute().parent.is_dir():
             flag = "--" + option.replace("_", "-")
             raise BoltzgenError(f"{flag}: folder {Path(path).absolute().parent} does not exist")
+
+
+def split_fraction(text: str) -> tuple[str, float | None]:
+    """``CHECKPOINT:FRACTION`` -> ``(CHECKPOINT, FRACTION)``; the fraction is None without a
+    ``:`` and NaN if it is not a number (the caller checks the range and the path)."""
+    path, sep, fraction = text.rpartition(":")
+    if not sep:
+        return text, None
+    try:
+        return path, float(fraction)
+    except ValueError:
+        return path, float("nan")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from boltzgen.cli._common import split_fraction
 from boltzgen.errors import BoltzgenError
 
 __all__ = ["register", "run"]
@@ -60,15 +61,11 @@ def _components(texts: list[str]) -> list[tuple[str, float]]:
     """``CHECKPOINT[:FRACTION]`` arguments; the first without a fraction draws the rest."""
     out: list[tuple[str, float | None]] = []
     for k, text in enumerate(texts):
-        path, sep, fraction = text.rpartition(":")
-        if not sep and k == 0:
+        path, value = split_fraction(text)
+        if value is None and k == 0:
             out.append((text, None))
             continue
-        try:
-            value = float(fraction)
-        except ValueError:
-            value = float("nan")
-        if not path or not 0 < value <= 1:
+        if value is None or not path or not 0 < value <= 1:
             raise BoltzgenError(
                 f"components take CHECKPOINT:FRACTION with 0 < FRACTION <= 1, got {text!r}"
             )

@@ -16,7 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from boltzgen.cli._common import add_nproc_argument, add_threads_argument, set_threads
+from boltzgen.cli._common import (
+    add_nproc_argument,
+    add_threads_argument,
+    set_threads,
+    split_fraction,
+)
 from boltzgen.errors import BoltzgenError
 
 __all__ = ["register", "run"]
@@ -155,12 +160,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _mix_component(text: str) -> tuple[str, float]:
     """``CHECKPOINT:FRACTION`` of ``--mix``."""
-    path, sep, fraction = text.rpartition(":")
-    try:
-        value = float(fraction)
-    except ValueError:
-        value = float("nan")
-    if not sep or not path or not 0 < value < 1:
+    path, value = split_fraction(text)
+    if value is None or not path or not 0 < value < 1:
         raise BoltzgenError(f"--mix takes CHECKPOINT:FRACTION with 0 < FRACTION < 1, got {text!r}")
     if not Path(path).is_file():
         raise BoltzgenError(f"--mix: checkpoint {path} does not exist")
