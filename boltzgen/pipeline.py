@@ -284,10 +284,11 @@ def _check_resumable(config: RunConfig, checkpoint: Path) -> dict[str, Any]:
     return meta
 
 
-def _initial_weights(config: RunConfig, checkpoint: Path) -> tuple[dict[str, Tensor], list]:
+def _initial_weights(config: RunConfig, checkpoint: Path) -> tuple[dict[str, Tensor], list | None]:
     """The model weights of ``init_from``, a checkpoint of the same system and model sections
     (the temperature may differ: annealing stages), and the training stages behind them
-    (`boltzgen.models.stage_summary` of it and of its own earlier stages, first first)."""
+    (`boltzgen.models.stage_summary` of it and of its own earlier stages, first first), or
+    None where those cannot all be found: no record then, rather than an incomplete one."""
     from boltzgen.models import earlier_stages, stage_summary
     from boltzgen.train import load_checkpoint
 
@@ -296,8 +297,8 @@ def _initial_weights(config: RunConfig, checkpoint: Path) -> tuple[dict[str, Ten
     _check_same_model(old.get("metadata", {}), config, what, ConfigError, any_temperature=True)
     try:
         before = earlier_stages(checkpoint, old)
-    except BoltzgenError:  # its own init_from is gone: count what is known
-        before = []
+    except BoltzgenError:  # its own init_from is gone: the chain cannot be counted
+        return old["model"], None
     return old["model"], [*before, stage_summary(checkpoint, old)]
 
 

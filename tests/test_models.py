@@ -238,3 +238,13 @@ def test_card_counts_every_training_stage(tiny, tmp_path):
     torch.save(state, tmp_path / "unrecorded.pt")
     with pytest.raises(BoltzgenError, match="counts every training stage"):
         models.export_model([(tmp_path / "unrecorded.pt", 1.0)], tmp_path / "m4")
+    # a run started from it records no (incomplete) stage list, so its export refuses too
+    stage3 = {
+        **stage2,
+        "output_dir": str(tmp_path / "s3"),
+        "init_from": str(tmp_path / "unrecorded.pt"),
+    }
+    ckpt3 = pipeline.train(config_from_dict(stage3)).checkpoint
+    assert "earlier_stages" not in load_checkpoint(ckpt3)["metadata"]
+    with pytest.raises(BoltzgenError, match="counts every training stage"):
+        models.export_model([(ckpt3, 1.0)], tmp_path / "m5")
