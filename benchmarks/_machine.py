@@ -7,7 +7,8 @@ from boltzgen.machine import cpu_model, machine_info
 __all__ = ["cpu_model", "machine"]
 
 
-def machine() -> dict:
+def machine(device: str | None = None) -> dict:
     """CPU model, torch's CPU vector capability (AVX2, AVX512, ...), torch version, and the
-    torch threads in use: what every benchmark's JSON starts with."""
-    return machine_info()
+    torch threads in use (and the GPU's name for a CUDA ``device``): what every benchmark's
+    JSON starts with."""
+    return machine_info(device)

@@ -326,6 +326,18 @@ def test_fused_evaluation_equals_per_term_float64(solvent, model):
     torch.testing.assert_close(f1, forces, rtol=1e-10, atol=1e-10 * forces.abs().max())
 
 
+def test_batch_chunks_are_cache_sized_on_cpu_only():
+    """On a CPU the fused pass splits a batch into cache-sized chunks; on another device (a
+    meta tensor stands in for a GPU's) a training batch is one chunk: each chunk costs kernel
+    launches there, which dominated a GPU training step."""
+    s = systems.load("aldp")
+    fused = TorchEnergy.from_openmm(s.system)._fused
+    cpu = torch.empty(8192, s.n_atoms, 3)
+    gpu = torch.empty(8192, s.n_atoms, 3, device="meta")
+    assert fused._pair_chunk(cpu) < 1024
+    assert fused._pair_chunk(gpu) >= 65536
+
+
 def test_compiled_energy_compiles_once():
     """The compiled fused evaluation is one graph: no recompiles per term type."""
     from torch._dynamo.utils import counters

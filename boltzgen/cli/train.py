@@ -53,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
     )
     ckpt = Path(config.output_dir) / "checkpoint.pt"
-    start = "from scratch"
+    start = (
+        "from scratch" if config.init_from is None else f"from the weights of {config.init_from}"
+    )
     pipeline.check_device(config.train.device)
     if args.resume:
         from boltzgen.train import load_checkpoint

@@ -527,6 +527,11 @@ _FUSABLE = (HarmonicBondTerm, HarmonicAngleTerm, PeriodicTorsionTerm, NonbondedT
 _BONDED_CHUNK = 256
 #: bytes of one ``(chunk, N, N)`` pair temporary (128 x 22 x 22 float32 for alanine dipeptide)
 _PAIR_BYTES = 1 << 18
+#: the same on a GPU: chunks there only bound memory (each costs ~60 kernel launches; with the
+#: CPU's cache-sized chunks a batch of 8,192 launched 15,744 kernels per training step on an
+#: H200 against 4,980 at 512, the device busy 14-29 % of the step: benchmarks/device_step.py)
+_PAIR_BYTES_GPU = 1 << 28
+_BONDED_CHUNK_GPU = 1 << 16
 
 
 class _FusedEnergy(nn.Module):
@@ -589,11 +594,13 @@ class _FusedEnergy(nn.Module):
         """Per-term energies ``(B, n_terms)`` and, if ``need_grad``, the total dE/dx.
 
         ``chunked`` splits the batch (bonded and pair parts separately) so that temporaries
-        stay cache-sized; the compiled evaluation runs unchunked.
+        stay cache-sized on a CPU (on other devices the chunks only bound memory); the
+        compiled evaluation runs unchunked.
         """
         energies: list[Tensor | None] = [None] * self.n_terms
         grad = None
-        for part, chunk in ((self._bonded, _BONDED_CHUNK), (self._pairs, self._pair_chunk(x))):
+        bonded_chunk = _BONDED_CHUNK if x.device.type == "cpu" else _BONDED_CHUNK_GPU
+        for part, chunk in ((self._bonded, bonded_chunk), (self._pairs, self._pair_chunk(x))):
             if chunked and x.shape[0] > chunk:
                 pieces = [part(xs, need_grad) for xs in x.split(chunk)]
                 e = {k: torch.cat([p[0][k] for p in pieces]) for k in pieces[0][0]}
@@ -611,8 +618,10 @@ class _FusedEnergy(nn.Module):
         return torch.stack(energies, -1), grad
 
     def _pair_chunk(self, x: Tensor) -> int:
-        """Batch chunk whose ``(chunk, N, N)`` pair temporaries take about `_PAIR_BYTES`."""
-        return max(1, _PAIR_BYTES // (x.shape[1] ** 2 * x.element_size()))
+        """Batch chunk whose ``(chunk, N, N)`` pair temporaries take about `_PAIR_BYTES` (on a
+        CPU; `_PAIR_BYTES_GPU` elsewhere)."""
+        budget = _PAIR_BYTES if x.device.type == "cpu" else _PAIR_BYTES_GPU
+        return max(1, budget // (x.shape[1] ** 2 * x.element_size()))
 
     def _bonded(self, x: Tensor, need_grad: bool) -> tuple[dict[int, Tensor], Tensor | None]:
         energies: dict[int, Tensor] = {}
