@@ -7,11 +7,14 @@ each sample set, the three basin populations and free-energy differences (kT) wi
 standard errors next to ``systems/aldp/reference`` (block bootstrap of its MD time series) with
 z-scores ``(dF - dF_ref) / sqrt(se^2 + se_ref^2)``, and the 64 x 64 Ramachandran
 ``KL(reference || reweighted samples)`` next to its noise floor: the KL of an equally sized
-weighted resample of the reference itself, averaged over 5 resamples.
+weighted resample of the reference itself, averaged over 5 resamples. That floor is iid noise
+at the samples' n; the reference's own error (time-correlated MD) is larger, and the KL of a
+block-bootstrap resample of the reference against itself (``ramachandran_kl_reference_self``,
+blocks of n/20 frames) is printed beside it: what an exact sampler is expected to reach.
 
 With ``--mix CHECKPOINT:FRACTION`` (e.g. a basin flow, ``systems/aldp/basin_alpha_l_quick.yaml``)
 it also judges the mixture proposal of ``boltzgen sample --mix`` (`pipeline.draw_mixture`), with
-the training cost of both runs.
+the training cost of both runs, and with ``--mix-ais K`` the mixture's samples refined by AIS.
 
 Run:  python benchmarks/aldp_quality.py runs/aldp_reverse_kl_quick/checkpoint.pt [-n 100000]
       python benchmarks/aldp_quality.py systems/aldp/reverse_kl_quick.yaml   # trains first
@@ -57,7 +60,38 @@ def _states(pp: np.ndarray, log_w: np.ndarray | None, kT: float, block: int, see
     }
 
 
-def evaluate(pp: np.ndarray, log_w: np.ndarray, reference, ref_states: dict, seed: int) -> dict:
+def reference_self_kl(reference, n_blocks: int = 20, replicates: int = 10, seed: int = 0) -> float:
+    """Mean ``KL(reference || block-bootstrap resample of the reference)`` (nats): the MD
+    reference's own statistical error on the 64 x 64 Ramachandran histogram, time correlation
+    included (blocks of n/20 frames, as its basin errors). A sampler of the exact Boltzmann
+    density is expected to reach about this KL against the reference, whatever its own n."""
+    rng = np.random.default_rng(seed)
+    block = reference.n // n_blocks
+    kls = []
+    for _ in range(replicates):
+        starts = rng.integers(0, n_blocks, n_blocks) * block
+        idx = np.concatenate([np.arange(s, s + block) for s in starts])
+        lw = None if reference.log_w is None else reference.log_w[idx]
+        kls.append(
+            ramachandran_kl(
+                reference.phi_psi[idx],
+                reference.phi_psi,
+                lw,
+                BINS,
+                reference_log_w=reference.log_w,
+            )
+        )
+    return float(np.mean(kls))
+
+
+def evaluate(
+    pp: np.ndarray,
+    log_w: np.ndarray,
+    reference,
+    ref_states: dict,
+    seed: int,
+    ref_self_kl: float = float("nan"),
+) -> dict:
     """ESS, k-hat, basins vs the reference with z-scores, Ramachandran KL vs noise floor."""
     n = len(log_w)
     basins = _states(pp, log_w, reference.kT, 1, seed)
@@ -93,6 +127,8 @@ def evaluate(pp: np.ndarray, log_w: np.ndarray, reference, ref_states: dict, see
         "ramachandran_kl": kl,
         "ramachandran_kl_noise_floor": float(np.mean(floors)),
         "kl_over_floor": kl / float(np.mean(floors)),
+        "ramachandran_kl_reference_self": ref_self_kl,
+        "kl_over_reference_self": kl / ref_self_kl,
     }
 
 
@@ -105,6 +141,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mix", default=None, metavar="CHECKPOINT:FRACTION", help="also a mixture")
+    p.add_argument(
+        "--mix-ais", type=int, default=0, metavar="K", help="and the mixture refined by AIS-K"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out: dict = machine()
@@ -130,7 +169,12 @@ def main() -> None:
     reference = load_samples(shipped_path("aldp", "reference", "reference.npz"))
     ref_block = max(1, reference.n // 20)
     ref_states = _states(reference.phi_psi, reference.log_w, reference.kT, ref_block, 0)
-    out["reference"] = {"n": reference.n, "states": ref_states}
+    ref_self_kl = reference_self_kl(reference)
+    out["reference"] = {
+        "n": reference.n,
+        "states": ref_states,
+        "ramachandran_kl_self_block_bootstrap": ref_self_kl,
+    }
     run = pipeline.load_run(model)
     for name, ais in (("flow", 0), (f"ais{args.ais}", args.ais)):
         if name != "flow" and args.ais == 0:
@@ -141,7 +185,7 @@ def main() -> None:
         pp = phi_psi(s.positions, run.system)
         out[name] = {
             "sampling_wall_s": wall,
-            **evaluate(pp, s.log_weights, reference, ref_states, 0),
+            **evaluate(pp, s.log_weights, reference, ref_states, 0, ref_self_kl),
         }
     if args.mix:
         path, _, fraction = args.mix.rpartition(":")
@@ -153,15 +197,20 @@ def main() -> None:
             "wall_s": other.get("wall_s"),
             "target_evals": other.get("counters", {}).get("target_evals"),
         }
-        t0 = time.perf_counter()
         runs, fractions = [run, pipeline.load_run(path)], [1 - float(fraction), float(fraction)]
-        s = pipeline.draw_mixture(runs, fractions, args.n_samples, args.batch_size, seed=args.seed)
-        wall = time.perf_counter() - t0
-        pp = phi_psi(s.positions, run.system)
-        out["mixture"] = {
-            "sampling_wall_s": wall,
-            **evaluate(pp, s.log_weights, reference, ref_states, 0),
-        }
+        for name, ais in (("mixture", 0), (f"mixture_ais{args.mix_ais}", args.mix_ais)):
+            if name != "mixture" and args.mix_ais == 0:
+                continue
+            t0 = time.perf_counter()
+            s = pipeline.draw_mixture(
+                runs, fractions, args.n_samples, args.batch_size, seed=args.seed, ais=ais
+            )
+            wall = time.perf_counter() - t0
+            pp = phi_psi(s.positions, run.system)
+            out[name] = {
+                "sampling_wall_s": wall,
+                **evaluate(pp, s.log_weights, reference, ref_states, 0, ref_self_kl),
+            }
     print(json.dumps(out, indent=2))
 
 

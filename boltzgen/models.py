@@ -304,11 +304,8 @@ def draw(
 ) -> GeneratedSamples:
     """``n`` weighted samples of a model: `boltzgen.pipeline.draw_samples` of its one
     component (``ais`` and ``kwargs`` such as ``partial``, ``resume``, ``progress`` pass on),
-    or `boltzgen.pipeline.draw_mixture` of several (plain flow samples; of ``kwargs`` only
-    ``progress``).
-
-    Raises:
-        BoltzgenError: ``ais > 0`` for a mixture (AIS refines the samples of one flow).
+    or `boltzgen.pipeline.draw_mixture` of several (mixture samples, AIS-refined from the
+    mixture with ``ais`` > 0; of ``kwargs`` only ``progress``: no progress file).
     """
     from boltzgen import pipeline
 
@@ -316,14 +313,9 @@ def draw(
         return pipeline.draw_samples(
             model.runs[0], n, batch_size, ais=ais, device=device, seed=seed, **kwargs
         )
-    if ais:
-        raise BoltzgenError(
-            f"AIS refines the samples of one flow; {model.path} is a mixture of "
-            f"{len(model.runs)} flows: use ais 0 (its weights are exact)"
-        )
     progress = bool(kwargs.get("progress", False))
     return pipeline.draw_mixture(
-        model.runs, model.fractions, n, batch_size, device, seed, progress=progress
+        model.runs, model.fractions, n, batch_size, device, seed, progress=progress, ais=ais
     )
 
 

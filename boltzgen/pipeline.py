@@ -543,14 +543,17 @@ def _ais_batches(
     warmup_rounds: int,
     warmup_batch: int,
     state: dict[str, Tensor] | None = None,
+    proposal: torch.nn.Module | None = None,
 ) -> tuple[Callable[[int], tuple[Tensor, Tensor]], torch.nn.Module]:
     """A function ``b -> (x Cartesian (b, n_atoms, 3), log_w (b,))`` of AIS-refined samples and
-    its sampler, adapted by ``warmup_rounds`` discarded batches or given its ``state``."""
+    its sampler, adapted by ``warmup_rounds`` discarded batches or given its ``state``. AIS
+    starts from the run's flow, or from ``proposal`` (a density on the flow's space, such as a
+    `MixtureDensity` of several runs' flows)."""
     from boltzgen.sampling.ais import AnnealedImportanceSampler
     from boltzgen.sampling.generator import flow_space
 
     space = flow_space(run.model, run.target)
-    flow = space.flow
+    flow = space.flow if proposal is None else proposal
     sampler = AnnealedImportanceSampler(
         space.dim,
         ais,
@@ -670,6 +673,7 @@ def draw_samples(
     partial: str | Path | None = None,
     resume: bool = False,
     progress: bool = False,
+    proposal: torch.nn.Module | None = None,
 ) -> GeneratedSamples:
     """Draw ``n`` finite (and, with a filter, L-form) weighted samples of a run's model.
 
@@ -697,6 +701,8 @@ def draw_samples(
             samples so far with ``partial`` True and the state to resume (None: none written).
         resume: Continue from ``partial``; without it an existing ``partial`` is an error.
         progress: Show a tqdm progress bar.
+        proposal: With ``ais``: the density on the run's flow space that AIS starts from
+            instead of the run's flow (`draw_mixture` passes a `MixtureDensity`).
 
     Raises:
         BoltzgenError: ``n``, ``batch_size`` or ``ais`` out of range, too few valid samples, or
@@ -710,6 +716,8 @@ def draw_samples(
         raise BoltzgenError(f"need n >= 1 and batch_size >= 1, got {n} and {batch_size}")
     if ais < 0:
         raise BoltzgenError(f"ais must be >= 0, got {ais}")
+    if proposal is not None and not ais:
+        raise BoltzgenError("a proposal density is what AIS starts from: it needs ais > 0")
     partial = None if partial is None else Path(partial)
     if resume and partial is None:
         raise BoltzgenError("resume needs the progress file (partial=...)")
@@ -742,7 +750,7 @@ def draw_samples(
     sampler = None
     if ais:
         warmup = (warmup_rounds, min(batch_size, 512))
-        ais_batch, sampler = _ais_batches(run, ais, device, *warmup, sampler_state)
+        ais_batch, sampler = _ais_batches(run, ais, device, *warmup, sampler_state, proposal)
     if resume:
         _set_rng_state(rng, dev)
 
@@ -839,6 +847,7 @@ def draw_mixture(
     device: str = "cpu",
     seed: int | None = None,
     progress: bool = False,
+    ais: int = 0,
 ) -> GeneratedSamples:
     """Flow samples of several runs of one system, weighted as one mixture proposal.
 
@@ -849,19 +858,29 @@ def draw_mixture(
     basin's weight, which a single mode-seeking flow misses, and costs the others little when
     its fraction is near the basin's population.
 
+    With ``ais`` K > 0 the mixture is AIS's starting density instead: each sample's component
+    is drawn from the fractions (iid mixture samples), and `draw_samples` refines them toward
+    the Boltzmann density through K intermediate distributions between the mixture's density
+    ``sum_k f_k q_k(y)`` and the target, all on the runs' common flow space (the runs must share
+    their coordinate transform: same system, coordinate settings and reference).
+
     Args:
         runs: Trained runs of one system and temperature, without SNF layers (their density
             is stochastic).
         fractions: Share of the samples of each run, positive, summing to 1.
         n: Number of samples; batch_size, device: as in `draw_samples`.
-        seed: Run ``k`` draws with seed ``seed + k`` (None: torch's generator as it is).
+        seed: Run ``k`` draws with seed ``seed + k`` (None: torch's generator as it is); with
+            ``ais``, torch's generator is seeded once with ``seed``.
         progress: A tqdm progress bar for each run's draws.
+        ais: AIS intermediate distributions (0: plain mixture samples).
 
     Returns:
-        `GeneratedSamples` whose ``log_q`` is the mixture's log density.
+        `GeneratedSamples` whose ``log_q`` is the mixture's log density (with ``ais``, as in
+        `draw_samples`: ``-u/kT - log_w``).
 
     Raises:
-        BoltzgenError: mismatched runs or fractions.
+        BoltzgenError: mismatched runs or fractions; with ``ais``, runs whose coordinate
+            transforms differ.
     """
     if len(runs) != len(fractions) or not runs:
         raise BoltzgenError("draw_mixture needs one fraction per run")
@@ -875,6 +894,24 @@ def draw_mixture(
             raise BoltzgenError("mixture components must be runs at the same temperature")
         if len(getattr(run.model, "stochastic", ())):
             raise BoltzgenError("mixture components cannot have SNF layers")
+    if ais:
+        from boltzgen.sampling.generator import MixtureDensity, flow_space
+
+        _check_same_coordinates(runs)
+        for run in runs:
+            run.model.to(device).eval()
+        flows = [flow_space(run.model, run.target).flow for run in runs]
+        mixture = MixtureDensity(flows, fractions).to(device)
+        return draw_samples(
+            first,
+            n,
+            batch_size,
+            ais=ais,
+            device=device,
+            seed=seed,
+            progress=progress,
+            proposal=mixture,
+        )
     counts = [round(f * n) for f in fractions]
     counts[0] = n - sum(counts[1:])
     if counts[0] < 1:
@@ -915,6 +952,26 @@ def draw_mixture(
         n_nonfinite=sum(p.n_nonfinite for p in parts),
         n_filtered=sum(p.n_filtered for p in parts),
     )
+
+
+def _check_same_coordinates(runs: Sequence[Run]) -> None:
+    """Raise `BoltzgenError` unless all runs map the same flow space to Cartesians."""
+    first = runs[0].model.coordinates
+    ref = first.state_dict()
+    for run in runs[1:]:
+        coords = run.model.coordinates
+        other = coords.state_dict()
+        same = (
+            type(coords) is type(first)
+            and getattr(coords, "domains", None) == getattr(first, "domains", None)
+            and set(other) == set(ref)
+            and all(torch.equal(other[k].cpu(), ref[k].cpu()) for k in ref)
+        )
+        if not same:
+            raise BoltzgenError(
+                "AIS with a mixture needs components with one coordinate transform (same "
+                "system, coordinate settings and reference structure); these differ"
+            )
 
 
 # -------------------------------------------------------------------------- parallel sampling

@@ -121,7 +121,11 @@ CASES = [
         ["sample", "{ckpt_aldp}", "-n", "9", "-o", "{dir}/s.npz", "--mix", "{ckpt_xylene}:0.1"],
         "system 'xylene'",
     ),
-    ("sample-model-ais", ["sample", "aldp", "-n", "9", "-o", "{dir}/s.npz", "--ais", "2"], "--ais"),
+    (
+        "sample-model-nproc",
+        ["sample", "aldp", "-n", "9", "-o", "{dir}/s.npz", "--nproc", "2"],
+        "--nproc",
+    ),
     ("sample-no-model", ["sample", "xylene", "-n", "9", "-o", "{dir}/s.npz"], "ships no"),
     (
         "sample-threads",
@@ -252,7 +256,6 @@ CASES = [
     ("pipeline-model-ckpt-system", ["pipeline", "aldp", "--model", "{ckpt_xylene}"], "xylene"),
     ("pipeline-model-version", ["pipeline", "aldp", "--model", "{ckpt_v99}"], "version 99"),
     ("pipeline-model-missing", ["pipeline", "aldp", "--model", "{dir}/none.pt"], "none.pt"),
-    ("pipeline-model-ais", ["pipeline", "aldp", "--ais", "4"], "mixture"),
     ("pipeline-model-and-train", ["pipeline", "aldp", "--train", "--model", "aldp"], "--model"),
     ("pipeline-batch-size", ["pipeline", "aldp", "--batch-size", "0"], "--batch-size"),
     ("pipeline-trajectory", ["pipeline", "aldp", "--trajectory", "pdf"], "--trajectory"),
@@ -319,7 +322,7 @@ CASES = [
         "none.pt",
     ),
     (
-        "sample-mix-ais",
+        "sample-mix-resume",
         [
             "sample",
             "{checkpoint}",
@@ -329,10 +332,9 @@ CASES = [
             "{dir}/s.npz",
             "--mix",
             "{checkpoint}:0.1",
-            "--ais",
-            "2",
+            "--resume",
         ],
-        "--ais",
+        "--resume",
     ),
     ("train-restraint", ["train", "{cfg_restraint}"], "restraint.atoms"),
     ("unknown-command", ["frobnicate"], "frobnicate"),

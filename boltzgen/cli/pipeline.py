@@ -101,7 +101,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="K",
         help="refine samples by AIS toward the Boltzmann density with K intermediate "
         f"distributions (default {TRAINED_DEFAULTS[1]} after training, "
-        f"{PRETRAINED_DEFAULTS[1]} for a pretrained model; a mixture model takes 0 only)",
+        f"{PRETRAINED_DEFAULTS[1]} for a pretrained model; a mixture model's AIS starts from "
+        "its mixture)",
     )
     p.add_argument(
         "--batch-size",
@@ -187,7 +188,7 @@ def _check_args(args: argparse.Namespace) -> bool:
 
 def _pretrained_source(args: argparse.Namespace) -> _Source | None:
     """The pretrained model to sample (--model, or the system's shipped one), checked before
-    any work (readable, of this system, no --ais for a mixture); None when the system ships
+    any work (readable, of this system); None when the system ships
     none and no --model is given."""
     from boltzgen import models
 
@@ -200,11 +201,6 @@ def _pretrained_source(args: argparse.Namespace) -> _Source | None:
         models.read_components(files, args.system)
     else:
         card = models.checkpoint_card(path, models.read_components([path], args.system)[0])
-    n_flows = len(card["components"])
-    if args.ais and n_flows > 1:
-        raise BoltzgenError(
-            f"--ais refines one flow; {path} is a mixture of {n_flows} flows: drop --ais"
-        )
     name = Path(args.system).name
     out = Path(args.output_dir) if args.output_dir else Path("runs") / f"{name}_pretrained"
     return _Source(out=out, system=args.system, model=path, card=card)
@@ -322,7 +318,9 @@ def _sample(args: argparse.Namespace, source: _Source, device: str) -> int | Non
     samples_path = out / "samples.npz"
     how = f"flow + AIS with {args.ais} intermediate distributions" if args.ais else "flow"
     if source.card is not None and len(source.card["components"]) > 1:
-        how = "mixture proposal"
+        how = "mixture proposal" + (
+            f" + AIS with {args.ais} intermediate distributions" * bool(args.ais)
+        )
     partial = out / "samples.partial.npz"
     resume = partial.is_file()
     verb = f"resuming {partial}:" if resume else "drawing"

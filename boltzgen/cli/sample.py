@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0,
         metavar="K",
         help="refine the flow's samples by annealed importance sampling toward the Boltzmann "
-        "density with K intermediate distributions (HMC); log_weights are then AIS weights",
+        "density with K intermediate distributions (HMC; from the mixture with --mix or a mixture "
+        "model); log_weights are then AIS weights",
     )
     p.add_argument(
         "--resume",
@@ -112,10 +113,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume and partial.exists():
         raise BoltzgenError(f"{partial} exists (an interrupted run); pass --resume or delete it")
     mix = [_mix_component(text) for text in args.mix]
-    if mix and (args.ais or args.resume or args.nproc != 1):
-        raise BoltzgenError(
-            "--mix draws plain flow samples in one process: drop --ais, --resume and --nproc"
-        )
+    if mix and (args.resume or args.nproc != 1):
+        raise BoltzgenError("--mix draws its samples in one process: drop --resume and --nproc")
     threads = set_threads(args.threads)
     pipeline.check_device(args.device)
     if mix:
@@ -183,7 +182,13 @@ def _mixture(args: argparse.Namespace, mix: list, out: Path, threads: int) -> in
     seed = runs[0].config.train.seed + 1 if args.seed is None else args.seed
     fractions = [rest] + [f for _, f in mix]
     samples = pipeline.draw_mixture(
-        runs, fractions, args.n_samples, args.batch_size, device=args.device, seed=seed
+        runs,
+        fractions,
+        args.n_samples,
+        args.batch_size,
+        device=args.device,
+        seed=seed,
+        ais=args.ais,
     )
     written = samples.export(out, runs[0].system)
     lw = samples.log_weights
@@ -214,11 +219,6 @@ def _model(args: argparse.Namespace, out: Path, threads: int) -> int:
             "a pretrained model is sampled in one process: drop --resume and --nproc"
         )
     model = models.load_model(args.checkpoint)
-    if args.ais and len(model.runs) > 1:
-        raise BoltzgenError(
-            f"--ais refines one flow; {model.path} is a mixture of "
-            f"{len(model.runs)} flows: drop --ais"
-        )
     seed = 1 if args.seed is None else args.seed
     samples = models.draw(
         model, args.n_samples, args.batch_size, ais=args.ais, device=args.device, seed=seed

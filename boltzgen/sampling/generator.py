@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from boltzgen.flows.base import Transform, circular_mask
 from boltzgen.protocols import Bijection, Density, LogDensity
 
-__all__ = ["BoltzmannGenerator", "FlowSpace", "FlowSpaceTarget", "flow_space"]
+__all__ = ["BoltzmannGenerator", "FlowSpace", "FlowSpaceTarget", "MixtureDensity", "flow_space"]
 
 
 class BoltzmannGenerator(nn.Module):
@@ -174,3 +174,42 @@ def flow_space(model: Density, target: LogDensity) -> FlowSpace:
         circular=None if domains is None else circular_mask(domains),
         log_p_floor=None if cut is None else -float(cut),
     )
+
+
+class MixtureDensity(nn.Module):
+    """A mixture ``q(y) = sum_k f_k q_k(y)`` of densities on one space (e.g. the flows of several
+    runs that share a coordinate transform): the proposal of AIS with a mixture model.
+
+    ``sample_and_log_prob(n)`` draws every sample's component from the categorical
+    distribution of ``fractions`` (so the samples are exactly iid from the mixture) and returns
+    the mixture's log density at each, rows in random order.
+
+    Args:
+        densities: Each has ``sample_and_log_prob(n) -> (y (n, D), log_q (n,))`` and
+            ``log_prob(y) -> (B,)``.
+        fractions: Mixture weights, positive, summing to 1.
+    """
+
+    def __init__(self, densities: Sequence[Density], fractions: Sequence[float]) -> None:
+        super().__init__()
+        if len(densities) != len(fractions) or not densities:
+            raise ValueError("MixtureDensity needs one fraction per density")
+        f = torch.tensor([float(v) for v in fractions], dtype=torch.float64)
+        if bool((f <= 0).any()) or abs(float(f.sum()) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must be positive and sum to 1, got {list(fractions)}")
+        self.densities = nn.ModuleList(densities)
+        self.register_buffer("fractions", f)
+
+    def log_prob(self, y: Tensor) -> Tensor:
+        """``log sum_k f_k q_k(y)`` ``(B,)`` for ``y`` ``(B, D)``."""
+        log_f = self.fractions.log().to(y)
+        parts = [lf + d.log_prob(y) for lf, d in zip(log_f, self.densities, strict=True)]
+        return torch.logsumexp(torch.stack(parts), 0)
+
+    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` mixture samples ``(n, D)`` and their mixture log densities ``(n,)``."""
+        labels = torch.multinomial(self.fractions.float().cpu(), n, replacement=True)
+        counts = torch.bincount(labels, minlength=len(self.densities)).tolist()
+        ys = [d.sample_and_log_prob(m)[0] for d, m in zip(self.densities, counts) if m > 0]
+        y = torch.cat(ys)[torch.randperm(n, device=ys[0].device)]
+        return y, self.log_prob(y)
