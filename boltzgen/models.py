@@ -460,13 +460,19 @@ def _quality_section(quality: dict[str, Any], entries: list[dict]) -> dict[str, 
         raise BoltzgenError(f"the quality JSON has no '{key}' section")
     machine = {k: quality[k] for k in ("cpu", "cpu_capability", "torch", "threads") if k in quality}
     ref = quality.get("reference") or {}
-    return {
+    section = {
         "measured_with": "benchmarks/aldp_quality.py",
         "proposal": key,
         "machine": machine,
         "reference_n": ref.get("n"),
         **measured,
     }
+    # the same proposal refined by AIS (aldp_quality's "ais<K>" / "mixture_ais<K>"), if measured
+    prefix = "ais" if key == "flow" else "mixture_ais"
+    refined = [k for k in quality if k.startswith(prefix) and k[len(prefix) :].isdigit()]
+    if refined and isinstance(quality[refined[0]], dict):
+        section["ais_refined"] = {"ais": int(refined[0][len(prefix) :]), **quality[refined[0]]}
+    return section
 
 
 def export_model(
@@ -644,14 +650,31 @@ def card_text(card: dict[str, Any]) -> str:
     if not q:
         lines += ["Not measured (export without --quality).", ""]
         return "\n".join(lines)
-    ess, khat = q.get("ess_fraction"), q.get("khat")
     lines.append(
         f"{q.get('n')} samples ({q.get('proposal')}) against the MD reference "
         f"({q.get('reference_n')} frames), measured with {q.get('measured_with')} on "
         f"{(q.get('machine') or {}).get('cpu')}, sampling {_num(q.get('sampling_wall_s'), '.1f')}"
         " s:"
     )
-    lines += [
+    lines += _quality_lines(q)
+    refined = q.get("ais_refined")
+    if isinstance(refined, dict):
+        lines += [
+            "",
+            f"### The same proposal refined by AIS (`--ais {refined.get('ais')}`)",
+            "",
+            f"{refined.get('n')} samples, each moved by HMC through {refined.get('ais')} "
+            "intermediate distributions from the proposal toward the Boltzmann density (AIS "
+            f"weights, exact), sampling {_num(refined.get('sampling_wall_s'), '.0f')} s:",
+        ]
+        lines += _quality_lines(refined)
+    return "\n".join(lines) + "\n"
+
+
+def _quality_lines(q: dict[str, Any]) -> list[str]:
+    """ESS, KL and the basin table of one measured sample set, against the bars."""
+    ess, khat = q.get("ess_fraction"), q.get("khat")
+    lines = [
         "",
         f"- Kish ESS {_num(100 * ess, '.1f')} % (bar >= 80 %: "
         f"{_mark(ess >= BARS['ess_fraction'])}); PSIS k-hat {_num(khat, '.2f')}",
@@ -664,6 +687,13 @@ def card_text(card: dict[str, Any]) -> str:
         f"this n {_num(floor, '.4f')}: {_num(ratio, '.2f')}x (bar <= 1.5x: "
         f"{_mark(ratio <= BARS['kl_over_floor'])})"
     )
+    self_kl = q.get("ramachandran_kl_reference_self")
+    if isinstance(self_kl, (int, float)):
+        lines.append(
+            f"- The MD reference's own error on that histogram (KL of a block-bootstrap "
+            f"resample of it against itself, time correlation included): {self_kl:.4f} nats; "
+            f"the KL above is {_num(kl / self_kl, '.2f')}x that"
+        )
     lines += [
         "",
         "| basin | population | dF (kT) | MD reference dF (kT) | error (kT) | z |",
@@ -689,7 +719,7 @@ def card_text(card: dict[str, Any]) -> str:
         f"{_num(err, '+.2f')} kT (bar <= 0.2 kT: "
         f"{_mark(isinstance(err, (int, float)) and abs(err) <= BARS['rare_dF_error_kT'])}).",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _num(x: Any, fmt: str) -> str:

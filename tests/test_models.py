@@ -107,6 +107,31 @@ def test_export_strips_and_round_trips(tiny, tmp_path, capsys):
     quality.write_text(json.dumps({"training": {"iterations": 999, "target_evals": 1}}))
     with pytest.raises(BoltzgenError, match="another checkpoint"):
         models.export_model([(tiny, 1.0)], tmp_path / "m2", quality=quality)
+    # a quality JSON with an AIS-refined set: the card states both, each against the bars
+    basin = {"population": 0.5, "population_error": 0.1, "dF_kT": 0.0, "dF_kT_error": 0.1}
+    measured = {
+        "n": 100,
+        "ess_fraction": 0.5,
+        "khat": 0.4,
+        "ramachandran_kl": 0.2,
+        "ramachandran_kl_noise_floor": 0.1,
+        "kl_over_floor": 2.0,
+        "ramachandran_kl_reference_self": 0.1,
+        "basins": {"A": basin},
+    }
+    counters = {"iterations": state["iteration"], "target_evals": state["counters"]["target_evals"]}
+    quality.write_text(
+        json.dumps(
+            {"training": counters, "flow": measured, "ais3": {**measured, "ess_fraction": 0.9}}
+        )
+    )
+    card = models.read_card(models.export_model([(tiny, 1.0)], tmp_path / "m3", quality=quality))
+    assert card["quality"]["ess_fraction"] == 0.5
+    assert card["quality"]["ais_refined"]["ais"] == 3
+    assert card["quality"]["ais_refined"]["ess_fraction"] == 0.9
+    text = models.card_text(card)
+    assert "refined by AIS (`--ais 3`)" in text and "Kish ESS 90.0 % (bar >= 80 %: met)" in text
+    assert "Kish ESS 50.0 % (bar >= 80 %: NOT met)" in text and "2.00x that" in text
 
 
 def test_stripped_checkpoint_starts_runs_but_does_not_resume(tiny, tmp_path):
