@@ -257,6 +257,13 @@ CASES = [
     ("pipeline-model-version", ["pipeline", "aldp", "--model", "{ckpt_v99}"], "version 99"),
     ("pipeline-model-missing", ["pipeline", "aldp", "--model", "{dir}/none.pt"], "none.pt"),
     ("pipeline-model-and-train", ["pipeline", "aldp", "--train", "--model", "aldp"], "--model"),
+    ("pipeline-recipe-missing", ["pipeline", "aldp", "--recipe", "{dir}/none.yaml"], "none.yaml"),
+    (
+        "pipeline-recipe-and-config",
+        ["pipeline", "aldp", "--recipe", "{dir}/none.yaml", "--max-iter", "2"],
+        "--recipe",
+    ),
+    ("pipeline-recipe-bad", ["pipeline", "aldp", "--recipe", "{quality_bad}"], "recipe"),
     ("pipeline-batch-size", ["pipeline", "aldp", "--batch-size", "0"], "--batch-size"),
     ("pipeline-trajectory", ["pipeline", "aldp", "--trajectory", "pdf"], "--trajectory"),
     # info

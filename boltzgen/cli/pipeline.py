@@ -9,11 +9,15 @@ errors) next to the shipped MD reference, and writes plots, metrics JSON and the
 its ``samples.weights.txt``) to ``runs/<system>_pretrained``. ``--model`` samples another
 model folder or checkpoint instead.
 
-With ``--train`` (implied by ``--config`` and ``--max-iter``, and the only way for systems
-that ship no model, such as xylene and trpzip2) it first trains
-``systems/<system>/reverse_kl_quick.yaml`` (minutes on a laptop CPU), then draws 10,000
-samples refined by annealed importance sampling through 8 intermediate distributions, and
-reports the same. Without a shipped reference it says so and skips the comparison. A finished
+With ``--train`` it trains from scratch instead. A system with a recipe
+(``systems/<system>/recipe.yaml``; aldp: the shipped model's stages and components, shortened)
+trains it (`boltzgen.recipes`: components side by side in processes of their own), exports the
+result as a model folder ``OUTPUT/model`` and samples it as above; ``--recipe FILE`` trains
+another recipe. Otherwise, and with ``--config`` or ``--max-iter`` (the only way for systems
+that ship no model, such as xylene and trpzip2), it trains one run config (default
+``systems/<system>/reverse_kl_quick.yaml``), then draws 10,000 samples refined by annealed
+importance sampling through 8 intermediate distributions, and reports the same. Without a
+shipped reference it says so and skips the comparison. A finished
 checkpoint in the output folder is reused and an unfinished one resumed, so an interrupted
 pipeline continues where it stopped, in training or in sampling (``samples.partial.npz``).
 Every step is a `boltzgen.pipeline`, `boltzgen.models` or `boltzgen.analysis.reports` call.
@@ -61,8 +65,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--train",
         action="store_true",
-        help="train from scratch (systems/<system>/reverse_kl_quick.yaml) instead of using "
-        "the shipped model; systems without one always train",
+        help="train from scratch instead of using the shipped model: the system's recipe "
+        "(systems/<system>/recipe.yaml, the shipped model's stages and components) if it has "
+        "one, else systems/<system>/reverse_kl_quick.yaml; systems without a model always train",
+    )
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="train this recipe file (implies --train; see boltzgen.recipes)",
     )
     p.add_argument(
         "--config",
@@ -178,12 +188,35 @@ def _check_args(args: argparse.Namespace) -> bool:
         raise BoltzgenError(f"-n must be at least 10, got {args.n_samples}")
     if args.batch_size is not None and args.batch_size < 1:
         raise BoltzgenError(f"--batch-size must be at least 1, got {args.batch_size}")
-    training = args.train or args.config is not None or args.max_iter is not None
+    training = (
+        args.train or args.config is not None or args.max_iter is not None or bool(args.recipe)
+    )
     if training and args.model is not None:
         raise BoltzgenError(
-            "--model samples a given model; --train, --config and --max-iter train one: choose one"
+            "--model samples a given model; --train, --recipe, --config and --max-iter train "
+            "one: choose one"
         )
+    if args.recipe and (args.config is not None or args.max_iter is not None):
+        raise BoltzgenError("--recipe trains its own configs: drop --config and --max-iter")
     return training
+
+
+def _train_words(sdir: Path) -> str:
+    recipe = sdir / "recipe.yaml"
+    return str(recipe if recipe.is_file() else sdir / "reverse_kl_quick.yaml")
+
+
+def _recipe_path(args: argparse.Namespace, sdir: Path) -> Path | None:
+    """The recipe the training path trains: --recipe, or with a bare --train the system's
+    recipe.yaml if it has one (None: train one config)."""
+    if args.recipe:
+        path = Path(args.recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} does not exist")
+        return path
+    if args.config is None and args.max_iter is None and (sdir / "recipe.yaml").is_file():
+        return sdir / "recipe.yaml"
+    return None
 
 
 def _pretrained_source(args: argparse.Namespace) -> _Source | None:
@@ -216,11 +249,23 @@ def run(args: argparse.Namespace) -> int:
     sdir = system_dir(args.system)
     source = None if training else _pretrained_source(args)
     training = source is None
-    defaults = TRAINED_DEFAULTS if training else PRETRAINED_DEFAULTS
+    recipe_path = _recipe_path(args, sdir) if training else None
+    defaults = TRAINED_DEFAULTS if training and recipe_path is None else PRETRAINED_DEFAULTS
     for key, value in zip(("n_samples", "ais", "batch_size"), defaults, strict=True):
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if training:
+    recipe = None
+    if recipe_path is not None:
+        from boltzgen.config import load_config
+        from boltzgen.recipes import load_recipe
+
+        recipe = load_recipe(recipe_path)
+        system_name = load_config(recipe.stages[0][0]).system.name
+        states = load_states(None, system_name)  # a bad states file stops before training
+        out = Path(args.output_dir or recipe.output_dir)
+        source = _Source(out=out, system=system_name, model=out / "model", config_path=recipe_path)
+        device = args.device or "cpu"
+    elif training:
         source, config = _training_source(args, sdir)
         states = load_states(None, config.system.name)  # a bad states file stops before training
         device = config.train.device
@@ -230,7 +275,11 @@ def run(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)
     pipeline.check_device(device)
     t_start = time.perf_counter()
-    if training:
+    if recipe is not None:
+        code = _train_recipe(recipe, source, device, threads)
+        if code is not None:
+            return code
+    elif training:
         code = _train(source, config, threads)
         if code is not None:
             return code
@@ -246,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
         stand_in = "STAND-IN, " if card.get("stand_in") else ""
         print(
             f"[1/3] using the pretrained model {source.model} ({stand_in}{kind}; no training: "
-            f"--train retrains {sdir / 'reverse_kl_quick.yaml'}; boltzgen info "
+            f"--train retrains {_train_words(sdir)}; boltzgen info "
             f"{args.system} prints its card) -> {source.out}",
             flush=True,
         )
@@ -306,6 +355,37 @@ def _train(source: _Source, config: Any, threads: int) -> int | None:
             file=sys.stderr,
         )
         return stop.exit_code
+    return None
+
+
+def _train_recipe(recipe: Any, source: _Source, device: str, threads: int) -> int | None:
+    """Step 1 of the recipe path: train (resume, reuse) every stage of every component, then
+    export them as a model folder; an exit code if interrupted."""
+    from boltzgen import models
+    from boltzgen.recipes import train_recipe
+    from boltzgen.train import TrainingInterrupted
+
+    print(
+        f"[1/3] training the recipe {recipe.path} -> {source.out} ({len(recipe.names)} "
+        f"component(s), each in its own process with {threads} torch CPU thread"
+        f"{'s' * (threads > 1)} when there are cores; finished stages are reused)",
+        flush=True,
+    )
+    try:
+        checkpoints = train_recipe(recipe, source.out, device=device, threads=threads)
+    except TrainingInterrupted as stop:
+        print(
+            f"\n{stop}: checkpoint {stop.checkpoint} written; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return stop.exit_code
+    models.export_model(
+        list(zip(checkpoints, recipe.fractions, strict=True)),
+        source.model,
+        note=f"Trained by boltzgen pipeline --train from {recipe.path}.",
+    )
+    source.card = models.read_card(source.model)
+    print(f"      model folder: {source.model} (boltzgen info {source.model} prints its card)")
     return None
 
 

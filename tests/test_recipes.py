@@ -1,0 +1,87 @@
+"""Recipes (`boltzgen.recipes`): stages and components of one model, trained by
+``boltzgen pipeline --recipe`` (components in parallel processes), exported and sampled."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from boltzgen import cli, models, systems
+from boltzgen.errors import ConfigError
+from boltzgen.recipes import load_recipe, stage_configs
+
+STAGE = {
+    "system": {"name": "aldp"},
+    "flow": {"n_blocks": 2, "n_bins": 4, "hidden": 16},
+    "train": {"max_iter": 2, "batch_size": 16, "checkpoint_every": 2, "progress": False},
+}
+
+
+def _recipe(tmp_path, components=None, **extra):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(STAGE))
+    fine = {**STAGE, "train": {**STAGE["train"], "objective": "reweighted_kl", "seed": 1}}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(fine))
+    basin = {**STAGE, "restraint": {"atoms": [4, 6, 8, 14], "range": [0, 120]}}
+    (tmp_path / "basin.yaml").write_text(yaml.safe_dump(basin))
+    components = components or [
+        {"name": "main", "fraction": 0.9, "stages": ["a.yaml", "b.yaml"]},
+        {"name": "basin", "fraction": 0.1, "stages": ["basin.yaml"]},
+    ]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"components": components, **extra}))
+    return path
+
+
+def test_shipped_recipe_loads_and_chains_its_stages():
+    recipe = load_recipe(systems.shipped_path("aldp", "recipe.yaml"))
+    assert recipe.names == ("main", "basin") and sum(recipe.fractions) == pytest.approx(1.0)
+    main, basin = stage_configs(recipe, "OUT")
+    assert [c.output_dir for c in main] == ["OUT/main/1_reverse_kl", "OUT/main/2_reweighted"]
+    assert main[0].init_from is None and main[1].init_from == "OUT/main/1_reverse_kl/checkpoint.pt"
+    assert basin[0].restraint is not None and basin[0].init_from is None
+
+
+@pytest.mark.parametrize(
+    "components,extra,match",
+    [
+        ([{"name": "m", "fraction": 0.5, "stages": ["a.yaml"]}], {}, "sum to 1"),
+        ([{"name": "m", "fraction": 1.0, "stages": ["none.yaml"]}], {}, "does not exist"),
+        ([{"name": "m", "fraction": 1.0}], {}, "name, fraction and stages"),
+        ([{"name": "m", "fraction": 0, "stages": ["a.yaml"]}], {}, "fraction > 0"),
+        (
+            [
+                {"name": "m", "fraction": 0.5, "stages": ["a.yaml"]},
+                {"name": "m", "fraction": 0.5, "stages": ["a.yaml"]},
+            ],
+            {},
+            "distinct",
+        ),
+        (None, {"epochs": 3}, "unknown key"),
+    ],
+)
+def test_bad_recipes_are_config_errors(tmp_path, components, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        load_recipe(_recipe(tmp_path, components, **extra))
+
+
+def test_pipeline_trains_a_recipe_in_parallel_exports_samples_and_reuses(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    out = tmp_path / "out"
+    argv = ["pipeline", "aldp", "--recipe", str(recipe), "-n", "60", "--batch-size", "30",
+            "--output-dir", str(out), "--no-progress", "--no-plots"]  # fmt: skip
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "[1/3] training the recipe" in text and "mixture proposal" in text
+    for stage in ("main/a", "main/b", "basin/basin"):
+        assert torch.load(out / stage / "checkpoint.pt", weights_only=True)["iteration"] == 2
+    card = models.read_card(out / "model")
+    assert [c["fraction"] for c in card["components"]] == [0.9, 0.1]
+    main = card["components"][0]
+    assert main["config"]["train"]["objective"] == "reweighted_kl"
+    assert [s["objective"] for s in main["earlier_stages"]] == ["reverse_kl"]
+    summary = json.loads((out / "pipeline.json").read_text())
+    assert summary["n_samples"] == 60 and summary["model"] == str(out / "model")
+    # the same command again reuses every stage
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.count("(reused)") == 3
