@@ -60,7 +60,7 @@ def _states(pp: np.ndarray, log_w: np.ndarray | None, kT: float, block: int, see
     }
 
 
-def reference_self_kl(reference, n_blocks: int = 20, replicates: int = 10, seed: int = 0) -> float:
+def reference_self_kl(reference, n_blocks: int = 20, replicates: int = 50, seed: int = 0) -> float:
     """Mean ``KL(reference || block-bootstrap resample of the reference)`` (nats): the MD
     reference's own statistical error on the 64 x 64 Ramachandran histogram, time correlation
     included (blocks of n/20 frames, as its basin errors). A sampler of the exact Boltzmann

@@ -191,6 +191,7 @@ def test_pipeline_samples_the_shipped_model(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "[1/3] using the pretrained model" in text and "[1/3] training" not in text
     assert "MD reference" in text and "ESS" in text
+    assert "--ais 8 refines the samples by AIS" in text  # the card's AIS-refined measurement
     summary = json.loads((out / "pipeline.json").read_text())
     assert summary["model"] == str(SHIPPED) and summary["n_samples"] == 60
     assert summary["ais_intermediate"] == 0 and summary["checkpoint"] is None

@@ -504,6 +504,14 @@ def _report(
                 f"{metrics['ramachandran_kl_reweighted']:.4f} nats"
             )
         print(f"plots: {eval_dir}")
+    refined = ((source.card or {}).get("quality") or {}).get("ais_refined")
+    if isinstance(refined, dict) and not args.ais:
+        print(
+            f"  --ais {refined.get('ais')} refines the samples by AIS: the model card measured "
+            f"Kish ESS {100 * refined.get('ess_fraction', float('nan')):.1f} % for "
+            f"{refined.get('n')} samples, drawn in {refined.get('sampling_wall_s', 0):.0f} s "
+            "(boltzgen info prints the card)"
+        )
     summary["wall_s"] = time.perf_counter() - t_start
     write_json(summary, out / "pipeline.json")
     print(f"pipeline finished in {summary['wall_s']:.0f} s; summary: {out / 'pipeline.json'}")
