@@ -305,7 +305,8 @@ def draw(
     """``n`` weighted samples of a model: `boltzgen.pipeline.draw_samples` of its one
     component (``ais`` and ``kwargs`` such as ``partial``, ``resume``, ``progress`` pass on),
     or `boltzgen.pipeline.draw_mixture` of several (mixture samples, AIS-refined from the
-    mixture with ``ais`` > 0; of ``kwargs`` only ``progress``: no progress file).
+    mixture with ``ais`` > 0; of ``kwargs`` ``progress``, and with ``ais`` also ``partial`` and
+    ``resume``: a plain mixture draw keeps no progress file).
     """
     from boltzgen import pipeline
 
@@ -314,8 +315,9 @@ def draw(
             model.runs[0], n, batch_size, ais=ais, device=device, seed=seed, **kwargs
         )
     progress = bool(kwargs.get("progress", False))
+    keep = {k: kwargs[k] for k in ("partial", "resume") if ais and k in kwargs}
     return pipeline.draw_mixture(
-        model.runs, model.fractions, n, batch_size, device, seed, progress=progress, ais=ais
+        model.runs, model.fractions, n, batch_size, device, seed, progress=progress, ais=ais, **keep
     )
 
 

@@ -615,15 +615,18 @@ def _set_rng_state(state: dict[str, np.ndarray], device: torch.device) -> None:
         torch.cuda.set_rng_state(torch.from_numpy(np.array(state["rng_cuda"])), device)
 
 
-def _fingerprint(run: Run) -> str:
-    """SHA-256 of the run's config and model weights (a progress file fits only its run)."""
+def _fingerprint(run: Run, proposal: torch.nn.Module | None = None) -> str:
+    """SHA-256 of the run's config and model weights, and of an AIS proposal's state (a
+    progress file fits only its run and proposal)."""
     import hashlib
     import json
 
     digest = hashlib.sha256(json.dumps(config_to_dict(run.config), sort_keys=True).encode())
-    for key, value in run.model.state_dict().items():
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    modules = [run.model] if proposal is None else [run.model, proposal]
+    for module in modules:
+        for key, value in module.state_dict().items():
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -646,7 +649,7 @@ def _read_partial(
     for key, value in settings.items():
         if saved.get(key) != value:
             what = (
-                "from another checkpoint"
+                "from another checkpoint (or mixture)"
                 if key == "run"
                 else f"with {key}={saved.get(key)}, not {value}"
             )
@@ -729,7 +732,7 @@ def draw_samples(
         "seed": seed,
         "warmup_rounds": warmup_rounds,
         "device": str(dev),
-        "run": None if partial is None else _fingerprint(run),
+        "run": None if partial is None else _fingerprint(run, proposal),
     }
     # rows: (positions float32, value, energies) per batch; value: log q, or AIS log-weights
     rows: list[tuple[np.ndarray, ...]] = []
@@ -848,6 +851,8 @@ def draw_mixture(
     seed: int | None = None,
     progress: bool = False,
     ais: int = 0,
+    partial: str | Path | None = None,
+    resume: bool = False,
 ) -> GeneratedSamples:
     """Flow samples of several runs of one system, weighted as one mixture proposal.
 
@@ -873,6 +878,8 @@ def draw_mixture(
             ``ais``, torch's generator is seeded once with ``seed``.
         progress: A tqdm progress bar for each run's draws.
         ais: AIS intermediate distributions (0: plain mixture samples).
+        partial, resume: With ``ais``, the progress file and resumption of `draw_samples`
+            (the file fits only these runs and fractions); plain mixture draws take neither.
 
     Returns:
         `GeneratedSamples` whose ``log_q`` is the mixture's log density (with ``ais``, as in
@@ -909,9 +916,13 @@ def draw_mixture(
             ais=ais,
             device=device,
             seed=seed,
+            partial=partial,
+            resume=resume,
             progress=progress,
             proposal=mixture,
         )
+    if partial is not None or resume:
+        raise BoltzgenError("a plain mixture draw keeps no progress file (it needs ais > 0)")
     counts = [round(f * n) for f in fractions]
     counts[0] = n - sum(counts[1:])
     if counts[0] < 1:

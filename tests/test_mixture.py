@@ -183,3 +183,37 @@ def test_mixture_ais_draws_and_needs_one_coordinate_transform(checkpoints):
         pipeline.draw_mixture([main, moved], [0.8, 0.2], 10, ais=2)
     s0 = pipeline.draw_mixture([main, moved], [0.8, 0.2], 10, seed=2)  # plain: any transforms
     assert s0.n == 10
+
+
+def test_mixture_ais_stopped_by_sigterm_resumes_to_the_uninterrupted_samples(
+    checkpoints, tmp_path, monkeypatch
+):
+    """AIS from a mixture keeps a progress file like one flow's: SIGTERM in the third batch,
+    then ``resume`` gives exactly the uninterrupted arrays; other fractions do not fit it."""
+    import os
+    import signal
+
+    runs = [pipeline.load_run(c) for c in checkpoints]
+    kw = dict(batch_size=15, seed=4, ais=2)
+    straight = pipeline.draw_mixture(runs, [0.8, 0.2], 60, **kw)
+    valid_rows, calls = pipeline._valid_rows, []
+
+    def signalled(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded, acted on after this batch
+        return valid_rows(*args)
+
+    partial = tmp_path / "m.partial.npz"
+    monkeypatch.setattr(pipeline, "_valid_rows", signalled)
+    with pytest.raises(pipeline.SamplingInterrupted) as stop:
+        pipeline.draw_mixture(runs, [0.8, 0.2], 60, partial=partial, **kw)
+    assert stop.value.partial == partial and 30 < stop.value.n_done <= 45
+    monkeypatch.setattr(pipeline, "_valid_rows", valid_rows)
+    with pytest.raises(BoltzgenError, match="another checkpoint"):
+        pipeline.draw_mixture(runs, [0.7, 0.3], 60, partial=partial, resume=True, **kw)
+    resumed = pipeline.draw_mixture(runs, [0.8, 0.2], 60, partial=partial, resume=True, **kw)
+    for key, value in straight.arrays().items():
+        np.testing.assert_array_equal(resumed.arrays()[key], value, err_msg=key)
+    with pytest.raises(BoltzgenError, match="no progress file"):
+        pipeline.draw_mixture(runs, [0.8, 0.2], 10, partial=tmp_path / "x.npz")
