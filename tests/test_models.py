@@ -276,3 +276,16 @@ def test_card_counts_every_training_stage(tiny, tmp_path):
     assert "earlier_stages" not in load_checkpoint(ckpt3)["metadata"]
     with pytest.raises(BoltzgenError, match="counts every training stage"):
         models.export_model([(ckpt3, 1.0)], tmp_path / "m5")
+
+
+def test_sample_a_mixture_model_with_ais_and_resume_rules(tmp_path, capsys):
+    """``sample aldp --ais K`` refines the mixture's samples (no progress file left behind);
+    ``--resume`` of a plain mixture draw, which keeps no progress file, is refused."""
+    out = tmp_path / "s.npz"
+    argv = ["sample", "aldp", "-n", "12", "--batch-size", "12", "-o", str(out), "--no-progress"]
+    assert cli.main(argv + ["--ais", "1"]) == 0
+    assert "ESS" in capsys.readouterr().out
+    assert out.is_file() and not (tmp_path / "s.partial.npz").exists()
+    (tmp_path / "s.partial.npz").write_bytes(b"")
+    assert cli.main(argv + ["--resume"]) == 2
+    assert "keeps no progress file" in capsys.readouterr().err

@@ -211,19 +211,38 @@ def _names(paths: list[Path]) -> str:
 
 def _model(args: argparse.Namespace, out: Path, threads: int) -> int:
     """``sample MODEL``: a pretrained model (a model folder or a system's shipped model)."""
-    from boltzgen import models
+    from boltzgen import models, pipeline
     from boltzgen.analysis.reweighting import ess, ess_fraction
 
-    if args.resume or args.nproc != 1:
-        raise BoltzgenError(
-            "a pretrained model is sampled in one process: drop --resume and --nproc"
-        )
+    if args.nproc != 1:
+        raise BoltzgenError("a pretrained model is sampled in one process: drop --nproc")
     model = models.load_model(args.checkpoint)
+    keeps_progress = len(model.runs) == 1 or args.ais > 0  # a plain mixture draw keeps none
+    if args.resume and not keeps_progress:
+        raise BoltzgenError(
+            f"--resume: {model.path} is a mixture, whose plain draw keeps no progress file "
+            "(with --ais it does): drop --resume"
+        )
+    partial = partial_path(out)
     seed = 1 if args.seed is None else args.seed
-    samples = models.draw(
-        model, args.n_samples, args.batch_size, ais=args.ais, device=args.device, seed=seed
-    )
+    try:
+        samples = models.draw(
+            model,
+            args.n_samples,
+            args.batch_size,
+            ais=args.ais,
+            device=args.device,
+            seed=seed,
+            partial=partial if keeps_progress else None,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+    except pipeline.SamplingInterrupted as stop:
+        saved = f"they are in {partial}; continue with the same command and --resume"
+        print(f"\n{stop}: {saved}", file=sys.stderr)
+        return stop.exit_code
     written = samples.export(out, model.runs[0].system)
+    partial.unlink(missing_ok=True)
     lw = samples.log_weights
     print(
         f"wrote {samples.n} samples of {model.path} to {_names(written)}; ESS {ess(lw):.1f} "
