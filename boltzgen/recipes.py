@@ -45,6 +45,7 @@ class Recipe:
         fractions: Mixture fractions, positive, summing to 1.
         stages: Per component, its run config files in training order.
         output_dir: Default output folder (relative to the working directory).
+        system: The system every stage trains.
     """
 
     path: Path
@@ -52,6 +53,7 @@ class Recipe:
     fractions: tuple[float, ...]
     stages: tuple[tuple[Path, ...], ...]
     output_dir: str
+    system: str
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -107,7 +109,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     out = data.get("output_dir", f"runs/{path.stem}")
     if not isinstance(out, str):
         raise ConfigError(f"recipe {path}: output_dir must be a path")
-    return Recipe(path, tuple(names), tuple(fractions), tuple(stages), out)
+    return Recipe(path, tuple(names), tuple(fractions), tuple(stages), out, systems.pop())
 
 
 def stage_configs(
@@ -202,6 +204,7 @@ def train_recipe(
         log(f"  component {name}: {stages} -> {Path(out) / name}")
     if workers == 1:
         results = [_train_chain(chain, threads) for chain in configs]
+        _raise_interrupted(results)
     else:
         context = multiprocessing.get_context("spawn")
         with deferred_signals() as received:
@@ -217,7 +220,6 @@ def train_recipe(
                         forwarded = True
                 results = [f.result() for f in futures]
             _raise_interrupted(results)  # inside: the signal was answered
-    _raise_interrupted(results)
     for name, res in zip(recipe.names, results, strict=True):
         for stage in res["stages"]:
             how = "reused" if stage["reused"] else f"trained in {stage['wall_s']:.0f} s"

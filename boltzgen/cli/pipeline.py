@@ -256,14 +256,14 @@ def run(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     recipe = None
     if recipe_path is not None:
-        from boltzgen.config import load_config
         from boltzgen.recipes import load_recipe
 
         recipe = load_recipe(recipe_path)
-        system_name = load_config(recipe.stages[0][0]).system.name
-        states = load_states(None, system_name)  # a bad states file stops before training
+        states = load_states(None, recipe.system)  # a bad states file stops before training
         out = Path(args.output_dir or recipe.output_dir)
-        source = _Source(out=out, system=system_name, model=out / "model", config_path=recipe_path)
+        source = _Source(
+            out=out, system=recipe.system, model=out / "model", config_path=recipe_path
+        )
         device = args.device or "cpu"
     elif training:
         source, config = _training_source(args, sdir)

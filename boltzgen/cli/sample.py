@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if mix:
         return _mixture(args, mix, out, threads)
     if find_model(args.checkpoint).is_dir():  # a pretrained model
-        return _model(args, out, threads)
+        return _model(args, out, partial, threads)
     if args.nproc != 1:
         return _launch(args, threads)
     run_ = pipeline.load_run(args.checkpoint)
@@ -140,11 +140,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except pipeline.SamplingInterrupted as stop:
-        print(
-            f"\n{stop}: they are in {partial}; continue with the same command and --resume",
-            file=sys.stderr,
-        )
-        return stop.exit_code
+        return _interrupted(stop, partial)
     written = samples.export(out, run_.system)
     partial.unlink(missing_ok=True)
     lw = samples.log_weights
@@ -209,7 +205,19 @@ def _names(paths: list[Path]) -> str:
     return f"{paths[0]}{extra}"
 
 
-def _model(args: argparse.Namespace, out: Path, threads: int) -> int:
+def _interrupted(stop: Any, partial: Path) -> int:
+    """Say where an interrupted draw's samples are (a plain mixture draw keeps none); its exit
+    code."""
+    saved = (
+        "nothing saved; the same command draws them again"
+        if stop.partial is None
+        else f"they are in {partial}; continue with the same command and --resume"
+    )
+    print(f"\n{stop}: {saved}", file=sys.stderr)
+    return stop.exit_code
+
+
+def _model(args: argparse.Namespace, out: Path, partial: Path, threads: int) -> int:
     """``sample MODEL``: a pretrained model (a model folder or a system's shipped model)."""
     from boltzgen import models, pipeline
     from boltzgen.analysis.reweighting import ess, ess_fraction
@@ -217,13 +225,11 @@ def _model(args: argparse.Namespace, out: Path, threads: int) -> int:
     if args.nproc != 1:
         raise BoltzgenError("a pretrained model is sampled in one process: drop --nproc")
     model = models.load_model(args.checkpoint)
-    keeps_progress = len(model.runs) == 1 or args.ais > 0  # a plain mixture draw keeps none
-    if args.resume and not keeps_progress:
+    if args.resume and len(model.runs) > 1 and not args.ais:  # models.draw keeps no file
         raise BoltzgenError(
             f"--resume: {model.path} is a mixture, whose plain draw keeps no progress file "
             "(with --ais it does): drop --resume"
         )
-    partial = partial_path(out)
     seed = 1 if args.seed is None else args.seed
     try:
         samples = models.draw(
@@ -233,14 +239,12 @@ def _model(args: argparse.Namespace, out: Path, threads: int) -> int:
             ais=args.ais,
             device=args.device,
             seed=seed,
-            partial=partial if keeps_progress else None,
+            partial=partial,
             resume=args.resume,
             progress=not args.no_progress,
         )
     except pipeline.SamplingInterrupted as stop:
-        saved = f"they are in {partial}; continue with the same command and --resume"
-        print(f"\n{stop}: {saved}", file=sys.stderr)
-        return stop.exit_code
+        return _interrupted(stop, partial)
     written = samples.export(out, model.runs[0].system)
     partial.unlink(missing_ok=True)
     lw = samples.log_weights
