@@ -21,3 +21,24 @@ def md_frames(system, temperature, n_frames, steps_per_frame=10, seed=1):
         progress=False,
     )
     return torch.tensor(result.positions[n_equil:], dtype=torch.float64)
+
+
+def sigterm_in_batch(monkeypatch, batch=3):
+    """Make `boltzgen.pipeline._valid_rows` send this process SIGTERM while batch ``batch`` of
+    a draw is checked (recorded by the draw, acted on after that batch). Returns the list of
+    calls so far and a function that restores the original."""
+    import os
+    import signal
+
+    from boltzgen import pipeline
+
+    valid_rows, calls = pipeline._valid_rows, []
+
+    def signalled(*args):
+        calls.append(1)
+        if len(calls) == batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return valid_rows(*args)
+
+    monkeypatch.setattr(pipeline, "_valid_rows", signalled)
+    return calls, lambda: monkeypatch.setattr(pipeline, "_valid_rows", valid_rows)

@@ -7,6 +7,7 @@ import mdtraj
 import numpy as np
 import pytest
 import torch
+from helpers import sigterm_in_batch
 
 from boltzgen import cli, pipeline, systems
 from boltzgen.config import config_from_dict
@@ -190,26 +191,15 @@ def test_mixture_ais_stopped_by_sigterm_resumes_to_the_uninterrupted_samples(
 ):
     """AIS from a mixture keeps a progress file like one flow's: SIGTERM in the third batch,
     then ``resume`` gives exactly the uninterrupted arrays; other fractions do not fit it."""
-    import os
-    import signal
-
     runs = [pipeline.load_run(c) for c in checkpoints]
     kw = dict(batch_size=15, seed=4, ais=2)
     straight = pipeline.draw_mixture(runs, [0.8, 0.2], 60, **kw)
-    valid_rows, calls = pipeline._valid_rows, []
-
-    def signalled(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # recorded, acted on after this batch
-        return valid_rows(*args)
-
     partial = tmp_path / "m.partial.npz"
-    monkeypatch.setattr(pipeline, "_valid_rows", signalled)
+    calls, restore = sigterm_in_batch(monkeypatch, 3)
     with pytest.raises(pipeline.SamplingInterrupted) as stop:
         pipeline.draw_mixture(runs, [0.8, 0.2], 60, partial=partial, **kw)
-    assert stop.value.partial == partial and 30 < stop.value.n_done <= 45
-    monkeypatch.setattr(pipeline, "_valid_rows", valid_rows)
+    assert stop.value.partial == partial and 30 < stop.value.n_done <= 45 and len(calls) == 3
+    restore()
     with pytest.raises(BoltzgenError, match="another checkpoint"):
         pipeline.draw_mixture(runs, [0.7, 0.3], 60, partial=partial, resume=True, **kw)
     resumed = pipeline.draw_mixture(runs, [0.8, 0.2], 60, partial=partial, resume=True, **kw)

@@ -2,13 +2,13 @@
 config; the quick config, states file and chirality default of every shipped system."""
 
 import json
-import os
 import signal
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import sigterm_in_batch
 
 from boltzgen import cli
 from boltzgen.errors import BoltzgenError
@@ -139,16 +139,8 @@ def test_draw_samples_stopped_by_sigterm_resumes_to_the_uninterrupted_samples(
     run = pipeline.load_run(tiny_checkpoint)
     kw = dict(batch_size=20, ais=ais, seed=5)
     straight = pipeline.draw_samples(run, 90, **kw)
-    valid_rows, calls = pipeline._valid_rows, []
-
-    def signalled(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # recorded, acted on after this batch
-        return valid_rows(*args)
-
     partial = tmp_path / "s.partial.npz"
-    monkeypatch.setattr(pipeline, "_valid_rows", signalled)
+    calls, restore = sigterm_in_batch(monkeypatch, 3)
     torch.manual_seed(123)  # the resumed call must not depend on the state it starts in
     with pytest.raises(pipeline.SamplingInterrupted) as stop:
         pipeline.draw_samples(run, 90, partial=partial, **kw)
@@ -159,7 +151,7 @@ def test_draw_samples_stopped_by_sigterm_resumes_to_the_uninterrupted_samples(
         pipeline.draw_samples(run, 90, partial=partial, **kw)
     with pytest.raises(BoltzgenError, match="seed=5"):
         pipeline.draw_samples(run, 90, partial=partial, resume=True, **{**kw, "seed": 6})
-    monkeypatch.setattr(pipeline, "_valid_rows", valid_rows)
+    restore()
     resumed = pipeline.draw_samples(run, 90, partial=partial, resume=True, **kw)
     for key, value in straight.arrays().items():
         np.testing.assert_array_equal(resumed.arrays()[key], value, err_msg=key)
