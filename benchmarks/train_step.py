@@ -64,7 +64,8 @@ def _setup(lib: str, arch: str):
             return flow.sample(batch)
 
     _perturb(flow, 1)
-    opt = torch.optim.Adam(flow.parameters(), lr=1e-4)
+    # boltzgen trains with torch's fused Adam (boltzgen.train.Trainer); normflows as its users do
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-4, fused=True if lib == "boltzgen" else None)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)

@@ -25,8 +25,9 @@ def cpu_model() -> str:
 
 
 def machine_info(device: str | None = None) -> dict[str, Any]:
-    """``{"cpu", "cpu_capability", "torch", "threads"}`` (and ``"device"``, plus ``"gpu"``, the
-    CUDA device's name, when ``device`` is given and a CUDA device)."""
+    """``{"cpu", "cpu_capability", "torch", "threads"}``, ``"spline_kernels"`` on a CPU
+    (``"compiled"`` or ``"torch"``: `boltzgen.flows.native`), and ``"device"``, plus ``"gpu"``,
+    the CUDA device's name, when ``device`` is given and a CUDA device."""
     import torch
 
     info: dict[str, Any] = {
@@ -35,6 +36,10 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
         "torch": str(torch.__version__),  # a TorchVersion: torch.load(weights_only) refuses it
         "threads": torch.get_num_threads(),
     }
+    if device is None or torch.device(device).type == "cpu":
+        from boltzgen.flows import native
+
+        info["spline_kernels"] = "compiled" if native.available() else "torch"
     if device is not None:
         dev = torch.device(device)
         info["device"] = str(dev)

@@ -6,19 +6,48 @@ compose `rqs_knots` and `rqs_forward` / `rqs_inverse` from plain autograd operat
 and gradients agree to float rounding (float32 and float64, per-sample and shared parameters,
 inputs beyond the bounds), gradients are checked by finite differences (gradcheck), and second
 derivatives, needed where gradients of log q enter a loss (SNF layers), by gradgradcheck.
+Each test runs twice: through the compiled CPU kernels of `boltzgen.flows.native` and through
+the torch evaluation (`_FusedSpline`) that is used where the kernels are not built.
 """
 
 from __future__ import annotations
 
 import math
+import platform
+import shutil
 
 import pytest
 import torch
 
-from boltzgen.flows import Bounded, Circular, DomainSpline, Unbounded
+from boltzgen.flows import Bounded, Circular, DomainSpline, Unbounded, native
+from boltzgen.flows import splines as splines_mod
 from boltzgen.flows.base import wrap_circular
 
 DOMAINS = [Unbounded(), Bounded(-1.0, 2.0), Circular(), Unbounded(), Circular()]
+
+
+@pytest.fixture(params=["native", "torch"])
+def impl(request, monkeypatch):
+    """Which evaluation `DomainSpline` uses: the compiled kernels or the torch one."""
+    if request.param == "native":
+        if not native.available():  # test_native_kernels_build says whether they should
+            pytest.skip(f"compiled kernels not built here: {native.status()}")
+        calls = []
+        real = splines_mod._NativeSpline.apply
+        monkeypatch.setattr(splines_mod._NativeSpline, "apply",
+                            lambda *a: calls.append(1) or real(*a))  # fmt: skip
+        yield request.param
+        assert calls, "the compiled kernels were not used"
+    else:
+        monkeypatch.setattr(splines_mod, "_native_applies", lambda *a: False)
+        yield request.param
+
+
+def test_native_kernels_build():
+    """Linux x86-64 with a C compiler (the CI machine, the conda environment) builds them."""
+    if platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("cc"):
+        assert native.available(), native.status()
+    assert native.status()
 
 
 def _inputs(dtype, n=400, seed=0, beyond=False):
@@ -35,7 +64,7 @@ def _inputs(dtype, n=400, seed=0, beyond=False):
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("beyond", [False, True])
-def test_fused_spline_matches_reference(dtype, inverse, shared, beyond):
+def test_fused_spline_matches_reference(impl, dtype, inverse, shared, beyond):
     spline = DomainSpline(DOMAINS, n_bins=8)
     x, params = _inputs(dtype, beyond=beyond)
     if shared:  # one parameter set for the whole batch (identity splines of couplings)
@@ -48,10 +77,25 @@ def test_fused_spline_matches_reference(dtype, inverse, shared, beyond):
         fn, ref = spline.forward_and_log_det, spline.reference_forward_and_log_det
     y, ld = fn(x, params)
     y_ref, ld_ref = ref(x, params)
-    # float32: steep random splines (derivatives up to ~1e3) amplify one-ulp differences
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(y, y_ref, **tol)
-    torch.testing.assert_close(ld, ld_ref, **tol)
+    if dtype == torch.float32 and impl == "native":
+        # Other rounding (the kernels' exp/log are libmvec's, not torch's): steep random
+        # splines (derivatives up to ~1e3) turn one-ulp knot differences into ~1e-3 log-det
+        # differences, so both float32 evaluations are held against the float64 one: the
+        # kernels' errors must be those of torch's own float32 evaluation.
+        with torch.no_grad():
+            y64, ld64 = ref(x.detach().double(), params.detach().double())
+        for got, mine, truth in ((y, y_ref, y64), (ld, ld_ref, ld64)):
+            err = (got.detach().double() - truth).abs()
+            err_ref = (mine.detach().double() - truth).abs()
+            assert float(err.mean()) <= 1.5 * float(err_ref.mean()) + 1e-7
+            assert float(err.max()) <= 10.0 * float(err_ref.max()) + 1e-5
+    else:
+        # float32: steep random splines amplify one-ulp differences; float64 through the
+        # kernels: libmvec's exp/log are within a few ulp of torch's
+        f64 = 1e-10 if impl == "native" else 1e-12
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=f64, atol=f64)
+        torch.testing.assert_close(y, y_ref, **tol)
+        torch.testing.assert_close(ld, ld_ref, **tol)
     if beyond:
         # Inputs clamped onto a bound sit on a kink of the clamp: whether the clamp of t
         # passes a gradient depends on the last bit of t, so only finiteness is compared.
@@ -62,6 +106,19 @@ def test_fused_spline_matches_reference(dtype, inverse, shared, beyond):
     wl = torch.linspace(-1.0, 2.0, y.numel(), dtype=dtype).view_as(y)
     grads = torch.autograd.grad((wy * y).sum() + (wl * ld).sum(), (x, params))
     grads_ref = torch.autograd.grad((wy * y_ref).sum() + (wl * ld_ref).sum(), (x, params))
+    if dtype == torch.float32 and impl == "native":  # against float64, as the values above
+        x64 = x.detach().double().requires_grad_(True)
+        p64 = params.detach().double().requires_grad_(True)
+        y64, ld64 = ref(x64, p64)
+        grads64 = torch.autograd.grad((wy.double() * y64).sum() + (wl.double() * ld64).sum(),
+                                      (x64, p64))  # fmt: skip
+        for g, g_ref, g64 in zip(grads, grads_ref, grads64):
+            scale = g64.abs().amax().clamp_min(1.0)
+            err = ((g.double() - g64) / scale).abs()
+            err_ref = ((g_ref.double() - g64) / scale).abs()
+            assert float(err.mean()) <= 1.5 * float(err_ref.mean()) + 1e-7
+            assert float(err.max()) <= 10.0 * float(err_ref.max()) + 1e-5
+        return
     gtol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
     for g, g_ref in zip(grads, grads_ref):
         scale = g_ref.abs().amax().clamp_min(1.0)  # relative to the largest entry
@@ -70,7 +127,7 @@ def test_fused_spline_matches_reference(dtype, inverse, shared, beyond):
 
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
-def test_fused_spline_gradcheck_and_gradgradcheck(inverse, shared):
+def test_fused_spline_gradcheck_and_gradgradcheck(impl, inverse, shared):
     spline = DomainSpline(DOMAINS, n_bins=4)
     g = torch.Generator().manual_seed(1)
     x = torch.tensor(
@@ -84,7 +141,7 @@ def test_fused_spline_gradcheck_and_gradgradcheck(inverse, shared):
     assert torch.autograd.gradgradcheck(fn, (x, params))
 
 
-def test_fused_spline_gradient_of_one_output_and_no_grad():
+def test_fused_spline_gradient_of_one_output_and_no_grad(impl):
     spline = DomainSpline(DOMAINS, n_bins=8).double()
     x, params = _inputs(torch.float64, n=50)
     x.requires_grad_(True)
@@ -98,7 +155,7 @@ def test_fused_spline_gradient_of_one_output_and_no_grad():
     torch.testing.assert_close(y2, y.detach())
 
 
-def test_fused_spline_circle_ends():
+def test_fused_spline_circle_ends(impl):
     spline = DomainSpline([Circular()] * 3, n_bins=6).double()
     params = torch.randn(1, 3, 19, dtype=torch.float64)
     y, _ = spline.forward_and_log_det(torch.full((1, 3), -math.pi, dtype=torch.float64), params)
@@ -124,3 +181,61 @@ def test_spline_coupling_state_dict_keys_unchanged():
         "net.blocks.0.4.weight": (8, 8), "net.blocks.0.4.bias": (8,),
         "net.final.weight": (26, 8), "net.final.bias": (26,),
     }  # fmt: skip
+
+
+def _native_status_in_child(tmp_path, **env) -> str:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from boltzgen.flows import DomainSpline, Unbounded, native; "
+        "sp = DomainSpline([Unbounded()] * 3); x = torch.randn(5, 3); "
+        "y, ld = sp.forward_and_log_det(x, torch.zeros(5, 3, sp.n_params)); "
+        "assert torch.allclose(y, x, atol=1e-5) and ld.abs().max() < 1e-5; print(native.status())"
+    )
+    full_env = {**os.environ, "BOLTZGEN_CACHE_DIR": str(tmp_path), **env}
+    proc = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_native_kernels_fall_back_and_cache(tmp_path):
+    """No compiler, or BOLTZGEN_NATIVE=0: the torch evaluation, with the reason in the status
+    line; with one, the library is built once into the cache and loaded from there after."""
+    broken = _native_status_in_child(tmp_path / "a", CC="false")
+    assert broken.startswith("torch spline evaluation") and "failed" in broken
+    off = _native_status_in_child(tmp_path / "b", BOLTZGEN_NATIVE="0")
+    assert off == "torch spline evaluation (switched off by BOLTZGEN_NATIVE)"
+    if not native.available():
+        return
+    first = _native_status_in_child(tmp_path / "c")
+    (built,) = (tmp_path / "c" / "kernels").glob("rqs_kernel-*.so")
+    stamp = built.stat().st_mtime_ns
+    second = _native_status_in_child(tmp_path / "c")
+    assert first == second == f"compiled spline kernels ({built})"
+    assert built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+def test_native_kernels_first_loaded_without_grad(tmp_path):
+    """The self-check of a freshly built library runs autograd: first use under no_grad or
+    inference_mode (sampling) must still build and use the kernels."""
+    if not native.available():
+        return
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from boltzgen.flows import DomainSpline, Unbounded, native\n"
+        "with torch.inference_mode():\n"
+        "    sp = DomainSpline([Unbounded()] * 3); x = torch.randn(5, 3)\n"
+        "    sp.forward_and_log_det(x, torch.zeros(5, 3, sp.n_params))\n"
+        "print(native.status())"
+    )
+    env = {**os.environ, "BOLTZGEN_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("compiled spline kernels"), proc.stdout

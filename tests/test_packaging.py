@@ -8,6 +8,7 @@ editable install's finder comes after sys.path) can stand in for the package dat
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -66,7 +67,11 @@ def _run_isolated(site: Path, code: str, cwd: Path) -> subprocess.CompletedProce
 def test_wheel_holds_all_modules_and_systems(wheel_site):
     wheel, _ = wheel_site
     names = set(zipfile.ZipFile(wheel).namelist())
-    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "boltzgen").rglob("*.py")}
+    modules = {
+        p.relative_to(ROOT).as_posix()
+        for pattern in ("*.py", "*.c", "*.h")  # the spline kernels' source too
+        for p in (ROOT / "boltzgen").rglob(pattern)
+    }
     assert modules <= names, f"missing from [tool.setuptools] packages: {modules - names}"
     data = {
         "boltzgen/_systems/" + p.relative_to(ROOT / "systems").as_posix()
@@ -119,15 +124,19 @@ def test_installed_wheel_loads_the_shipped_model(wheel_site, tmp_path):
     _, site = wheel_site
     code = (
         "import json, numpy as np, torch; torch.set_num_threads(1); from boltzgen import models; "
+        "from boltzgen.flows import native; "
         "m = models.load_model('aldp'); s = models.draw(m, 4, seed=1); "
         "print(json.dumps({'path': str(m.path), 'n': s.n, 'fractions': m.fractions, "
-        "'finite': bool(np.isfinite(s.log_weights).all())}))"
+        "'finite': bool(np.isfinite(s.log_weights).all()), 'kernels': native.status()}))"
     )
     proc = _run_isolated(site, code, tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(out["path"]).is_relative_to(site) and out["n"] == 4 and out["finite"]
     assert abs(sum(out["fractions"]) - 1) < 1e-12
+    if platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("cc"):
+        # the spline kernels are built from the C source installed with the wheel
+        assert out["kernels"].startswith("compiled spline kernels"), out["kernels"]
     proc = _run_isolated(site, "from boltzgen.cli import main; main(['info', 'aldp'])", tmp_path)
     assert proc.returncode == 0 and "component_1.pt" in proc.stdout, proc.stderr
     assert not list(tmp_path.glob("*"))  # nothing written in the working directory

@@ -80,9 +80,14 @@ def _train(args: argparse.Namespace, config: RunConfig, start: str, threads: int
     rank, world = rank_and_world()
     procs = f" x {world} processes" if world > 1 else ""
     if rank == 0:
+        splines = ""
+        if config.train.device == "cpu":
+            from boltzgen.flows import native
+
+            splines = ", " + native.status()
         print(
             f"training {args.config} -> {config.output_dir} ({start}, {config.train.max_iter} "
-            f"iterations, {threads} torch CPU thread{'s' * (threads > 1)}{procs})",
+            f"iterations, {threads} torch CPU thread{'s' * (threads > 1)}{procs}{splines})",
             flush=True,
         )
     try:

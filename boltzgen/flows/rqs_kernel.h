@@ -1,0 +1,299 @@
+/* Rational-quadratic spline kernels over lanes of LANES batch rows of one dimension; included
+ * twice by rqs_kernel.c (REAL = float, double). */
+#define CAT2(a, b) a##_##b
+#define CAT(a, b) CAT2(a, b)
+#define FN(name) CAT(name, SUFFIX)
+#define LOOP _Pragma("omp simd") for (int l = 0; l < LANES; l++)
+
+typedef struct {
+    REAL q[3 * MAXK + 1][LANES];  /* raw parameters, lane-major */
+    REAL e[2][MAXK][LANES];       /* exp(logit - max) */
+    REAL cs[2][MAXK + 1][LANES];  /* zero-padded cumulative sums */
+    REAL kn[2][MAXK + 1][LANES];  /* knots x, y */
+    REAL dk[MAXK + 1][LANES];     /* knot derivatives */
+    REAL ex[MAXK + 1][LANES];     /* exp of the derivative pre-activations (shifted) */
+    REAL scale[2][LANES];
+    REAL v[LANES], vc[LANES];
+    int32_t idx[LANES], outside[LANES];
+    /* the bin of each lane and the spline quantities the gradient needs */
+    REAL x0[LANES], x1[LANES], y0[LANES], y1[LANES], d0[LANES], d1[LANES];
+} FN(lanes_t);
+
+typedef struct {
+    int64_t K, np;
+    REAL lo, hi, min_w, min_h, min_d, shift, pi, two_pi;
+    int kind, inverse, any_bounded;
+} FN(dim_t);
+
+static inline void FN(wrap_lanes)(REAL *x, REAL pi, REAL two_pi) {
+    LOOP {
+        REAL a = x[l] + pi;
+        REAL r = a - two_pi * FLOOR(a / two_pi) - pi; /* torch.remainder(a, 2 pi) - pi */
+        x[l] = r >= pi ? r - two_pi : r;
+    }
+}
+
+static void FN(knots)(FN(lanes_t) *s, const FN(dim_t) *c, const REAL *params, int64_t B,
+                      int64_t D, int64_t P, int64_t b0, int64_t d) {
+    const int64_t K = c->K, np = c->np;
+    const REAL lo = c->lo, hi = c->hi, span = hi - lo;
+    for (int l = 0; l < LANES; l++) {
+        int64_t b = b0 + l < B ? b0 + l : B - 1;
+        const REAL *p = params + ((P == 1 ? 0 : b) * D + d) * np;
+        for (int64_t j = 0; j < np; j++) s->q[j][l] = p[j];
+    }
+    const REAL mins[2] = {c->min_w, c->min_h};
+
+    for (int k = 0; k < 2; k++) {
+        REAL m[LANES], acc[LANES];
+        LOOP { m[l] = s->q[k * K][l]; acc[l] = 0; }
+        for (int64_t i = 1; i < K; i++) LOOP { REAL a = s->q[k * K + i][l]; m[l] = a > m[l] ? a : m[l]; }
+        LOOP { s->cs[k][0][l] = 0; }
+        for (int64_t i = 0; i < K; i++) LOOP {
+            REAL e = EXP(s->q[k * K + i][l] - m[l]);
+            s->e[k][i][l] = e;
+            acc[l] += e;
+            s->cs[k][i + 1][l] = acc[l];
+        }
+        const REAL fac = span * ((REAL)1 - mins[k] * (REAL)K);
+        LOOP { s->scale[k][l] = fac / acc[l]; }
+        for (int64_t j = 0; j <= K; j++) {
+            const REAL base = lo + span * (mins[k] * (REAL)j);
+            LOOP { s->kn[k][j][l] = base + s->scale[k][l] * s->cs[k][j][l]; }
+        }
+    }
+    for (int64_t j = 0; j <= K; j++) LOOP {
+        REAL din = s->q[2 * K + j][l] + c->shift;
+        REAL ex = EXP(din);
+        REAL sp = din > (REAL)20 ? din : LOG1P(ex); /* torch softplus, threshold 20 */
+        s->dk[j][l] = sp + c->min_d;
+        s->ex[j][l] = ex;
+    }
+    if (c->kind == 2) LOOP { s->dk[K][l] = s->dk[0][l]; }
+    if (c->kind == 0) LOOP { s->dk[0][l] = 1; s->dk[K][l] = 1; }
+}
+
+static void FN(bins)(FN(lanes_t) *s, const FN(dim_t) *c) {
+    const int64_t K = c->K;
+    const int srch = c->inverse ? 1 : 0;
+    LOOP { s->idx[l] = 0; }
+    for (int64_t j = 1; j < K; j++) LOOP { s->idx[l] += s->vc[l] >= s->kn[srch][j][l]; }
+    LOOP {
+        s->x0[l] = s->kn[0][0][l]; s->x1[l] = s->kn[0][1][l];
+        s->y0[l] = s->kn[1][0][l]; s->y1[l] = s->kn[1][1][l];
+        s->d0[l] = s->dk[0][l]; s->d1[l] = s->dk[1][l];
+    }
+    for (int64_t j = 1; j < K; j++) LOOP {
+        int sel = s->idx[l] == j;
+        s->x0[l] = sel ? s->kn[0][j][l] : s->x0[l];
+        s->x1[l] = sel ? s->kn[0][j + 1][l] : s->x1[l];
+        s->y0[l] = sel ? s->kn[1][j][l] : s->y0[l];
+        s->y1[l] = sel ? s->kn[1][j + 1][l] : s->y1[l];
+        s->d0[l] = sel ? s->dk[j][l] : s->d0[l];
+        s->d1[l] = sel ? s->dk[j + 1][l] : s->d1[l];
+    }
+}
+
+/* Load LANES rows (b0 .. b0 + LANES - 1, clipped to B by repeating the last) of dimension d,
+ * evaluate the knots (unless `reuse`: one parameter set shared by the batch, knots already in
+ * `s`) and find the bins. */
+static void FN(load)(FN(lanes_t) *s, const FN(dim_t) *c, const REAL *v, const REAL *params,
+                     int64_t B, int64_t D, int64_t P, int64_t b0, int64_t d, int reuse) {
+    for (int l = 0; l < LANES; l++) {
+        int64_t b = b0 + l < B ? b0 + l : B - 1;
+        s->v[l] = v[b * D + d];
+    }
+    if (c->kind == 2) FN(wrap_lanes)(s->v, c->pi, c->two_pi);
+    const REAL lo = c->lo, hi = c->hi;
+    LOOP {
+        REAL x = s->v[l];
+        REAL xc = x < lo ? lo : (x > hi ? hi : x);
+        s->vc[l] = xc;
+        s->outside[l] = c->kind == 0 && xc != x;
+    }
+    if (!reuse) FN(knots)(s, c, params, B, D, P, b0, d);
+    FN(bins)(s, c);
+}
+
+/* Forward (inverse = 0) or inverse spline of (B, D) inputs with params (P, D, 3K + 1). */
+int FN(rqs_fwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const REAL *v,
+                const REAL *params, const REAL *low, const REAL *high, const int8_t *kind,
+                REAL min_w, REAL min_h, REAL min_d, REAL shift, REAL pi, REAL two_pi,
+                int any_bounded, REAL *out, REAL *ld) {
+    if (K > MAXK || K < 1) return -1;
+    FN(lanes_t) s;
+    for (int64_t d = 0; d < D; d++) {
+        FN(dim_t) c = {K, 3 * K + 1, low[d], high[d], min_w, min_h, min_d, shift, pi, two_pi,
+                       kind[d], inverse, any_bounded};
+        for (int64_t b0 = 0; b0 < B; b0 += LANES) {
+            FN(load)(&s, &c, v, params, B, D, P, b0, d, P == 1 && b0 > 0);
+            REAL o[LANES], lg[LANES];
+            const REAL lo = c.lo, hi = c.hi;
+            LOOP {
+                REAL x0 = s.x0[l], y0 = s.y0[l], d0 = s.d0[l], d1 = s.d1[l];
+                REAL w = s.x1[l] - x0, h = s.y1[l] - y0, sl = h / w;
+                REAL c2 = (d0 + d1) - 2 * sl;
+                REAL t, ov;
+                if (!inverse) {
+                    t = (s.vc[l] - x0) / w;
+                } else {
+                    REAL dy = s.vc[l] - y0, dyc2 = dy * c2;
+                    REAL qa = dyc2 + h * (sl - d0), qb = h * d0 - dyc2, sdy = sl * dy;
+                    REAL disc = qb * qb + 4 * qa * sdy;
+                    disc = disc < 0 ? 0 : disc;
+                    t = (2 * sdy) / (qb + SQRT(disc));
+                }
+                t = t < 0 ? 0 : (t > 1 ? 1 : t);
+                REAL t2 = t * t, t1t = t - t2, omt = 1 - t;
+                REAL den = sl + c2 * t1t;
+                REAL num = d1 * t2 + 2 * sl * t1t + d0 * omt * omt;
+                REAL sd = sl / den;
+                REAL r = sd * sd * num; /* dy/dx */
+                if (!inverse) {
+                    ov = y0 + h * (sl * t2 + d0 * t1t) / den;
+                    lg[l] = LOG(r);
+                } else {
+                    ov = x0 + t * w;
+                    lg[l] = -LOG(r);
+                }
+                if (any_bounded) ov = ov < lo ? lo : (ov > hi ? hi : ov);
+                o[l] = s.outside[l] ? s.v[l] : ov;
+                lg[l] = s.outside[l] ? 0 : lg[l];
+            }
+            if (c.kind == 2) FN(wrap_lanes)(o, pi, two_pi);
+            int64_t n = B - b0 < LANES ? B - b0 : LANES;
+            for (int l = 0; l < n; l++) {
+                out[(b0 + l) * D + d] = o[l];
+                ld[(b0 + l) * D + d] = lg[l];
+            }
+        }
+    }
+    return 0;
+}
+
+/* Gradients of rqs_fwd's (out, ld) for upstream gradients (g_out, g_ld): g_v (B, D) unless
+ * NULL, g_params (P, D, 3K + 1) unless NULL (accumulated over the batch when P = 1, so the
+ * caller zeroes it). */
+int FN(rqs_bwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const REAL *v,
+                const REAL *params, const REAL *low, const REAL *high, const int8_t *kind,
+                REAL min_w, REAL min_h, REAL min_d, REAL shift, REAL pi, REAL two_pi,
+                const REAL *g_out, const REAL *g_ld, REAL *g_v, REAL *g_params) {
+    if (K > MAXK || K < 1) return -1;
+    FN(lanes_t) s;
+    const int64_t np = 3 * K + 1;
+    REAL gq[3 * MAXK + 1][LANES];
+    for (int64_t d = 0; d < D; d++) {
+        FN(dim_t) c = {K, np, low[d], high[d], min_w, min_h, min_d, shift, pi, two_pi,
+                       kind[d], inverse, 0};
+        for (int64_t b0 = 0; b0 < B; b0 += LANES) {
+            FN(load)(&s, &c, v, params, B, D, P, b0, d, P == 1 && b0 > 0);
+            const int64_t n = B - b0 < LANES ? B - b0 : LANES;
+            REAL go[LANES], gl[LANES], gv[LANES];
+            REAL gxa[LANES], gxb[LANES], gya[LANES], gyb[LANES], gda[LANES], gdb[LANES];
+            for (int l = 0; l < LANES; l++) {
+                int64_t b = b0 + l < B ? b0 + l : B - 1;
+                go[l] = g_out[b * D + d];
+                gl[l] = g_ld[b * D + d];
+            }
+            LOOP {
+                const int outside = s.outside[l];
+                const REAL g_pass = go[l];
+                const REAL gout = outside ? 0 : go[l], gld = outside ? 0 : gl[l];
+                REAL x0 = s.x0[l], y0 = s.y0[l], d0 = s.d0[l], d1 = s.d1[l];
+                REAL w = s.x1[l] - x0, h = s.y1[l] - y0, sl = h / w;
+                REAL c2 = (d0 + d1) - 2 * sl;
+                REAL t_raw;
+                if (!inverse) {
+                    t_raw = (s.vc[l] - x0) / w;
+                } else {
+                    REAL dy = s.vc[l] - y0, dyc2 = dy * c2;
+                    REAL qa = dyc2 + h * (sl - d0), qb = h * d0 - dyc2, sdy = sl * dy;
+                    REAL disc = qb * qb + 4 * qa * sdy;
+                    disc = disc < 0 ? 0 : disc;
+                    t_raw = (2 * sdy) / (qb + SQRT(disc));
+                }
+                REAL t = t_raw < 0 ? 0 : (t_raw > 1 ? 1 : t_raw);
+                const int inside = t == t_raw;
+                REAL t2 = t * t, t1t = t - t2, omt = 1 - t, omt2 = omt * omt, e2 = omt - t;
+                REAL den = sl + c2 * t1t;
+                REAL num = d1 * t2 + 2 * sl * t1t + d0 * omt2;
+                REAL iden = 1 / den, inum = 1 / num;
+                REAL a = sl * t2 + d0 * t1t;
+                /* d log|dy/dx| / dt of the forward spline */
+                REAL l_t = 2 * ((sl * e2 + d1 * t - d0 * omt) * inum - c2 * e2 * iden);
+                REAL sd = sl * iden;
+                REAL deriv = sd * sd * num; /* dy/dx */
+                REAL alpha, beta, g_x0, g_w, g_vl;
+                if (!inverse) {
+                    alpha = gout;
+                    beta = gld;
+                    REAL g_t = gout * (w * deriv) + gld * l_t;
+                    g_vl = inside ? g_t / w : 0;
+                    g_x0 = -g_vl;
+                    g_w = g_x0 * t;
+                } else {
+                    beta = -gld;
+                    REAL f_t = deriv * w; /* dy/dt */
+                    REAL g_t = gout * w - gld * l_t;
+                    g_vl = inside ? g_t / f_t : 0;
+                    alpha = -g_vl;
+                    g_x0 = gout;
+                    g_w = gout * t;
+                }
+                REAL r = a * iden, ap = alpha * h * iden, p = beta * inum;
+                REAL m = ap * r + 2 * beta * iden;
+                REAL g_d1 = t2 * p - t1t * m;
+                REAL g_d0 = omt2 * p + t1t * (ap - m);
+                REAL g_s = ap * t2 - (1 - 2 * t1t) * m + 2 * beta / sl + 2 * t1t * p;
+                REAL gsw = g_s / w;
+                REAL g_h = gsw + alpha * r;
+                g_w = g_w - gsw * sl;
+                gv[l] = outside ? g_pass : g_vl;
+                gxa[l] = g_x0 - g_w; gxb[l] = g_w;
+                gya[l] = alpha - g_h; gyb[l] = g_h;
+                gda[l] = g_d0; gdb[l] = g_d1;
+            }
+            if (g_v) for (int l = 0; l < n; l++) g_v[(b0 + l) * D + d] = gv[l];
+            if (!g_params) continue;
+            for (int k = 0; k < 2; k++) {
+                const REAL *ga = k ? gya : gxa, *gb = k ? gyb : gxb;
+                REAL ca[LANES], cb[LANES], glast[LANES];
+                LOOP { ca[l] = s.cs[k][0][l]; cb[l] = s.cs[k][1][l]; }
+                for (int64_t j = 1; j < K; j++) LOOP {
+                    int sel = s.idx[l] == j;
+                    ca[l] = sel ? s.cs[k][j][l] : ca[l];
+                    cb[l] = sel ? s.cs[k][j + 1][l] : cb[l];
+                }
+                /* knots = base + scale cs with scale = fac / cs_K and cs_j = sum_{i<j} e_i */
+                LOOP { glast[l] = (ga[l] * ca[l] + gb[l] * cb[l]) * s.scale[k][l] / s.cs[k][K][l]; }
+                for (int64_t i = 0; i < K; i++) LOOP {
+                    REAL ge = s.scale[k][l] * ((i < s.idx[l] ? ga[l] : 0) + (i <= s.idx[l] ? gb[l] : 0)) - glast[l];
+                    gq[k * K + i][l] = ge * s.e[k][i][l];
+                }
+            }
+            for (int64_t j = 0; j <= K; j++) LOOP {
+                REAL g = (s.idx[l] == j ? gda[l] : 0) + (s.idx[l] + 1 == j ? gdb[l] : 0);
+                gq[2 * K + j][l] = g;
+            }
+            if (c.kind == 2) LOOP { gq[2 * K][l] += gq[3 * K][l]; gq[3 * K][l] = 0; }
+            if (c.kind == 0) LOOP { gq[2 * K][l] = 0; gq[3 * K][l] = 0; }
+            /* softplus' = sigmoid = 1 / (1 + 1 / exp): 1 where exp overflows, 0 where it
+             * underflows */
+            for (int64_t j = 0; j <= K; j++) LOOP { gq[2 * K + j][l] *= 1 / (1 + 1 / s.ex[j][l]); }
+            if (P == 1) {
+                REAL *gp = g_params + d * np;
+                for (int64_t j = 0; j < np; j++) {
+                    REAL acc = 0;
+                    for (int l = 0; l < n; l++) acc += gq[j][l];
+                    gp[j] += acc;
+                }
+            } else {
+                for (int l = 0; l < n; l++) {
+                    REAL *gp = g_params + ((b0 + l) * D + d) * np;
+                    for (int64_t j = 0; j < np; j++) gp[j] = gq[j][l];
+                }
+            }
+        }
+    }
+    return 0;
+}
