@@ -9,6 +9,7 @@ TorchEnergy over one OpenMM CPU context, next to the CPU model, torch's CPU capa
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from _machine import cpu_model  # benchmarks/ is on sys.path
 
-from boltzgen import systems
+from boltzgen import native, systems
 from boltzgen.energy import OpenMMEnergy, TorchEnergy
 
 
@@ -36,6 +37,19 @@ def _time(fn, repeats, min_time=0.2):
                 break
         per_call.append((time.perf_counter() - t0) / n)
     return statistics.median(per_call)
+
+
+@contextlib.contextmanager
+def _torch_pairs():
+    """TorchEnergy's pair terms evaluated by torch instead of the compiled kernel."""
+    from boltzgen.energy.torch_energy import _FusedEnergy
+
+    saved = _FusedEnergy._native_applies
+    _FusedEnergy._native_applies = lambda self, x: False
+    try:
+        yield
+    finally:
+        _FusedEnergy._native_applies = saved
 
 
 def main():
@@ -90,6 +104,11 @@ def main():
         row["torch_energy_forces_us"] = (
             1e6 * _time(lambda x=x: te.energy_and_forces(x), args.repeats) / batch
         )
+        # the same with the pair terms in torch (no compiled kernels: boltzgen.native)
+        with _torch_pairs():
+            row["torch_energy_forces_torch_pairs_us"] = (
+                1e6 * _time(lambda x=x: te.energy_and_forces(x), args.repeats) / batch
+            )
         if tc is not None:
             t0 = time.perf_counter()
             tc.energy_and_forces(x)  # compile for this shape (timed once, not in the ratio)
@@ -126,6 +145,7 @@ def main():
                 "cpu_count": os.cpu_count(),
                 "cpu_model": cpu_model(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "kernels": native.status(),
                 "machine": platform.machine(),
                 "compile_seconds": compile_s,
                 "statistic": f"median of {args.repeats} repeats, microseconds per sample",

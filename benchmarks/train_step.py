@@ -8,6 +8,12 @@ the same architecture (circular rational-quadratic spline couplings with the con
 splined too, 8 bins, residual conditioners with one block, a random periodic shift after each
 block, Gaussian x uniform base; `benchmarks/flows.py` has the builder).
 
+boltzgen runs twice: as it trains (``boltzgen``: the spline layers through the compiled
+kernels of `boltzgen.native` where they are built, torch's fused Adam) and with its torch
+spline evaluation (``boltzgen_torch_splines``: the path where no C compiler is found, and the
+state before the kernels), so the gain of the kernels and their ATen calls are measured side
+by side too. normflows steps with torch's default Adam, as its users do.
+
 Architectures: ``quick`` (reverse_kl_quick.yaml: 6 blocks x 64 hidden, batch 256) and ``fab``
 (FAB's ALDP flow: 12 blocks x 256 hidden, batch 1024). Prints JSON: CPU model, torch's vector
 capability, threads; per architecture the median step time of each library (interleaved
@@ -36,6 +42,9 @@ from _machine import machine  # noqa: E402 (benchmarks/ is on sys.path)
 from flows import _perturb, _status_kib, build_normflows  # noqa: E402
 
 ARCHS = {"quick": (6, 64, 256), "fab": (12, 256, 1024)}  # blocks, hidden, batch
+# boltzgen as it runs (compiled spline kernels where built), boltzgen with its torch spline
+# evaluation (the path without a C compiler, and the state before the kernels), normflows
+LIBS = ("boltzgen", "boltzgen_torch_splines", "normflows")
 
 
 def _setup(lib: str, arch: str):
@@ -51,7 +60,7 @@ def _setup(lib: str, arch: str):
     ic = InternalCoordinates.from_topology(aldp.topology, minimized_positions(aldp))
     target = BoltzmannTarget(TorchEnergy.from_openmm(aldp.system), aldp.kT)
     torch.manual_seed(0)
-    if lib == "boltzgen":
+    if lib.startswith("boltzgen"):
         flow = make_spline_flow(ic.domains, n_blocks=n_blocks, hidden=hidden)
 
         def draw():
@@ -65,7 +74,7 @@ def _setup(lib: str, arch: str):
 
     _perturb(flow, 1)
     # boltzgen trains with torch's fused Adam (boltzgen.train.Trainer); normflows as its users do
-    opt = torch.optim.Adam(flow.parameters(), lr=1e-4, fused=True if lib == "boltzgen" else None)
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-4, fused=lib.startswith("boltzgen") or None)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
@@ -84,7 +93,25 @@ def _setup(lib: str, arch: str):
         (log_q + 1e-3 * (y * y).sum(1)).mean().backward()
 
     step.flow_step = flow_step
+    if lib == "boltzgen_torch_splines":
+        step = _torch_splines(step)
+        step.flow_step = _torch_splines(flow_step)
     return step
+
+
+def _torch_splines(fn):
+    """``fn`` with boltzgen's splines evaluated by torch, not by the compiled kernels."""
+    from boltzgen.flows import splines
+
+    def run():
+        saved = splines._native_applies
+        splines._native_applies = lambda *a: False
+        try:
+            return fn()
+        finally:
+            splines._native_applies = saved
+
+    return run
 
 
 def _aten_calls(step) -> int:
@@ -140,7 +167,7 @@ def main() -> None:
         "archs": {},
     }
     for arch in args.arch:
-        steps = {lib: _setup(lib, arch) for lib in ("boltzgen", "normflows")}
+        steps = {lib: _setup(lib, arch) for lib in LIBS}
         times: dict = {lib: [] for lib in steps}
         for r in range(args.warmup + args.reps):
             for lib, step in steps.items():  # interleaved: the same conditions for both
@@ -157,6 +184,7 @@ def main() -> None:
             "median_step_s": med,
             "all_s": {lib: [round(t, 4) for t in v] for lib, v in times.items()},
             "speedup_normflows_over_boltzgen": med["normflows"] / med["boltzgen"],
+            "speedup_torch_splines_over_compiled": med["boltzgen_torch_splines"] / med["boltzgen"],
             "aten_calls_per_step": {lib: _aten_calls(step) for lib, step in steps.items()},
             "flow_aten_calls_per_step": {
                 lib: _aten_calls(step.flow_step) for lib, step in steps.items()

@@ -25,8 +25,8 @@ def cpu_model() -> str:
 
 
 def machine_info(device: str | None = None) -> dict[str, Any]:
-    """``{"cpu", "cpu_capability", "torch", "threads"}``, ``"spline_kernels"`` on a CPU
-    (``"compiled"`` or ``"torch"``: `boltzgen.flows.native`), and ``"device"``, plus ``"gpu"``,
+    """``{"cpu", "cpu_capability", "torch", "threads"}``, ``"kernels"`` on a CPU (whether
+    the compiled kernels of `boltzgen.native` are in use), and ``"device"``, plus ``"gpu"``,
     the CUDA device's name, when ``device`` is given and a CUDA device."""
     import torch
 
@@ -37,9 +37,9 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
     }
     if device is None or torch.device(device).type == "cpu":
-        from boltzgen.flows import native
+        from boltzgen import native
 
-        info["spline_kernels"] = "compiled" if native.available() else "torch"
+        info["kernels"] = native.status()
     if device is not None:
         dev = torch.device(device)
         info["device"] = str(dev)

@@ -354,3 +354,33 @@ def test_compiled_energy_compiles_once():
     e0, f0 = TorchEnergy.from_openmm(s.system).energy_and_forces(x.float())
     torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(f1, f0, rtol=1e-4, atol=1e-2)
+
+
+def test_compiled_pair_kernel_equals_torch_pairs(case, monkeypatch):
+    """The pair terms through the compiled kernel of `boltzgen.native` (what OpenMM is compared
+    with above, where it is built) equal the torch evaluation: energies and forces, float64
+    and float32, every shipped solvent model."""
+    from boltzgen import native
+    from boltzgen.energy import torch_energy
+
+    s, x = case
+    x = x[:300]
+    energy = TorchEnergy.from_openmm(s.system)
+    if not native.enabled("energy"):  # tests/test_flow_ops.py says whether it should be
+        pytest.skip(native.status())
+    calls = []
+    real = torch_energy._native_pair_call
+    monkeypatch.setattr(torch_energy, "_native_pair_call", lambda *a: calls.append(1) or real(*a))
+    (e, f), (e32, f32) = energy.energy_and_forces(x), energy.energy_and_forces(x.float())
+    assert calls and e32.dtype == torch.float32
+    monkeypatch.setattr(torch_energy._FusedEnergy, "_native_applies", lambda self, x: False)
+    (e_ref, f_ref), (e32_ref, f32_ref) = [energy.energy_and_forces(v) for v in (x, x.float())]
+    torch.testing.assert_close(e, e_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(f, f_ref, rtol=1e-10, atol=1e-10 * float(f_ref.abs().max()))
+    # float32: rounded otherwise (distances from differences, not from |x|^2 expansions), so
+    # both are held against float64: the kernel's errors are at most torch's own
+    for got, mine, truth in ((e32, e32_ref, e), (f32, f32_ref, f)):
+        err = (got.double() - truth).abs()
+        err_ref = (mine.double() - truth).abs()
+        assert float(err.mean()) <= 1.5 * float(err_ref.mean())
+        assert float(err.max()) <= 1.5 * float(err_ref.max())

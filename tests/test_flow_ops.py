@@ -6,7 +6,7 @@ compose `rqs_knots` and `rqs_forward` / `rqs_inverse` from plain autograd operat
 and gradients agree to float rounding (float32 and float64, per-sample and shared parameters,
 inputs beyond the bounds), gradients are checked by finite differences (gradcheck), and second
 derivatives, needed where gradients of log q enter a loss (SNF layers), by gradgradcheck.
-Each test runs twice: through the compiled CPU kernels of `boltzgen.flows.native` and through
+Each test runs twice: through the compiled CPU kernels of `boltzgen.native` and through
 the torch evaluation (`_FusedSpline`) that is used where the kernels are not built.
 """
 
@@ -19,7 +19,8 @@ import shutil
 import pytest
 import torch
 
-from boltzgen.flows import Bounded, Circular, DomainSpline, Unbounded, native
+from boltzgen import native
+from boltzgen.flows import Bounded, Circular, DomainSpline, Unbounded
 from boltzgen.flows import splines as splines_mod
 from boltzgen.flows.base import wrap_circular
 
@@ -30,7 +31,7 @@ DOMAINS = [Unbounded(), Bounded(-1.0, 2.0), Circular(), Unbounded(), Circular()]
 def impl(request, monkeypatch):
     """Which evaluation `DomainSpline` uses: the compiled kernels or the torch one."""
     if request.param == "native":
-        if not native.available():  # test_native_kernels_build says whether they should
+        if not native.enabled("spline"):  # test_native_kernels_build says whether they should
             pytest.skip(f"compiled kernels not built here: {native.status()}")
         calls = []
         real = splines_mod._NativeSpline.apply
@@ -46,7 +47,7 @@ def impl(request, monkeypatch):
 def test_native_kernels_build():
     """Linux x86-64 with a C compiler (the CI machine, the conda environment) builds them."""
     if platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("cc"):
-        assert native.available(), native.status()
+        assert native.enabled("spline") and native.enabled("energy"), native.status()
     assert native.status()
 
 
@@ -189,7 +190,8 @@ def _native_status_in_child(tmp_path, **env) -> str:
     import sys
 
     code = (
-        "import torch; from boltzgen.flows import DomainSpline, Unbounded, native; "
+        "import torch; from boltzgen import native; "
+        "from boltzgen.flows import DomainSpline, Unbounded; "
         "sp = DomainSpline([Unbounded()] * 3); x = torch.randn(5, 3); "
         "y, ld = sp.forward_and_log_det(x, torch.zeros(5, 3, sp.n_params)); "
         "assert torch.allclose(y, x, atol=1e-5) and ld.abs().max() < 1e-5; print(native.status())"
@@ -205,16 +207,16 @@ def test_native_kernels_fall_back_and_cache(tmp_path):
     """No compiler, or BOLTZGEN_NATIVE=0: the torch evaluation, with the reason in the status
     line; with one, the library is built once into the cache and loaded from there after."""
     broken = _native_status_in_child(tmp_path / "a", CC="false")
-    assert broken.startswith("torch spline evaluation") and "failed" in broken
+    assert broken.startswith("torch evaluation") and "failed" in broken
     off = _native_status_in_child(tmp_path / "b", BOLTZGEN_NATIVE="0")
-    assert off == "torch spline evaluation (switched off by BOLTZGEN_NATIVE)"
+    assert off == "torch evaluation (switched off by BOLTZGEN_NATIVE)"
     if not native.available():
         return
     first = _native_status_in_child(tmp_path / "c")
-    (built,) = (tmp_path / "c" / "kernels").glob("rqs_kernel-*.so")
+    (built,) = (tmp_path / "c" / "kernels").glob("kernels-*.so")
     stamp = built.stat().st_mtime_ns
     second = _native_status_in_child(tmp_path / "c")
-    assert first == second == f"compiled spline kernels ({built})"
+    assert first == second == f"compiled kernels ({built})"
     assert built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
 
 
@@ -228,7 +230,8 @@ def test_native_kernels_first_loaded_without_grad(tmp_path):
     import sys
 
     code = (
-        "import torch; from boltzgen.flows import DomainSpline, Unbounded, native\n"
+        "import torch; from boltzgen import native\n"
+        "from boltzgen.flows import DomainSpline, Unbounded\n"
         "with torch.inference_mode():\n"
         "    sp = DomainSpline([Unbounded()] * 3); x = torch.randn(5, 3)\n"
         "    sp.forward_and_log_det(x, torch.zeros(5, 3, sp.n_params))\n"
@@ -238,4 +241,4 @@ def test_native_kernels_first_loaded_without_grad(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("compiled spline kernels"), proc.stdout
+    assert proc.stdout.startswith("compiled kernels"), proc.stdout

@@ -82,7 +82,7 @@ def _train(args: argparse.Namespace, config: RunConfig, start: str, threads: int
     if rank == 0:
         splines = ""
         if config.train.device == "cpu":
-            from boltzgen.flows import native
+            from boltzgen import native
 
             splines = ", " + native.status()
         print(

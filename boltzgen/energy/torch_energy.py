@@ -28,12 +28,14 @@ still work on their own (``energy.terms[name](x)``) and give the same numbers.
 from __future__ import annotations
 
 import copy
+import ctypes
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from boltzgen import native
 from boltzgen.energy._common import ONE_4PI_EPS0, _analytic, _f64, _i64, _val
 from boltzgen.energy.base import Energy
 from boltzgen.energy.gb import GBSAOBCTerm, _gb_from_r2, _grad_from_r2, _pair_matrix
@@ -587,6 +589,13 @@ class _FusedEnergy(nn.Module):
             m.index_put_((p, cols), torch.ones(p.shape[0], dtype=m.dtype), accumulate=True)
             m.index_put_((q, cols), -torch.ones(p.shape[0], dtype=m.dtype), accumulate=True)
         self.register_buffer("incidence", m)
+        # the compiled pair kernel takes at most one Coulomb + LJ and one GB term
+        kinds = [type(t) for t in self.pair]
+        self.native_pairs = (
+            kinds.count(_DenseNonbonded) <= 1
+            and kinds.count(GBSAOBCTerm) <= 1
+            and len(kinds) == kinds.count(_DenseNonbonded) + kinds.count(GBSAOBCTerm)
+        )
 
     def evaluate(
         self, x: Tensor, need_grad: bool, chunked: bool = True
@@ -600,7 +609,11 @@ class _FusedEnergy(nn.Module):
         energies: list[Tensor | None] = [None] * self.n_terms
         grad = None
         bonded_chunk = _BONDED_CHUNK if x.device.type == "cpu" else _BONDED_CHUNK_GPU
-        for part, chunk in ((self._bonded, bonded_chunk), (self._pairs, self._pair_chunk(x))):
+        bonded, pairs, pair_chunk = self._bonded, self._pairs, self._pair_chunk(x)
+        if self._native_applies(x):  # the compiled kernels walk the batch themselves
+            bonded, pairs = self._native_bonded, self._native_pairs
+            bonded_chunk = pair_chunk = x.shape[0]
+        for part, chunk in ((bonded, bonded_chunk), (pairs, pair_chunk)):
             if chunked and x.shape[0] > chunk:
                 pieces = [part(xs, need_grad) for xs in x.split(chunk)]
                 e = {k: torch.cat([p[0][k] for p in pieces]) for k in pieces[0][0]}
@@ -657,6 +670,154 @@ class _FusedEnergy(nn.Module):
         if not need_grad:
             return energies, None
         return energies, _grad_from_r2(xc, g_sum)
+
+    def _native_applies(self, x: Tensor) -> bool:
+        return (
+            self.native_pairs
+            and x.shape[0] > 0
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and x.requires_grad)  # plain autograd path
+            and native.enabled("energy")
+        )
+
+    def _native_pairs(self, x: Tensor, need_grad: bool) -> tuple[dict[int, Tensor], Tensor | None]:
+        """`_pairs` through the compiled kernel of `boltzgen.native` (`_native_applies`)."""
+        if not self.pair_slot:
+            return {}, None
+        return _native_pair_call(native.library(), self, x, need_grad)
+
+    def _native_bonded(self, x: Tensor, need_grad: bool) -> tuple[dict[int, Tensor], Tensor | None]:
+        """`_bonded` through the compiled kernels of `boltzgen.native` (`_native_applies`)."""
+        if not self.bonded_slot:
+            return {}, None
+        return _native_bonded_call(native.library(), self, x, need_grad)
+
+
+def _native_pair_call(
+    lib: ctypes.CDLL, fused: _FusedEnergy, x: Tensor, need_grad: bool
+) -> tuple[dict[int, Tensor], Tensor | None]:
+    """Energies of the pair terms ``{slot: (B,)}`` and their gradient ``(B, N, 3)`` (if
+    ``need_grad``) from the compiled kernel; ``fused``'s parameters in ``x``'s dtype."""
+    x = x.contiguous()
+    b, n = x.shape[0], x.shape[1]
+    nb = gb = None
+    slots: dict[str, int] = {}
+    for term, k in zip(fused.pair, fused.pair_slot):
+        if isinstance(term, GBSAOBCTerm):
+            gb, slots["gb"] = term, k
+        else:
+            nb, slots["nb"] = term, k
+    e_nb = x.new_empty(b) if nb is not None else None
+    e_gb = x.new_empty(b) if gb is not None else None
+    grad = x.new_empty(b, n, 3) if need_grad else None
+    nb_args: list[Tensor | None] = [None] * 3
+    gb_args: list[Tensor | None] = [None] * 9
+    scalars: list[float | int] = [0.0, 0.0, 0.0, 0.0, 0, 0]
+    if nb is not None:
+        nb_args = [nb.qq.contiguous(), nb.eps4.contiguous(), nb.sigma6.contiguous()]
+    if gb is not None:
+        gb_args = [
+            t.contiguous()
+            for t in (gb.qq, gb.threshold, gb.offset_radius, gb.scaled_radius, gb.half_or,
+                      gb.inv_or, gb.inv_radius, gb.or_over_radius, gb.sa_coef)
+        ]  # fmt: skip
+        scalars = [gb.alpha, gb.beta, gb.gamma, gb.prefactor, int(bool(gb.surface_area_energy)),
+                   int(bool(gb.engulfed_term))]  # fmt: skip
+    ptrs = [None if t is None else t.data_ptr() for t in (*nb_args, *gb_args)]
+    outs = [None if t is None else t.data_ptr() for t in (e_nb, e_gb, grad)]
+    fn = lib.pairs_eval_f32 if x.dtype == torch.float32 else lib.pairs_eval_f64
+    rc = fn(b, n, x.data_ptr(), *ptrs, *scalars, *outs)
+    if rc:
+        raise RuntimeError(f"pair kernel failed ({rc})")
+    energies = {}
+    if nb is not None:
+        energies[slots["nb"]] = e_nb
+    if gb is not None:
+        energies[slots["gb"]] = e_gb
+    return energies, grad
+
+
+def _native_bonded_call(
+    lib: ctypes.CDLL, fused: _FusedEnergy, x: Tensor, need_grad: bool
+) -> tuple[dict[int, Tensor], Tensor | None]:
+    """Energies of the bonded terms ``{slot: (B,)}`` and their summed gradient ``(B, N, 3)``
+    (if ``need_grad``) from the compiled kernel; ``fused``'s parameters in ``x``'s dtype."""
+    x = x.contiguous()
+    b, n = x.shape[0], x.shape[1]
+    grad = x.new_zeros(b, n, 3) if need_grad else None
+    fn = lib.bonded_eval_f32 if x.dtype == torch.float32 else lib.bonded_eval_f64
+    energies = {}
+    for term, k in zip(fused.bonded, fused.bonded_slot):
+        quad = p2 = None
+        if isinstance(term, HarmonicBondTerm):
+            kind, idx, p0 = 0, term.pairs, term.r0
+        elif isinstance(term, HarmonicAngleTerm):
+            kind, idx, p0 = 1, term.triples, term.theta0
+        else:
+            kind, idx, p0 = 2, term.unique_quads, term.phase
+            quad, p2 = term.quad_index.contiguous(), term.periodicity.contiguous()
+        idx, p0, p1 = idx.contiguous(), p0.contiguous(), term.k.contiguous()
+        energy = x.new_empty(b)
+        rc = fn(
+            b, n, x.data_ptr(), kind, idx.shape[0], idx.data_ptr(),
+            0 if quad is None else quad.shape[0], None if quad is None else quad.data_ptr(),
+            p0.data_ptr(), p1.data_ptr(), None if p2 is None else p2.data_ptr(),
+            energy.data_ptr(), None if grad is None else grad.data_ptr(),
+        )  # fmt: skip
+        if rc:
+            raise RuntimeError(f"bonded kernel failed ({rc})")
+        energies[k] = energy
+    return energies, grad
+
+
+def _native_pairs_self_check(lib: ctypes.CDLL) -> float:
+    """Largest difference (energies and gradients, float64, relative to the largest entry)
+    between the compiled pair kernel and the torch evaluation for a random 7-atom system with
+    Coulomb + LJ (one excluded pair) and OBC GB (with and without the engulfed-atom term);
+    `boltzgen.native` keeps the torch evaluation if it misses by more than 1e-9."""
+    g = torch.Generator().manual_seed(0)
+    n = 7
+    q = torch.rand(n, generator=g, dtype=torch.float64) - 0.5
+    iu, ju = torch.triu_indices(n, n, 1)
+    pairs = torch.stack([iu, ju], 1)
+    sig = 0.2 + 0.1 * torch.rand(len(iu), generator=g, dtype=torch.float64)
+    eps = 0.5 * torch.rand(len(iu), generator=g, dtype=torch.float64)
+    qq = q[iu] * q[ju]
+    qq[0], eps[0] = 0.0, 0.0  # an excluded pair
+    radius = 0.12 + 0.08 * torch.rand(n, generator=g, dtype=torch.float64)
+    scale = 0.7 + 0.3 * torch.rand(n, generator=g, dtype=torch.float64)
+    x = 0.5 * torch.rand(5, n, 3, generator=g, dtype=torch.float64)
+    x[0, 1] = x[0, 0] + 0.02  # an engulfed atom, inactive pairs
+    bonded = {
+        "bonds": HarmonicBondTerm(pairs[:5], 0.1 + 0.1 * sig[:5], 1e5 * eps[:5]),
+        "angles": HarmonicAngleTerm(torch.tensor([[0, 1, 2], [1, 2, 3], [4, 5, 6]]),
+                                    torch.tensor([1.9, 2.0, 1.7], dtype=torch.float64),
+                                    torch.tensor([400.0, 300.0, 500.0], dtype=torch.float64)),
+        "torsions": PeriodicTorsionTerm(
+            torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3], [3, 4, 5, 6]]),
+            torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64),
+            torch.tensor([0.0, 3.14159, 0.5], dtype=torch.float64),
+            torch.tensor([2.0, 0.7, 1.1], dtype=torch.float64)),
+    }  # fmt: skip
+    worst = 0.0
+    for engulfed in (False, True):
+        terms = {
+            "nb": NonbondedTerm(pairs, qq, sig, eps),
+            "gb": GBSAOBCTerm(
+                q, radius, scale, alpha=1.0, beta=0.8, gamma=4.85, engulfed_term=engulfed
+            ),  # fmt: skip
+        }
+        fused = _FusedEnergy({**terms, **bonded}, n)
+        for ours, theirs in ((_native_pair_call, fused._pairs),
+                             (_native_bonded_call, fused._bonded)):  # fmt: skip
+            want_e, want_g = theirs(x, True)
+            got_e, got_g = ours(lib, fused, x, True)
+            for got, want in [(got_g, want_g)] + [(got_e[k], want_e[k]) for k in want_e]:
+                scale_ = max(float(want.abs().max()), 1.0)
+                worst = max(worst, float((got - want).abs().max()) / scale_)
+    return worst
 
 
 def _evaluate_whole(

@@ -1,16 +1,20 @@
-"""Compiled CPU kernels for the rational-quadratic spline, built on first use.
+"""Compiled CPU kernels, built on first use: the spline of the flows and the pair terms of the
+energy.
 
-`DomainSpline` evaluates on the CPU through a small C library (``rqs_kernel.c``, shipped with
-the package) when it can: one pass per spline dimension over SIMD lanes of batch rows, with
-glibc's vector math library for exp/log. Measured on the 2-core AMD EPYC (AVX-512, one thread)
-for a 256 x 30 batch of 8-bin splines with per-sample parameters: forward 0.33 ms against
-1.71 ms for the torch evaluation (float32). It is built with the system C compiler
-(``$CC``, else ``cc``) for this CPU (``-march=native``) into a per-user cache
-(``$BOLTZGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/boltzgen``, else ``~/.cache/boltzgen``),
-keyed by the source, the flags, the compiler and the CPU's feature flags, so a second process
-loads it at once. Where there is no compiler, no libmvec (glibc < 2.22, macOS, Windows) or the
-built library fails its self-check against the torch evaluation, boltzgen says so once in its
-log and keeps the torch evaluation: results are the same either way (to float rounding).
+`boltzgen.flows.DomainSpline` and `boltzgen.energy.TorchEnergy` evaluate on the CPU through a
+small C library (``boltzgen/kernels/kernels.c``, shipped with the package) when they can: loops
+over SIMD lanes of batch rows (spline) or configurations (energy) with glibc's vector math
+library for exp/log/tanh. Measured on the 2-core AMD EPYC (AVX-512, one thread): the forward
+spline of a 256 x 30 batch with per-sample parameters in 0.32 ms against 1.9 ms for the torch
+evaluation (float32); see the README for the training step and the energy. The library is
+built with the system C compiler (``$CC``, else ``cc``) for this CPU (``-march=native``, or
+``$BOLTZGEN_NATIVE_MARCH``) into a
+per-user cache (``$BOLTZGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/boltzgen``, else
+``~/.cache/boltzgen``), keyed by the source, the flags, the compiler and the CPU's feature
+flags, so later processes load it at once. Each kernel family is checked against its torch
+evaluation (float64) when the library is loaded. Where there is no compiler, no libmvec with
+these functions (glibc < 2.35, macOS, Windows) or a check fails, boltzgen says so once in its
+log and keeps the torch evaluation: results are the same either way, to float rounding.
 ``BOLTZGEN_NATIVE=0`` switches the kernels off.
 """
 
@@ -26,15 +30,15 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["available", "cache_dir", "library", "status"]
+__all__ = ["available", "cache_dir", "enabled", "library", "status"]
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("rqs_kernel.c", "rqs_kernel.h")
-_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC")
+_SOURCES = ("kernels.c", "rqs.h", "pairs.h", "bonded.h")
+_FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC")
 _LIBS = ("-lmvec", "-lm")
-_ABI = 1
-MAX_BINS = 32  # MAXK of rqs_kernel.c
+_ABI = 3
+MAX_BINS = 32  # MAXK of kernels.c
 
 _lock = threading.RLock()
 _state: dict = {}
@@ -66,21 +70,27 @@ def _compiler_version(cc: str) -> str:
     return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else ""
 
 
+def _flags() -> tuple[str, ...]:
+    # BOLTZGEN_NATIVE_MARCH: the target CPU (gcc's -march), e.g. x86-64-v3 for AVX2 machines of
+    # a cluster built from a newer login node; this CPU by default
+    return (f"-march={os.environ.get('BOLTZGEN_NATIVE_MARCH', 'native')}", *_FLAGS)
+
+
 def _build(cc: str) -> Path:
-    here = Path(__file__).parent
+    here = Path(__file__).parent / "kernels"
     sources = b"".join((here / name).read_bytes() for name in _SOURCES)
     key = hashlib.sha256(
         b"\0".join(
             [
                 sources,
-                " ".join(_FLAGS + _LIBS).encode(),
+                " ".join(_flags() + _LIBS).encode(),
                 _compiler_version(cc).encode(),
                 _cpu_flags().encode(),
                 platform.machine().encode(),
             ]
         )  # fmt: skip
     ).hexdigest()[:16]
-    target = cache_dir() / f"rqs_kernel-{key}.so"
+    target = cache_dir() / f"kernels-{key}.so"
     if target.exists():
         return target
     try:
@@ -96,7 +106,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cc, *_FLAGS, "-o", tmp, str(here / "rqs_kernel.c"), *_LIBS]
+        cmd = [cc, *_flags(), "-o", tmp, str(here / "kernels.c"), *_LIBS]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip()[-500:]}")
@@ -115,6 +125,21 @@ def _declare(lib: ctypes.CDLL) -> None:
         fwd.argtypes, fwd.restype = [*head, i32, p, p], i32
         bwd = getattr(lib, f"rqs_bwd_{suffix}")
         bwd.argtypes, bwd.restype = [*head, p, p, p, p], i32
+        pairs = getattr(lib, f"pairs_eval_{suffix}")
+        pairs.argtypes = [i64, i64, *[p] * 13, real, real, real, real, i32, i32, p, p, p]
+        pairs.restype = i32
+        bonded = getattr(lib, f"bonded_eval_{suffix}")
+        bonded.argtypes = [i64, i64, p, i32, i64, p, i64, p, p, p, p, p, p]
+        bonded.restype = i32
+
+
+def _checks() -> dict:
+    """Self-check of each kernel family: a function of the library returning its largest
+    relative difference from the torch evaluation (float64)."""
+    from boltzgen.energy.torch_energy import _native_pairs_self_check
+    from boltzgen.flows.splines import _native_self_check
+
+    return {"spline": _native_self_check, "energy": _native_pairs_self_check}
 
 
 def _load() -> ctypes.CDLL | None:
@@ -128,19 +153,33 @@ def _load() -> ctypes.CDLL | None:
     try:
         path = _build(cc)
         lib = ctypes.CDLL(str(path))
-        if lib.rqs_abi_version() != _ABI:
+        if lib.boltzgen_kernels_abi() != _ABI:
             raise RuntimeError("stale kernel library")
         _declare(lib)
         _state["path"] = str(path)
-        from boltzgen.flows.splines import _native_self_check
-
-        err = _native_self_check(lib)
-        if not err < 1e-9:
-            raise RuntimeError(f"self-check against the torch evaluation failed ({err:.3g})")
     except Exception as exc:  # noqa: BLE001 (any failure means: keep the torch path)
         _state["reason"] = f"{type(exc).__name__}: {exc}"
-        log.info("compiled spline kernels unavailable (%s); using the torch evaluation",
+        log.info("compiled kernels unavailable (%s); using the torch evaluation",
                  _state["reason"])  # fmt: skip
+        return None
+    import torch
+
+    failed = []
+    with torch.inference_mode(False), torch.enable_grad():  # first use may be under no_grad
+        for name, check in _checks().items():
+            try:
+                err = check(lib)
+            except Exception as exc:  # noqa: BLE001
+                err = f"{type(exc).__name__}: {exc}"
+            if isinstance(err, str) or not err < 1e-9:
+                failed.append(f"{name} ({err if isinstance(err, str) else f'{err:.3g}'})")
+            else:
+                _state.setdefault("enabled", set()).add(name)
+    if failed:
+        _state["failed"] = "self-check against the torch evaluation failed: " + ", ".join(failed)
+        log.info("compiled kernels: %s; those use the torch evaluation", _state["failed"])
+    if not _state.get("enabled"):
+        _state["reason"] = _state["failed"]
         return None
     _state["reason"] = None
     return lib
@@ -155,13 +194,21 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]
 
 
+def enabled(family: str) -> bool:
+    """Whether the compiled kernels of ``family`` (``"spline"``, ``"energy"``) are in use."""
+    return library() is not None and family in _state.get("enabled", ())
+
+
 def available() -> bool:
-    """Whether the compiled spline kernels are in use."""
+    """Whether compiled kernels are in use (the library built and a self-check passed)."""
     return library() is not None
 
 
 def status() -> str:
     """One line for logs: where the kernels come from, or why they are not used."""
-    if library() is not None:
-        return f"compiled spline kernels ({_state['path']})"
-    return f"torch spline evaluation ({_state.get('reason')})"
+    if library() is None:
+        return f"torch evaluation ({_state.get('reason')})"
+    line = f"compiled kernels ({_state['path']})"
+    if _state.get("failed"):
+        line += f"; {_state['failed']}"
+    return line

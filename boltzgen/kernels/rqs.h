@@ -1,5 +1,5 @@
 /* Rational-quadratic spline kernels over lanes of LANES batch rows of one dimension; included
- * twice by rqs_kernel.c (REAL = float, double). */
+ * twice by kernels.c (REAL = float, double). */
 #define CAT2(a, b) a##_##b
 #define CAT(a, b) CAT2(a, b)
 #define FN(name) CAT(name, SUFFIX)
