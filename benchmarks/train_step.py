@@ -8,11 +8,11 @@ the same architecture (circular rational-quadratic spline couplings with the con
 splined too, 8 bins, residual conditioners with one block, a random periodic shift after each
 block, Gaussian x uniform base; `benchmarks/flows.py` has the builder).
 
-boltzgen runs twice: as it trains (``boltzgen``: the spline layers through the compiled
-kernels of `boltzgen.native` where they are built, torch's fused Adam) and with its torch
-spline evaluation (``boltzgen_torch_splines``: the path where no C compiler is found, and the
-state before the kernels), so the gain of the kernels and their ATen calls are measured side
-by side too. normflows steps with torch's default Adam, as its users do.
+boltzgen runs twice: as it trains (``boltzgen``: spline layers and energy through the
+compiled kernels of `boltzgen.native` where they are built, torch's fused Adam) and with its
+torch evaluation of both (``boltzgen_torch_splines``: the path where no C compiler is found,
+and the state before the kernels), so the gain of the kernels and their ATen calls are
+measured side by side too. normflows steps with torch's default Adam, as its users do.
 
 Architectures: ``quick`` (reverse_kl_quick.yaml: 6 blocks x 64 hidden, batch 256) and ``fab``
 (FAB's ALDP flow: 12 blocks x 256 hidden, batch 1024). Prints JSON: CPU model, torch's vector
@@ -100,16 +100,18 @@ def _setup(lib: str, arch: str):
 
 
 def _torch_splines(fn):
-    """``fn`` with boltzgen's splines evaluated by torch, not by the compiled kernels."""
+    """``fn`` without boltzgen's compiled kernels: splines and energy evaluated by torch."""
+    from boltzgen.energy.torch_energy import _FusedEnergy
     from boltzgen.flows import splines
 
     def run():
-        saved = splines._native_applies
+        saved = splines._native_applies, _FusedEnergy._native_applies
         splines._native_applies = lambda *a: False
+        _FusedEnergy._native_applies = lambda self, x: False
         try:
             return fn()
         finally:
-            splines._native_applies = saved
+            splines._native_applies, _FusedEnergy._native_applies = saved
 
     return run
 

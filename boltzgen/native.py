@@ -35,7 +35,7 @@ __all__ = ["available", "cache_dir", "enabled", "library", "status"]
 log = logging.getLogger(__name__)
 
 _SOURCES = ("kernels.c", "rqs.h", "pairs.h", "bonded.h")
-_FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 _LIBS = ("-lmvec", "-lm")
 _ABI = 3
 MAX_BINS = 32  # MAXK of kernels.c

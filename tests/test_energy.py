@@ -356,10 +356,10 @@ def test_compiled_energy_compiles_once():
     torch.testing.assert_close(f1, f0, rtol=1e-4, atol=1e-2)
 
 
-def test_compiled_pair_kernel_equals_torch_pairs(case, monkeypatch):
-    """The pair terms through the compiled kernel of `boltzgen.native` (what OpenMM is compared
-    with above, where it is built) equal the torch evaluation: energies and forces, float64
-    and float32, every shipped solvent model."""
+def test_compiled_energy_kernels_equal_torch_evaluation(case, monkeypatch):
+    """Bonded and pair terms through the compiled kernels of `boltzgen.native` (what OpenMM is
+    compared with above, where they are built) equal the torch evaluation: energies and
+    forces, float64 and float32, every shipped solvent model."""
     from boltzgen import native
     from boltzgen.energy import torch_energy
 
