@@ -7,10 +7,10 @@ trained one after the other, a stage starting from the previous stage's weights:
     components:
       - name: main
         fraction: 0.995
-        stages: [recipes/quick/1_reverse_kl.yaml, recipes/quick/2_reweighted.yaml]
+        stages: [reverse_kl_quick.yaml, reweighted_finetune.yaml]
       - name: basin
         fraction: 0.005
-        stages: [recipes/quick/basin.yaml]
+        stages: [basin_alpha_l_quick.yaml]
     output_dir: runs/aldp_recipe
 
 Stage paths are relative to the recipe file. Stage ``j`` of component ``c`` trains into

@@ -37,9 +37,18 @@ def test_shipped_recipe_loads_and_chains_its_stages():
     recipe = load_recipe(systems.shipped_path("aldp", "recipe.yaml"))
     assert recipe.names == ("main", "basin") and sum(recipe.fractions) == pytest.approx(1.0)
     main, basin = stage_configs(recipe, "OUT")
-    assert [c.output_dir for c in main] == ["OUT/main/1_reverse_kl", "OUT/main/2_reweighted"]
-    assert main[0].init_from is None and main[1].init_from == "OUT/main/1_reverse_kl/checkpoint.pt"
+    assert [c.output_dir for c in main] == [
+        "OUT/main/reverse_kl_quick", "OUT/main/reweighted_finetune"
+    ]  # fmt: skip
+    assert main[0].train.max_iter == 12705 and main[1].train.max_iter == 3000
+    assert main[0].init_from is None
+    assert main[1].init_from == "OUT/main/reverse_kl_quick/checkpoint.pt"
     assert basin[0].restraint is not None and basin[0].init_from is None
+    # the shortened recipe beside it
+    quick = load_recipe(systems.shipped_path("aldp", "recipes/quick/recipe.yaml"))
+    main, basin = stage_configs(quick, "OUT")
+    assert [c.train.max_iter for c in main] == [9000, 2000]
+    assert main[1].init_from == "OUT/main/1_reverse_kl/checkpoint.pt"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ its ``samples.weights.txt``) to ``runs/<system>_pretrained``. ``--model`` sample
 model folder or checkpoint instead.
 
 With ``--train`` it trains from scratch instead. A system with a recipe
-(``systems/<system>/recipe.yaml``; aldp: the shipped model's stages and components, shortened)
+(``systems/<system>/recipe.yaml``; aldp: the shipped model's stages and components)
 trains it (`boltzgen.recipes`: components side by side in processes of their own), exports the
 result as a model folder ``OUTPUT/model`` and samples it as above; ``--recipe FILE`` trains
 another recipe. Otherwise, and with ``--config`` or ``--max-iter`` (the only way for systems

@@ -102,7 +102,9 @@ class TrainOptions:
             (`compile_model`); the first step then includes the compile time, which the log's
             ``compile_s`` column reports. Off by default: on the quick ALDP config (CPU, one
             thread) the first step compiles for 73 s and later steps take 86 ms against 70 ms
-            eager (``benchmarks/compile_step.py``): graph breaks in the spline layers.
+            eager (``benchmarks/compile_step.py``): graph breaks in the spline layers. Since
+            the compiled CPU kernels (`boltzgen.native`) the eager step is faster still (33
+            ms); a compiled step traces the torch evaluation instead of the kernels.
         checkpoint_every: Write the checkpoint every this many iterations (and at the end).
         checkpoint_seconds: Also write it when this many seconds of training have passed since
             the last write (0: only by iterations).
