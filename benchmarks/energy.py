@@ -9,7 +9,6 @@ TorchEnergy over one OpenMM CPU context, next to the CPU model, torch's CPU capa
 """
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -37,19 +36,6 @@ def _time(fn, repeats, min_time=0.2):
                 break
         per_call.append((time.perf_counter() - t0) / n)
     return statistics.median(per_call)
-
-
-@contextlib.contextmanager
-def _without_kernels():
-    """TorchEnergy evaluated by torch instead of the compiled kernels."""
-    from boltzgen.energy.torch_energy import _FusedEnergy
-
-    saved = _FusedEnergy._native_applies
-    _FusedEnergy._native_applies = lambda self, x: False
-    try:
-        yield
-    finally:
-        _FusedEnergy._native_applies = saved
 
 
 def main():
@@ -105,7 +91,7 @@ def main():
             1e6 * _time(lambda x=x: te.energy_and_forces(x), args.repeats) / batch
         )
         # the same without the compiled kernels (boltzgen.native): the torch evaluation
-        with _without_kernels():
+        with native.disabled():
             row["torch_energy_forces_without_kernels_us"] = (
                 1e6 * _time(lambda x=x: te.energy_and_forces(x), args.repeats) / batch
             )

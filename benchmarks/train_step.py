@@ -101,17 +101,11 @@ def _setup(lib: str, arch: str):
 
 def _without_kernels(fn):
     """``fn`` without boltzgen's compiled kernels: splines and energy evaluated by torch."""
-    from boltzgen.energy.torch_energy import _FusedEnergy
-    from boltzgen.flows import splines
+    from boltzgen import native
 
     def run():
-        saved = splines._native_applies, _FusedEnergy._native_applies
-        splines._native_applies = lambda *a: False
-        _FusedEnergy._native_applies = lambda self, x: False
-        try:
+        with native.disabled():
             return fn()
-        finally:
-            splines._native_applies, _FusedEnergy._native_applies = saved
 
     return run
 

@@ -20,6 +20,7 @@ log and keeps the torch evaluation: results are the same either way, to float ro
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -28,13 +29,14 @@ import platform
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["available", "cache_dir", "enabled", "library", "status"]
+__all__ = ["available", "cache_dir", "disabled", "enabled", "library", "relative_error", "status"]
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("kernels.c", "rqs.h", "pairs.h", "bonded.h")
+_SOURCES = ("kernels.c", "lanes.h", "rqs.h", "pairs.h", "bonded.h")
 _FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 _LIBS = ("-lmvec", "-lm")
 _ABI = 3
@@ -133,6 +135,17 @@ def _declare(lib: ctypes.CDLL) -> None:
         bonded.restype = i32
 
 
+def relative_error(pairs: list) -> float:
+    """Largest ``|got - want|`` over ``(got, want)`` tensor pairs, each relative to the largest
+    entry of ``want`` (floored at 1): the measure of the self-checks."""
+    worst = 0.0
+    for got, want in pairs:
+        want = want.detach()
+        scale = max(float(want.abs().max()), 1.0)
+        worst = max(worst, float((got - want).abs().max()) / scale)
+    return worst
+
+
 def _checks() -> dict:
     """Self-check of each kernel family: a function of the library returning its largest
     relative difference from the torch evaluation (float64)."""
@@ -196,7 +209,20 @@ def library() -> ctypes.CDLL | None:
 
 def enabled(family: str) -> bool:
     """Whether the compiled kernels of ``family`` (``"spline"``, ``"energy"``) are in use."""
+    if _state.get("off"):
+        return False
     return library() is not None and family in _state.get("enabled", ())
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block every caller uses its torch evaluation, as on a machine without a
+    compiler (the benchmarks' side-by-side baseline)."""
+    _state["off"] = _state.get("off", 0) + 1
+    try:
+        yield
+    finally:
+        _state["off"] -= 1
 
 
 def available() -> bool:

@@ -31,6 +31,15 @@ extern double atan2(double, double) __attribute__((simd("notinbranch")));
 
 int boltzgen_kernels_abi(void) { return 3; }
 
+/* shared by the headers: name##_f32 / name##_f64, a loop over the lanes that becomes SIMD
+ * instructions, and lane-major position arrays [N][3][LANES] */
+#define CAT2(a, b) a##_##b
+#define CAT(a, b) CAT2(a, b)
+#define FN(name) CAT(name, SUFFIX)
+#define LOOP _Pragma("omp simd") for (int l = 0; l < LANES; l++)
+#define AT(A, i, k) (A + ((i) * 3 + (k)) * LANES)
+#define ROW(A, i) (A + (i) * LANES)
+
 #define REAL float
 #define SUFFIX f32
 #define EXP expf
@@ -42,6 +51,7 @@ int boltzgen_kernels_abi(void) { return 3; }
 #define ATAN2 atan2f
 #define SQRT sqrtf
 #define FLOOR floorf
+#include "lanes.h"
 #include "rqs.h"
 #include "pairs.h"
 #include "bonded.h"
@@ -68,6 +78,7 @@ int boltzgen_kernels_abi(void) { return 3; }
 #define ATAN2 atan2
 #define SQRT sqrt
 #define FLOOR floor
+#include "lanes.h"
 #include "rqs.h"
 #include "pairs.h"
 #include "bonded.h"

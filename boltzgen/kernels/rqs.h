@@ -1,10 +1,5 @@
 /* Rational-quadratic spline kernels over lanes of LANES batch rows of one dimension; included
  * twice by kernels.c (REAL = float, double). */
-#define CAT2(a, b) a##_##b
-#define CAT(a, b) CAT2(a, b)
-#define FN(name) CAT(name, SUFFIX)
-#define LOOP _Pragma("omp simd") for (int l = 0; l < LANES; l++)
-
 typedef struct {
     REAL q[3 * MAXK + 1][LANES];  /* raw parameters, lane-major */
     REAL e[2][MAXK][LANES];       /* exp(logit - max) */
@@ -15,8 +10,10 @@ typedef struct {
     REAL scale[2][LANES];
     REAL v[LANES], vc[LANES];
     int32_t idx[LANES], outside[LANES];
-    /* the bin of each lane and the spline quantities the gradient needs */
+    /* the bin of each lane: its knots and derivatives, width, height, slope, d0 + d1 - 2 s,
+     * and the position t in it before the clamp to [0, 1] */
     REAL x0[LANES], x1[LANES], y0[LANES], y1[LANES], d0[LANES], d1[LANES];
+    REAL w[LANES], h[LANES], sl[LANES], c2[LANES], t_raw[LANES];
 } FN(lanes_t);
 
 typedef struct {
@@ -92,6 +89,25 @@ static void FN(bins)(FN(lanes_t) *s, const FN(dim_t) *c) {
         s->d0[l] = sel ? s->dk[j][l] : s->d0[l];
         s->d1[l] = sel ? s->dk[j + 1][l] : s->d1[l];
     }
+    if (!c->inverse) {
+        LOOP {
+            REAL w = s->x1[l] - s->x0[l], h = s->y1[l] - s->y0[l], sl = h / w;
+            s->w[l] = w, s->h[l] = h, s->sl[l] = sl;
+            s->c2[l] = (s->d0[l] + s->d1[l]) - 2 * sl;
+            s->t_raw[l] = (s->vc[l] - s->x0[l]) / w;
+        }
+    } else {
+        LOOP { /* the root of a t^2 + b t - s dy = 0 in [0, 1] */
+            REAL w = s->x1[l] - s->x0[l], h = s->y1[l] - s->y0[l], sl = h / w;
+            REAL d0 = s->d0[l], c2 = (d0 + s->d1[l]) - 2 * sl;
+            s->w[l] = w, s->h[l] = h, s->sl[l] = sl, s->c2[l] = c2;
+            REAL dy = s->vc[l] - s->y0[l], dyc2 = dy * c2;
+            REAL qa = dyc2 + h * (sl - d0), qb = h * d0 - dyc2, sdy = sl * dy;
+            REAL disc = qb * qb + 4 * qa * sdy;
+            disc = disc < 0 ? 0 : disc;
+            s->t_raw[l] = (2 * sdy) / (qb + SQRT(disc));
+        }
+    }
 }
 
 /* Load LANES rows (b0 .. b0 + LANES - 1, clipped to B by repeating the last) of dimension d,
@@ -131,18 +147,8 @@ int FN(rqs_fwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const R
             const REAL lo = c.lo, hi = c.hi;
             LOOP {
                 REAL x0 = s.x0[l], y0 = s.y0[l], d0 = s.d0[l], d1 = s.d1[l];
-                REAL w = s.x1[l] - x0, h = s.y1[l] - y0, sl = h / w;
-                REAL c2 = (d0 + d1) - 2 * sl;
-                REAL t, ov;
-                if (!inverse) {
-                    t = (s.vc[l] - x0) / w;
-                } else {
-                    REAL dy = s.vc[l] - y0, dyc2 = dy * c2;
-                    REAL qa = dyc2 + h * (sl - d0), qb = h * d0 - dyc2, sdy = sl * dy;
-                    REAL disc = qb * qb + 4 * qa * sdy;
-                    disc = disc < 0 ? 0 : disc;
-                    t = (2 * sdy) / (qb + SQRT(disc));
-                }
+                REAL w = s.w[l], h = s.h[l], sl = s.sl[l], c2 = s.c2[l];
+                REAL t = s.t_raw[l], ov;
                 t = t < 0 ? 0 : (t > 1 ? 1 : t);
                 REAL t2 = t * t, t1t = t - t2, omt = 1 - t;
                 REAL den = sl + c2 * t1t;
@@ -199,19 +205,8 @@ int FN(rqs_bwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const R
                 const int outside = s.outside[l];
                 const REAL g_pass = go[l];
                 const REAL gout = outside ? 0 : go[l], gld = outside ? 0 : gl[l];
-                REAL x0 = s.x0[l], y0 = s.y0[l], d0 = s.d0[l], d1 = s.d1[l];
-                REAL w = s.x1[l] - x0, h = s.y1[l] - y0, sl = h / w;
-                REAL c2 = (d0 + d1) - 2 * sl;
-                REAL t_raw;
-                if (!inverse) {
-                    t_raw = (s.vc[l] - x0) / w;
-                } else {
-                    REAL dy = s.vc[l] - y0, dyc2 = dy * c2;
-                    REAL qa = dyc2 + h * (sl - d0), qb = h * d0 - dyc2, sdy = sl * dy;
-                    REAL disc = qb * qb + 4 * qa * sdy;
-                    disc = disc < 0 ? 0 : disc;
-                    t_raw = (2 * sdy) / (qb + SQRT(disc));
-                }
+                REAL d0 = s.d0[l], d1 = s.d1[l];
+                REAL w = s.w[l], h = s.h[l], sl = s.sl[l], c2 = s.c2[l], t_raw = s.t_raw[l];
                 REAL t = t_raw < 0 ? 0 : (t_raw > 1 ? 1 : t_raw);
                 const int inside = t == t_raw;
                 REAL t2 = t * t, t1t = t - t2, omt = 1 - t, omt2 = omt * omt, e2 = omt - t;
