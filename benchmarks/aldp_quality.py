@@ -12,9 +12,10 @@ at the samples' n; the reference's own error (time-correlated MD) is larger, and
 block-bootstrap resample of the reference against itself (``ramachandran_kl_reference_self``,
 blocks of n/20 frames) is printed beside it: what an exact sampler is expected to reach.
 
-With ``--mix CHECKPOINT:FRACTION`` (e.g. a basin flow, ``systems/aldp/basin_alpha_l_quick.yaml``)
-it also judges the mixture proposal of ``boltzgen sample --mix`` (`pipeline.draw_mixture`), with
-the training cost of both runs, and with ``--mix-ais K`` the mixture's samples refined by AIS.
+With ``--mix CHECKPOINT:FRACTION`` (repeatable; e.g. the basin flows of
+``systems/aldp/recipe.yaml``) it also judges the mixture proposal of ``boltzgen sample --mix``
+(`pipeline.draw_mixture`; the first flow draws the rest), with the training cost of every run
+(``mixture_components``), and with ``--mix-ais K`` the mixture's samples refined by AIS.
 
 Run:  python benchmarks/aldp_quality.py runs/aldp_reverse_kl_quick/checkpoint.pt [-n 100000]
       python benchmarks/aldp_quality.py systems/aldp/reverse_kl_quick.yaml   # trains first
@@ -140,7 +141,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=5000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--mix", default=None, metavar="CHECKPOINT:FRACTION", help="also a mixture")
+    p.add_argument(
+        "--mix",
+        action="append",
+        default=[],
+        metavar="CHECKPOINT:FRACTION",
+        help="also a mixture with this run (repeatable)",
+    )
     p.add_argument(
         "--mix-ais", type=int, default=0, metavar="K", help="and the mixture refined by AIS-K"
     )
@@ -188,16 +195,22 @@ def main() -> None:
             **evaluate(pp, s.log_weights, reference, ref_states, 0, ref_self_kl),
         }
     if args.mix:
-        path, _, fraction = args.mix.rpartition(":")
-        other = load_checkpoint(path)
-        out["mixture_component"] = {
-            "checkpoint": path,
-            "fraction": float(fraction),
-            "iterations": other["iteration"],
-            "wall_s": other.get("wall_s"),
-            "target_evals": other.get("counters", {}).get("target_evals"),
-        }
-        runs, fractions = [run, pipeline.load_run(path)], [1 - float(fraction), float(fraction)]
+        runs, fractions, out["mixture_components"] = [run], [], []
+        for spec in args.mix:
+            path, _, fraction = spec.rpartition(":")
+            other = load_checkpoint(path)
+            out["mixture_components"].append(
+                {
+                    "checkpoint": path,
+                    "fraction": float(fraction),
+                    "iterations": other["iteration"],
+                    "wall_s": other.get("wall_s"),
+                    "target_evals": other.get("counters", {}).get("target_evals"),
+                }
+            )
+            runs.append(pipeline.load_run(path))
+            fractions.append(float(fraction))
+        fractions.insert(0, 1 - sum(fractions))
         for name, ais in (("mixture", 0), (f"mixture_ais{args.mix_ais}", args.mix_ais)):
             if name != "mixture" and args.mix_ais == 0:
                 continue

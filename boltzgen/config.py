@@ -168,7 +168,8 @@ class RunConfig:
     working directory. ``init_from`` is an optional checkpoint whose model weights start a fresh
     run (a stage of a multi-stage recipe); its system, coordinates, flow and snf sections must
     equal this config's except the temperature. ``restraint`` trains on the Boltzmann density
-    times a flat-bottomed restraint on one torsion (`RestraintConfig`): a flow for one basin.
+    times a flat-bottomed restraint on one torsion (`RestraintConfig`), or on several (a list,
+    all applied): a flow for one basin, e.g. ALDP's alpha_L by phi and psi together.
 
     ``chirality_filter`` drops samples whose chiral alpha carbons are not all in the L form
     (`boltzgen.coordinates.is_l_form`). None (the key absent or null) means: on for a molecule
@@ -187,7 +188,7 @@ class RunConfig:
     chirality_filter: bool | None = None
     data: str | None = None
     init_from: str | None = None
-    restraint: RestraintConfig | None = None
+    restraint: RestraintConfig | list[RestraintConfig] | None = None
 
 
 _SECTIONS = {
@@ -267,7 +268,7 @@ def config_from_dict(data: dict) -> RunConfig:
             raise ConfigError(f"init_from must be a checkpoint path, got {data['init_from']!r}")
         kwargs["init_from"] = data["init_from"]
     if data.get("restraint") is not None:
-        kwargs["restraint"] = _section(RestraintConfig, data["restraint"], "restraint")
+        kwargs["restraint"] = _restraints(data["restraint"])
     if data.get("chirality_filter") is not None:
         if not isinstance(data["chirality_filter"], bool):
             raise ConfigError(
@@ -276,6 +277,27 @@ def config_from_dict(data: dict) -> RunConfig:
             )
         kwargs["chirality_filter"] = data["chirality_filter"]
     return RunConfig(**kwargs)
+
+
+def _restraints(data: Any) -> RestraintConfig | list[RestraintConfig]:
+    """One restraint (a mapping) or several (a non-empty list of mappings)."""
+    if isinstance(data, list):
+        if not data:
+            raise ConfigError("restraint must be a mapping or a non-empty list of mappings")
+        out = []
+        for i, r in enumerate(data):
+            try:
+                out.append(_section(RestraintConfig, r, f"restraint[{i}]"))
+            except ConfigError as exc:  # name the list entry the message is about
+                raise ConfigError(f"restraint[{i}]: {exc}") from None
+        return out
+    return _section(RestraintConfig, data, "restraint")
+
+
+def restraint_list(config: RunConfig) -> list[RestraintConfig]:
+    """The run's torsion restraints as a list (empty without one)."""
+    r = config.restraint
+    return [] if r is None else list(r) if isinstance(r, list) else [r]
 
 
 def config_to_dict(config: RunConfig) -> dict:

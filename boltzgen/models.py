@@ -434,26 +434,27 @@ def _quality_section(quality: dict[str, Any], entries: list[dict]) -> dict[str, 
             "the quality JSON was measured on another checkpoint than the "
             "first component (iterations or target evaluations differ)"
         )
-    if len(rest) > 1:
-        raise BoltzgenError(
-            "a quality JSON of benchmarks/aldp_quality.py judges at most two components (one --mix)"
-        )
     if rest:
-        mix = quality.get("mixture_component") or {}
-        same = (mix.get("iterations"), mix.get("target_evals")) == (
-            rest[0]["iterations"],
-            rest[0]["target_evals"],
+        # aldp_quality.py's --mix runs; JSONs before repeatable --mix have one "mixture_component"
+        mixed = quality.get("mixture_components")
+        if mixed is None and quality.get("mixture_component") is not None:
+            mixed = [quality["mixture_component"]]
+        mixed = mixed or []
+        same = len(mixed) == len(rest) and all(
+            (m.get("iterations"), m.get("target_evals")) == (e["iterations"], e["target_evals"])
+            for m, e in zip(mixed, rest)
         )
         if "mixture" not in quality or not same:
             raise BoltzgenError(
-                "the quality JSON has no mixture with the second component "
-                "(run benchmarks/aldp_quality.py with --mix)"
+                "the quality JSON has no mixture of these components (run "
+                "benchmarks/aldp_quality.py with one --mix per further component, in order)"
             )
-        if not math.isclose(mix.get("fraction", -1), rest[0]["fraction"], abs_tol=1e-9):
-            raise BoltzgenError(
-                f"the quality JSON's mixture fraction {mix.get('fraction')} is "
-                f"not the component's {rest[0]['fraction']}"
-            )
+        for m, e in zip(mixed, rest):
+            if not math.isclose(m.get("fraction", -1), e["fraction"], abs_tol=1e-9):
+                raise BoltzgenError(
+                    f"the quality JSON's mixture fraction {m.get('fraction')} is "
+                    f"not the component's {e['fraction']}"
+                )
         key = "mixture"
     else:
         key = "flow"
@@ -606,8 +607,8 @@ def _flow_words(config: dict[str, Any]) -> str:
     if snf.get("n_layers"):
         words += f"; {snf['n_layers']} {snf.get('kind')} SNF layers"
     r = config.get("restraint")
-    if r:
-        words += f"; restraint on torsion {r.get('atoms')} to {r.get('range')} deg"
+    for one in [r] if isinstance(r, dict) else r or []:
+        words += f"; restraint on torsion {one.get('atoms')} to {one.get('range')} deg"
     return words
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from boltzgen.config import RunConfig, config_from_dict, config_to_dict
+from boltzgen.config import RunConfig, config_from_dict, config_to_dict, restraint_list
 from boltzgen.errors import BoltzgenError, CheckpointError, ConfigError
 from boltzgen.files import atomic_open, atomic_path, save_npz
 from boltzgen.interrupts import Interrupted, deferred_signals
@@ -165,8 +165,8 @@ def build_run(config: RunConfig) -> Run:
         else OpenMMEnergy(system.system)
     )
     target = BoltzmannTarget(energy, system.kT)
-    if config.restraint is not None:
-        target = _restrained(target, config.restraint, system.n_atoms)
+    for r in restraint_list(config):
+        target = _restrained(target, r, system.n_atoms)
     snf = config.snf
     if snf.n_layers > 0:
         if snf.second_order and sc.energy == "torch":

@@ -64,6 +64,41 @@ def test_restraint_config_is_validated():
         pipeline.build_run(config_from_dict({**TINY, "restraint": bad}))
 
 
+def test_several_restraints_all_apply():
+    psi = [6, 8, 14, 16]
+    two = [
+        {"atoms": PHI, "range": [0, 120]},
+        {"atoms": psi, "range": [0, 120], "force_constant": 20},
+    ]
+    config = config_from_dict({**TINY, "restraint": two})
+    assert [r.atoms for r in config.restraint] == [PHI, psi]
+    run = pipeline.build_run(config)
+    frames = np.load(systems.shipped_path("aldp", "reference", "reference.npz"))["positions"]
+    x = torch.tensor(frames[::10], dtype=torch.float64)
+    angles = mdtraj.compute_dihedrals(
+        mdtraj.Trajectory(frames[::10], run.system.topology), [PHI, psi]
+    )
+    # circular distance from [0, 120] deg, computed independently of the module
+    lo, hi = 0.0, math.radians(120.0)
+    d = np.minimum.reduce(
+        [
+            np.where(a < lo, lo - a, np.where(a > hi, a - hi, 0.0))
+            for a in (angles, angles + 2 * np.pi)
+        ]
+    )
+    assert (d[:, 0] > 0).any() and (d[:, 1] > 0).any() and (d.sum(1) == 0).any()
+    plain = BoltzmannTarget(TorchEnergy.from_openmm(run.system.system), run.system.kT)
+    expected = plain.log_prob(x).numpy() - 50.0 * d[:, 0] ** 2 - 20.0 * d[:, 1] ** 2
+    with torch.no_grad():
+        got = run.target.log_prob(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3)
+    assert run.target.energy is not None and run.target.kT == plain.kT
+    with pytest.raises(ConfigError, match="restraint"):
+        config_from_dict({**TINY, "restraint": []})
+    with pytest.raises(ConfigError, match=r"restraint\[1\]"):
+        config_from_dict({**TINY, "restraint": [two[0], {"atoms": PHI[:3], "range": [0, 1]}]})
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     d = tmp_path_factory.mktemp("mixture")

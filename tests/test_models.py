@@ -132,6 +132,21 @@ def test_export_strips_and_round_trips(tiny, tmp_path, capsys):
     text = models.card_text(card)
     assert "refined by AIS (`--ais 3`)" in text and "Kish ESS 90.0 % (bar >= 80 %: met)" in text
     assert "Kish ESS 50.0 % (bar >= 80 %: NOT met)" in text and "2.00x that" in text
+    # a mixture of three: the JSON must name the two further components, in order, with
+    # their fractions (aldp_quality.py --mix A:f --mix B:g)
+    parts = [(tiny, 0.9), (tiny, 0.07), (tiny, 0.03)]
+    mix = [{**counters, "fraction": 0.07}, {**counters, "fraction": 0.03}]
+    quality.write_text(
+        json.dumps({"training": counters, "mixture": measured, "mixture_components": mix})
+    )
+    card = models.read_card(models.export_model(parts, tmp_path / "m4", quality=quality))
+    assert card["quality"]["proposal"] == "mixture" and len(card["components"]) == 3
+    for wrong in (mix[:1], [mix[1], mix[0]]):
+        quality.write_text(
+            json.dumps({"training": counters, "mixture": measured, "mixture_components": wrong})
+        )
+        with pytest.raises(BoltzgenError, match="mixture"):
+            models.export_model(parts, tmp_path / "m5", quality=quality)
 
 
 def test_stripped_checkpoint_starts_runs_but_does_not_resume(tiny, tmp_path):

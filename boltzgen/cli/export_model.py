@@ -39,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quality",
         default=None,
-        help="JSON of benchmarks/aldp_quality.py on the same checkpoints (with --mix for two "
-        "components): the card's measured quality",
+        help="JSON of benchmarks/aldp_quality.py on the same checkpoints (one --mix per further "
+        "component): the card's measured quality",
     )
     p.add_argument("--note", default=None, help="a sentence for the card")
     p.add_argument("--stand-in", action="store_true", help="mark the model as a stand-in")
