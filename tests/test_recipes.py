@@ -35,15 +35,21 @@ def _recipe(tmp_path, components=None, **extra):
 
 def test_shipped_recipe_loads_and_chains_its_stages():
     recipe = load_recipe(systems.shipped_path("aldp", "recipe.yaml"))
-    assert recipe.names == ("main", "basin") and sum(recipe.fractions) == pytest.approx(1.0)
-    main, basin = stage_configs(recipe, "OUT")
+    assert recipe.names == ("main", "basin", "helix") and sum(recipe.fractions) == pytest.approx(
+        1.0
+    )
+    main, basin, helix = stage_configs(recipe, "OUT")
     assert [c.output_dir for c in main] == [
         "OUT/main/reverse_kl_quick", "OUT/main/reweighted_finetune"
     ]  # fmt: skip
-    assert main[0].train.max_iter == 12705 and main[1].train.max_iter == 3000
+    assert main[0].train.max_iter == 12705 and main[1].train.max_iter == 5000
     assert main[0].init_from is None
     assert main[1].init_from == "OUT/main/reverse_kl_quick/checkpoint.pt"
     assert basin[0].restraint is not None and basin[0].init_from is None
+    assert basin[1].init_from == "OUT/basin/basin_alpha_l_quick/checkpoint.pt"
+    # the helix flow: phi and psi restrained in both stages, the second from the first
+    assert [[r.atoms for r in c.restraint] for c in helix] == [[[4, 6, 8, 14], [6, 8, 14, 16]]] * 2
+    assert helix[1].init_from == "OUT/helix/basin_alpha_l_helix_quick/checkpoint.pt"
     # the shortened recipe beside it
     quick = load_recipe(systems.shipped_path("aldp", "recipes/quick/recipe.yaml"))
     main, basin = stage_configs(quick, "OUT")
