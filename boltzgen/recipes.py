@@ -6,11 +6,14 @@ trained one after the other, a stage starting from the previous stage's weights:
     # systems/aldp/recipe.yaml: what `boltzgen pipeline aldp --train` trains
     components:
       - name: main
-        fraction: 0.995
+        fraction: 0.993
         stages: [reverse_kl_quick.yaml, reweighted_finetune.yaml]
       - name: basin
         fraction: 0.005
-        stages: [basin_alpha_l_quick.yaml]
+        stages: [basin_alpha_l_quick.yaml, basin_alpha_l_finetune.yaml]
+      - name: helix
+        fraction: 0.002
+        stages: [basin_alpha_l_helix_quick.yaml, basin_alpha_l_helix_finetune.yaml]
     output_dir: runs/aldp_recipe
 
 Stage paths are relative to the recipe file. Stage ``j`` of component ``c`` trains into
