@@ -287,8 +287,8 @@ def _restraints(data: Any) -> RestraintConfig | list[RestraintConfig]:
         out = []
         for i, r in enumerate(data):
             try:
-                out.append(_section(RestraintConfig, r, f"restraint[{i}]"))
-            except ConfigError as exc:  # name the list entry the message is about
+                out.append(_section(RestraintConfig, r, "restraint"))
+            except ConfigError as exc:  # name the list entry the message is about, once
                 raise ConfigError(f"restraint[{i}]: {exc}") from None
         return out
     return _section(RestraintConfig, data, "restraint")
