@@ -40,6 +40,7 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from boltzgen import native
 from boltzgen.coordinates import geometry
 from boltzgen.coordinates.zmatrix import ZMatrix
 from boltzgen.errors import ZMatrixError
@@ -85,6 +87,7 @@ class _ZMatrixTransform(Transform):
         n_levels = int(row_level.max()) if len(full) else 0
         self._levels = [np.flatnonzero(row_level == v) for v in range(1, n_levels + 1)]
         self._level_cache: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
+        self._native_cache: dict[torch.dtype, tuple] = {}  # see _native_args
         self.register_buffer("_rows", torch.as_tensor(full, dtype=torch.long), persistent=False)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -312,6 +315,12 @@ class InternalCoordinates(_ZMatrixTransform):
         )
 
     def _forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        if _native_applies(z):  # the compiled kernels of boltzgen.native, where built
+            return _NativeZMatrix.apply(z, self)
+        return self._forward_torch(z)
+
+    def _forward_torch(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The forward map as torch operations (the reference of the compiled kernels)."""
         raw = self._denormalise(z)
         bond, angle, torsion = self._split(raw)
         z0, z1, z2 = self.seed
@@ -460,6 +469,127 @@ class MixedCoordinates(_ZMatrixTransform):
         """The three atoms that fix the frame (origin, +x axis, xy plane)."""
         f = self.cartesian_atoms
         return (f[0], f[1], f[2])
+
+
+_NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _native_applies(z: Tensor) -> bool:
+    return (
+        z.device.type == "cpu"
+        and z.dtype in _NATIVE_DTYPES
+        and z.dim() == 2
+        and z.shape[0] > 0
+        and _has_storage(z)
+        and native.enabled("zmatrix")
+    )
+
+
+def _has_storage(t: Tensor | None) -> bool:
+    """False for tensors without memory of their own (the wrappers of vmap and of
+    ``jacobian(vectorize=True)``), which only the torch evaluation can take."""
+    if t is None:
+        return True
+    try:
+        t.data_ptr()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _native_args(lib: ctypes.CDLL, ic: InternalCoordinates, z: Tensor, kernel: str) -> tuple:
+    """The kernel and its leading arguments (the Z-matrix, seed and normalisation)."""
+    dtype = z.dtype
+    consts = ic._native_cache.get(dtype)
+    version = (ic.shift._version, ic.scale._version)
+    if consts is None or consts[0] != version:  # buffers changed in place (load_state_dict)
+        rows = ic._rows.detach().to("cpu", torch.int64).contiguous()
+        scale = ic.scale.detach().to("cpu", dtype).contiguous()
+        shift = ic.shift.detach().to("cpu", dtype).contiguous()
+        consts = (version, rows, scale, shift, float(ic._log_scale_sum))
+        ic._native_cache[dtype] = consts
+    _, rows, scale, shift, log_scale_sum = consts
+    z0, z1, z2 = ic.seed
+    head = (z.shape[0], ic.n_atoms, rows.shape[0], rows.data_ptr(), z0, z1, z2,
+            int(ic._seed_c2_is_z1), scale.data_ptr(), shift.data_ptr())  # fmt: skip
+    fn = getattr(lib, f"zmat_{kernel}_{_NATIVE_DTYPES[dtype]}")
+    return fn, head, log_scale_sum
+
+
+def _native_forward(lib: ctypes.CDLL, ic: InternalCoordinates, z: Tensor) -> tuple:
+    fn, head, log_scale_sum = _native_args(lib, ic, z, "fwd")
+    x = z.new_empty(z.shape[0], ic.n_atoms, 3)
+    ld = z.new_empty(z.shape[0])
+    if fn(*head, log_scale_sum, z.data_ptr(), x.data_ptr(), ld.data_ptr()):
+        raise RuntimeError("Z-matrix kernel refused its arguments")
+    return x, ld
+
+
+def _native_backward(
+    lib: ctypes.CDLL, ic: InternalCoordinates, z: Tensor, g_x: Tensor | None, g_ld: Tensor | None
+) -> Tensor:
+    fn, head, _ = _native_args(lib, ic, z, "bwd")
+    g_z = torch.empty_like(z)
+    ptr = [None if g is None else g.data_ptr() for g in (g_x, g_ld)]
+    if fn(*head, z.data_ptr(), *ptr, g_z.data_ptr()):
+        raise RuntimeError("Z-matrix kernel refused its arguments")
+    return g_z
+
+
+class _NativeZMatrix(torch.autograd.Function):
+    """`InternalCoordinates`' forward map through the compiled kernels (analytic backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, ic: InternalCoordinates) -> tuple[Tensor, Tensor]:  # noqa: D102
+        ctx.ic = ic
+        ctx.save_for_backward(z)  # the input itself: double backward differentiates through it
+        ctx.set_materialize_grads(False)
+        return _native_forward(native.library(), ic, z.contiguous())
+
+    @staticmethod
+    def backward(ctx: Any, g_x: Tensor | None, g_ld: Tensor | None) -> tuple:  # noqa: D102
+        (z,) = ctx.saved_tensors
+        # zero gradients (None, or torch's storage-less zero tensors) are left out
+        g_x, g_ld = (None if g is None or g._is_zerotensor() else g for g in (g_x, g_ld))
+        if g_x is None and g_ld is None:
+            return None, None
+        if torch.is_grad_enabled() or not (_has_storage(g_x) and _has_storage(g_ld)):
+            # create_graph or vmapped gradients: differentiate the torch evaluation
+            with torch.enable_grad():
+                zz = z if z.requires_grad else z.detach().requires_grad_(True)
+                x, ld = ctx.ic._forward_torch(zz)
+                outs = [(o, g) for o, g in ((x, g_x), (ld, g_ld)) if g is not None]
+                (g_z,) = torch.autograd.grad(
+                    [o for o, _ in outs], zz, [g for _, g in outs],
+                    create_graph=torch.is_grad_enabled(),
+                )  # fmt: skip
+            return g_z, None
+        g_x = None if g_x is None else g_x.contiguous()
+        g_ld = None if g_ld is None else g_ld.contiguous()
+        return _native_backward(native.library(), ctx.ic, z.contiguous(), g_x, g_ld), None
+
+
+def _native_self_check(lib: ctypes.CDLL) -> float:
+    """Largest difference (positions, log-dets, gradients; float64, relative to the largest
+    entry) between the compiled kernels and the torch evaluation on two small branched
+    Z-matrices (third seed atom bonded to the first and to the second seed atom);
+    `boltzgen.native` keeps the torch evaluation if it misses by more than 1e-9."""
+    g = torch.Generator().manual_seed(0)
+    compared = []
+    for seed_row in ([2, 1, 0], [2, 0, 1]):
+        zm = ZMatrix([[0], [1, 0], seed_row, [3, 2, 1, 0], [4, 2, 1, 3], [5, 3, 2, 1],
+                      [6, 1, 2, 3]])  # fmt: skip
+        ref = torch.randn(7, 3, generator=g, dtype=torch.float64) * 0.15
+        ic = InternalCoordinates(zm, reference_positions=ref)
+        z = torch.randn(37, ic.dim, generator=g, dtype=torch.float64)
+        zz = z.clone().requires_grad_(True)
+        x, ld = ic._forward_torch(zz)
+        g_x = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        g_ld = torch.randn(ld.shape, generator=g, dtype=torch.float64)
+        (g_z,) = torch.autograd.grad((x, ld), zz, (g_x, g_ld))
+        n_x, n_ld = _native_forward(lib, ic, z)
+        compared += [(n_x, x), (n_ld, ld), (_native_backward(lib, ic, z, g_x, g_ld), g_z)]
+    return native.relative_error(compared)
 
 
 def _positions(x: Any) -> Tensor:

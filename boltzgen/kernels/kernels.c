@@ -4,7 +4,8 @@
  * rqs.h: the rational-quadratic spline of boltzgen.flows.splines.DomainSpline (forward,
  * inverse and the analytic backward of its _FusedSpline); pairs.h: the pair terms of
  * boltzgen.energy.TorchEnergy (Coulomb + Lennard-Jones, OBC generalised Born) with their
- * gradient; bonded.h: its bonds, angles and torsions. Each kernel runs over lanes of LANES batch rows (spline) or configurations
+ * gradient; bonded.h: its bonds, angles and torsions; zmatrix.h: the internal -> Cartesian map of
+ * boltzgen.coordinates.InternalCoordinates with its log-det and backward. Each kernel runs over lanes of LANES batch rows (spline) or configurations
  * (energy), so every step is a loop over lanes that the compiler turns into SIMD instructions;
  * exp/log/log1p/tanh are glibc's vector math library (libmvec) variants. */
 #include <math.h>
@@ -29,7 +30,27 @@ extern double sin(double) __attribute__((simd("notinbranch")));
 extern double cos(double) __attribute__((simd("notinbranch")));
 extern double atan2(double, double) __attribute__((simd("notinbranch")));
 
-int boltzgen_kernels_abi(void) { return 3; }
+int boltzgen_kernels_abi(void) { return 4; }
+
+/* exp of a float for the spline kernels, inlined (no call, no register spills around it):
+ * Cody-Waite reduction by ln 2 and the degree-6 polynomial of Cephes' expf (relative error
+ * ~1.2e-7, as libm's); arguments clamped to [-87, 88], so the result is a normal float
+ * (exp(-87) = 1.6e-38, where torch gives a denormal or 0: the splines only add or invert it). */
+static inline float bg_expf(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    float r = __builtin_fmaf(n, -0.693359375f, x);
+    r = __builtin_fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = __builtin_fmaf(p, r, 1.3981999507e-3f);
+    p = __builtin_fmaf(p, r, 8.3334519073e-3f);
+    p = __builtin_fmaf(p, r, 4.1665795894e-2f);
+    p = __builtin_fmaf(p, r, 1.6666665459e-1f);
+    p = __builtin_fmaf(p, r, 5.0000001201e-1f);
+    p = __builtin_fmaf(p, r * r, r) + 1.0f;
+    union { int32_t i; float f; } scale = {((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
 
 /* shared by the headers: name##_f32 / name##_f64, a loop over the lanes that becomes SIMD
  * instructions, and lane-major position arrays [N][3][LANES] */
@@ -43,6 +64,7 @@ int boltzgen_kernels_abi(void) { return 3; }
 #define REAL float
 #define SUFFIX f32
 #define EXP expf
+#define EXPS bg_expf
 #define LOG logf
 #define LOG1P log1pf
 #define TANH tanhf
@@ -51,13 +73,16 @@ int boltzgen_kernels_abi(void) { return 3; }
 #define ATAN2 atan2f
 #define SQRT sqrtf
 #define FLOOR floorf
+#define FABS fabsf
 #include "lanes.h"
 #include "rqs.h"
 #include "pairs.h"
 #include "bonded.h"
+#include "zmatrix.h"
 #undef REAL
 #undef SUFFIX
 #undef EXP
+#undef EXPS
 #undef LOG
 #undef LOG1P
 #undef TANH
@@ -66,10 +91,12 @@ int boltzgen_kernels_abi(void) { return 3; }
 #undef ATAN2
 #undef SQRT
 #undef FLOOR
+#undef FABS
 
 #define REAL double
 #define SUFFIX f64
 #define EXP exp
+#define EXPS exp
 #define LOG log
 #define LOG1P log1p
 #define TANH tanh
@@ -78,7 +105,9 @@ int boltzgen_kernels_abi(void) { return 3; }
 #define ATAN2 atan2
 #define SQRT sqrt
 #define FLOOR floor
+#define FABS fabs
 #include "lanes.h"
 #include "rqs.h"
 #include "pairs.h"
 #include "bonded.h"
+#include "zmatrix.h"

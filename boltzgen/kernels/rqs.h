@@ -1,12 +1,17 @@
 /* Rational-quadratic spline kernels over lanes of LANES batch rows of one dimension; included
  * twice by kernels.c (REAL = float, double). */
+#ifndef PF_AHEAD
+#define PF_AHEAD 2
+#endif
+
 typedef struct {
     REAL q[3 * MAXK + 1][LANES];  /* raw parameters, lane-major */
     REAL e[2][MAXK][LANES];       /* exp(logit - max) */
     REAL cs[2][MAXK + 1][LANES];  /* zero-padded cumulative sums */
     REAL kn[2][MAXK + 1][LANES];  /* knots x, y */
-    REAL dk[MAXK + 1][LANES];     /* knot derivatives */
+    REAL dk[MAXK + 1][LANES];     /* knot derivatives (shared parameters only) */
     REAL ex[MAXK + 1][LANES];     /* exp of the derivative pre-activations (shifted) */
+    REAL ex0[LANES], ex1[LANES];  /* ex of the bin's two derivatives */
     REAL scale[2][LANES];
     REAL v[LANES], vc[LANES];
     int32_t idx[LANES], outside[LANES];
@@ -20,6 +25,7 @@ typedef struct {
     int64_t K, np;
     REAL lo, hi, min_w, min_h, min_d, shift, pi, two_pi;
     int kind, inverse, any_bounded;
+    int shared; /* one parameter set for the batch: every knot derivative evaluated once */
 } FN(dim_t);
 
 static inline void FN(wrap_lanes)(REAL *x, REAL pi, REAL two_pi) {
@@ -38,6 +44,12 @@ static void FN(knots)(FN(lanes_t) *s, const FN(dim_t) *c, const REAL *params, in
         int64_t b = b0 + l < B ? b0 + l : B - 1;
         const REAL *p = params + ((P == 1 ? 0 : b) * D + d) * np;
         for (int64_t j = 0; j < np; j++) s->q[j][l] = p[j];
+        /* per-sample parameter rows are read LANES rows at a time, D tiles in a row: fetch
+         * the rows' parameters two tiles ahead (they are rarely in cache by the backward) */
+        if (P != 1 && d + PF_AHEAD < D) {
+            __builtin_prefetch(p + PF_AHEAD * np, 0, 3);
+            __builtin_prefetch(p + PF_AHEAD * np + np - 1, 0, 3);
+        }
     }
     const REAL mins[2] = {c->min_w, c->min_h};
 
@@ -47,7 +59,7 @@ static void FN(knots)(FN(lanes_t) *s, const FN(dim_t) *c, const REAL *params, in
         for (int64_t i = 1; i < K; i++) LOOP { REAL a = s->q[k * K + i][l]; m[l] = a > m[l] ? a : m[l]; }
         LOOP { s->cs[k][0][l] = 0; }
         for (int64_t i = 0; i < K; i++) LOOP {
-            REAL e = EXP(s->q[k * K + i][l] - m[l]);
+            REAL e = EXPS(s->q[k * K + i][l] - m[l]);
             s->e[k][i][l] = e;
             acc[l] += e;
             s->cs[k][i + 1][l] = acc[l];
@@ -59,11 +71,14 @@ static void FN(knots)(FN(lanes_t) *s, const FN(dim_t) *c, const REAL *params, in
             LOOP { s->kn[k][j][l] = base + s->scale[k][l] * s->cs[k][j][l]; }
         }
     }
+    if (!c->shared) return; /* per-sample parameters: bins() evaluates the bin's two only */
+    const REAL shift = c->shift, min_d = c->min_d;
     for (int64_t j = 0; j <= K; j++) LOOP {
-        REAL din = s->q[2 * K + j][l] + c->shift;
-        REAL ex = EXP(din);
-        REAL sp = din > (REAL)20 ? din : LOG1P(ex); /* torch softplus, threshold 20 */
-        s->dk[j][l] = sp + c->min_d;
+        REAL din = s->q[2 * K + j][l] + shift;
+        REAL ex = EXPS(din);
+        REAL sp = LOG1P(ex);
+        sp = din > (REAL)20 ? din : sp; /* torch softplus, threshold 20 */
+        s->dk[j][l] = sp + min_d;
         s->ex[j][l] = ex;
     }
     if (c->kind == 2) LOOP { s->dk[K][l] = s->dk[0][l]; }
@@ -75,10 +90,12 @@ static void FN(bins)(FN(lanes_t) *s, const FN(dim_t) *c) {
     const int srch = c->inverse ? 1 : 0;
     LOOP { s->idx[l] = 0; }
     for (int64_t j = 1; j < K; j++) LOOP { s->idx[l] += s->vc[l] >= s->kn[srch][j][l]; }
+    /* shared: d0, d1, ex0, ex1 from the evaluated knot derivatives; per sample: the bin's two
+     * pre-activations (the last wraps to the first on circular dims), evaluated below */
+    const int64_t jw = c->kind == 2 ? 0 : K; /* where knot K's derivative is */
     LOOP {
         s->x0[l] = s->kn[0][0][l]; s->x1[l] = s->kn[0][1][l];
         s->y0[l] = s->kn[1][0][l]; s->y1[l] = s->kn[1][1][l];
-        s->d0[l] = s->dk[0][l]; s->d1[l] = s->dk[1][l];
     }
     for (int64_t j = 1; j < K; j++) LOOP {
         int sel = s->idx[l] == j;
@@ -86,8 +103,48 @@ static void FN(bins)(FN(lanes_t) *s, const FN(dim_t) *c) {
         s->x1[l] = sel ? s->kn[0][j + 1][l] : s->x1[l];
         s->y0[l] = sel ? s->kn[1][j][l] : s->y0[l];
         s->y1[l] = sel ? s->kn[1][j + 1][l] : s->y1[l];
-        s->d0[l] = sel ? s->dk[j][l] : s->d0[l];
-        s->d1[l] = sel ? s->dk[j + 1][l] : s->d1[l];
+    }
+    if (c->shared) {
+        LOOP {
+            s->d0[l] = s->dk[0][l]; s->d1[l] = s->dk[K == 1 ? jw : 1][l];
+            s->ex0[l] = s->ex[0][l]; s->ex1[l] = s->ex[K == 1 ? jw : 1][l];
+        }
+        for (int64_t j = 1; j < K; j++) {
+            const int64_t j1 = j + 1 == K ? jw : j + 1;
+            LOOP {
+                int sel = s->idx[l] == j;
+                s->d0[l] = sel ? s->dk[j][l] : s->d0[l];
+                s->d1[l] = sel ? s->dk[j1][l] : s->d1[l];
+                s->ex0[l] = sel ? s->ex[j][l] : s->ex0[l];
+                s->ex1[l] = sel ? s->ex[j1][l] : s->ex1[l];
+            }
+        }
+    } else {
+        REAL q0[LANES], q1[LANES];
+        LOOP { q0[l] = s->q[2 * K][l]; q1[l] = s->q[2 * K + (K == 1 ? jw : 1)][l]; }
+        for (int64_t j = 1; j < K; j++) {
+            const int64_t j1 = j + 1 == K ? jw : j + 1;
+            LOOP {
+                int sel = s->idx[l] == j;
+                q0[l] = sel ? s->q[2 * K + j][l] : q0[l];
+                q1[l] = sel ? s->q[2 * K + j1][l] : q1[l];
+            }
+        }
+        LOOP { s->d0[l] = q0[l]; s->d1[l] = q1[l]; }
+    }
+    if (!c->shared) {
+        const int unb = c->kind == 0;
+        const REAL shift = c->shift, min_d = c->min_d; /* locals: no aliasing with s */
+        LOOP { /* torch softplus (threshold 20) + min_d; 1 at the ends of unbounded dims */
+            REAL a0 = s->d0[l] + shift, a1 = s->d1[l] + shift;
+            REAL e0 = EXPS(a0), e1 = EXPS(a1);
+            REAL p0 = LOG1P(e0), p1 = LOG1P(e1); /* unconditional calls: SIMD variants */
+            p0 = a0 > (REAL)20 ? a0 : p0;
+            p1 = a1 > (REAL)20 ? a1 : p1;
+            s->d0[l] = unb && s->idx[l] == 0 ? 1 : p0 + min_d;
+            s->d1[l] = unb && s->idx[l] == K - 1 ? 1 : p1 + min_d;
+            s->ex0[l] = e0, s->ex1[l] = e1;
+        }
     }
     if (!c->inverse) {
         LOOP {
@@ -131,6 +188,15 @@ static void FN(load)(FN(lanes_t) *s, const FN(dim_t) *c, const REAL *v, const RE
     FN(bins)(s, c);
 }
 
+/* Tile `it` of D x ceil(B / LANES): dimension d and first row b0. Shared parameters: all rows
+ * of one dimension in turn (its knots evaluated once); per-sample: all dimensions of LANES
+ * rows in turn (their parameter rows stay in cache). */
+#ifndef TILE
+#define TILE(it)                                                         \
+    const int64_t d = P == 1 ? (it) / nb : (it) % D;                     \
+    const int64_t b0 = (P == 1 ? (it) % nb : (it) / D) * LANES
+#endif
+
 /* Forward (inverse = 0) or inverse spline of (B, D) inputs with params (P, D, 3K + 1). */
 int FN(rqs_fwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const REAL *v,
                 const REAL *params, const REAL *low, const REAL *high, const int8_t *kind,
@@ -138,10 +204,12 @@ int FN(rqs_fwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const R
                 int any_bounded, REAL *out, REAL *ld) {
     if (K > MAXK || K < 1) return -1;
     FN(lanes_t) s;
-    for (int64_t d = 0; d < D; d++) {
+    const int64_t nb = (B + LANES - 1) / LANES;
+    for (int64_t it = 0; it < D * nb; it++) {
+        TILE(it);
         FN(dim_t) c = {K, 3 * K + 1, low[d], high[d], min_w, min_h, min_d, shift, pi, two_pi,
-                       kind[d], inverse, any_bounded};
-        for (int64_t b0 = 0; b0 < B; b0 += LANES) {
+                       kind[d], inverse, any_bounded, P == 1};
+        {
             FN(load)(&s, &c, v, params, B, D, P, b0, d, P == 1 && b0 > 0);
             REAL o[LANES], lg[LANES];
             const REAL lo = c.lo, hi = c.hi;
@@ -188,10 +256,12 @@ int FN(rqs_bwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const R
     FN(lanes_t) s;
     const int64_t np = 3 * K + 1;
     REAL gq[3 * MAXK + 1][LANES];
-    for (int64_t d = 0; d < D; d++) {
+    const int64_t nb = (B + LANES - 1) / LANES;
+    for (int64_t it = 0; it < D * nb; it++) {
+        TILE(it);
         FN(dim_t) c = {K, np, low[d], high[d], min_w, min_h, min_d, shift, pi, two_pi,
-                       kind[d], inverse, 0};
-        for (int64_t b0 = 0; b0 < B; b0 += LANES) {
+                       kind[d], inverse, 0, P == 1};
+        {
             FN(load)(&s, &c, v, params, B, D, P, b0, d, P == 1 && b0 > 0);
             const int64_t n = B - b0 < LANES ? B - b0 : LANES;
             REAL go[LANES], gl[LANES], gv[LANES];
@@ -266,15 +336,24 @@ int FN(rqs_bwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const R
                     gq[k * K + i][l] = ge * s.e[k][i][l];
                 }
             }
-            for (int64_t j = 0; j <= K; j++) LOOP {
-                REAL g = (s.idx[l] == j ? gda[l] : 0) + (s.idx[l] + 1 == j ? gdb[l] : 0);
-                gq[2 * K + j][l] = g;
+            /* the bin's two derivatives through softplus' = sigmoid = 1 / (1 + 1 / exp) (1
+             * where exp overflows, 0 where it underflows); none at the ends of unbounded dims
+             * (fixed at 1); on circular dims knot K's derivative is knot 0's */
+            LOOP {
+                const int i = s.idx[l], unb = c.kind == 0;
+                gda[l] = unb && i == 0 ? 0 : gda[l] / (1 + 1 / s.ex0[l]);
+                gdb[l] = unb && i == K - 1 ? 0 : gdb[l] / (1 + 1 / s.ex1[l]);
             }
-            if (c.kind == 2) LOOP { gq[2 * K][l] += gq[3 * K][l]; gq[3 * K][l] = 0; }
-            if (c.kind == 0) LOOP { gq[2 * K][l] = 0; gq[3 * K][l] = 0; }
-            /* softplus' = sigmoid = 1 / (1 + 1 / exp): 1 where exp overflows, 0 where it
-             * underflows */
-            for (int64_t j = 0; j <= K; j++) LOOP { gq[2 * K + j][l] *= 1 / (1 + 1 / s.ex[j][l]); }
+            const int64_t jw = c.kind == 2 ? 0 : K;
+            for (int64_t j = 0; j <= K; j++) {
+                /* the bin whose d1 is knot j (-1: none) */
+                const int64_t jb = jw == 0 ? (j == 0 ? K - 1 : (j == K ? -1 : j - 1)) : j - 1;
+                LOOP {
+                    REAL g = s.idx[l] == j ? gda[l] : 0;
+                    g += s.idx[l] == jb ? gdb[l] : 0;
+                    gq[2 * K + j][l] = g;
+                }
+            }
             if (P == 1) {
                 REAL *gp = g_params + d * np;
                 for (int64_t j = 0; j < np; j++) {

@@ -8,6 +8,7 @@ The trainer takes typed arguments (`TrainOptions`); reading YAML is the CLI's jo
 from __future__ import annotations
 
 import csv
+import gc
 import math
 import os
 import time
@@ -489,14 +490,23 @@ class Trainer:
         columns ``<module name>.<key>`` (the model itself as ``model.<key>``).
         """
         out: dict[str, float] = {}
-        for name, module in self.model.named_modules():
-            fn = getattr(module, "diagnostics", None)
-            if callable(fn):
-                for key, value in fn().items():
-                    out[f"{name or 'model'}.{key}"] = float(value)
+        for name, fn in self._hooks()[0]:
+            for key, value in fn().items():
+                out[f"{name or 'model'}.{key}"] = float(value)
         if self.fab is not None:
             out.update({f"fab.{k}": float(v) for k, v in self.fab.diagnostics().items()})
         return out
+
+    def _hooks(self) -> tuple[list, list]:
+        """Submodules' ``diagnostics`` methods (with module names) and the modules with an
+        ``adapt`` method, found once (walking the module tree twice a step cost ~0.7 ms of a
+        24-ms quick step)."""
+        if getattr(self, "_hook_cache", None) is None:
+            diag = [(name, getattr(m, "diagnostics", None)) for name, m in
+                    self.model.named_modules()]  # fmt: skip
+            adaptive = [m for m in self.model.modules() if callable(getattr(m, "adapt", None))]
+            self._hook_cache = ([(n, fn) for n, fn in diag if callable(fn)], adaptive)
+        return self._hook_cache
 
     def step(self) -> dict:
         """One optimisation step; returns the log row. Non-finite losses or gradients skip it."""
@@ -532,8 +542,8 @@ class Trainer:
             self.counters["skipped_steps"] += 1
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        for module in self.model.modules():
-            if getattr(module, "adaptive", False) and callable(getattr(module, "adapt", None)):
+        for module in self._hooks()[1]:
+            if getattr(module, "adaptive", False):
                 module.adapt()
         self.iteration += 1
         self.counters["target_evals"] += int(evals)
@@ -582,6 +592,11 @@ class Trainer:
         )
         every, seconds = self.options.checkpoint_every, self.options.checkpoint_seconds
         last_save = time.monotonic()
+        # the objects alive now (modules, tensors, the interpreter's own) are left out of
+        # Python's cyclic garbage collection until the loop ends: its passes over them cost
+        # ~2 % of a quick training step
+        gc.collect()
+        gc.freeze()
         with deferred_signals() as received:
             try:
                 while self.iteration < stop:
@@ -606,6 +621,7 @@ class Trainer:
                         raise TrainingInterrupted(signum, self.iteration, self.checkpoint_path)
             finally:
                 bar.close()
+                gc.unfreeze()
             if self.iteration % every != 0 or stop == 0:
                 self.save_checkpoint()
         return self.last
