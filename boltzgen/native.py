@@ -5,17 +5,17 @@ and the internal -> Cartesian map.
 `boltzgen.coordinates.InternalCoordinates` evaluate on the CPU through a small C library
 (``boltzgen/kernels/kernels.c``, shipped with the package) when they can: loops over SIMD
 lanes of batch rows (spline) or configurations (energy, Z-matrix) with glibc's vector math
-library for log/tanh/sin/cos (the spline's exp is inlined). Measured on the 2-core AMD EPYC (AVX-512, one thread): the forward
-spline of a 256 x 30 batch with per-sample parameters in 0.32 ms against 1.9 ms for the torch
-evaluation (float32); see the README for the training step and the energy. The library is
-built with the system C compiler (``$CC``, else ``cc``) for this CPU (``-march=native``, or
-``$BOLTZGEN_NATIVE_MARCH``) into a
-per-user cache (``$BOLTZGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/boltzgen``, else
-``~/.cache/boltzgen``), keyed by the source, the flags, the compiler and the CPU's feature
-flags, so later processes load it at once. Each kernel family is checked against its torch
-evaluation (float64) when the library is loaded. Where there is no compiler, no libmvec with
-these functions (glibc < 2.35, macOS, Windows) or a check fails, boltzgen says so once in its
-log and keeps the torch evaluation: results are the same either way, to float rounding.
+library for log/tanh/sin/cos (the spline's exp is inlined). Measured on the 2-core AMD EPYC
+(AVX-512, one thread): the forward spline of a 256 x 30 batch with per-sample parameters in
+0.23 ms against 1.9 ms for the torch evaluation (float32); see the README for the training
+step and the energy. The library is built with the system C compiler (``$CC``, else ``cc``)
+for this CPU (``-march=native``, or ``$BOLTZGEN_NATIVE_MARCH``) into a per-user cache
+(``$BOLTZGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/boltzgen``, else ``~/.cache/boltzgen``),
+keyed by the source, the flags, the compiler and the CPU's feature flags, so later processes
+load it at once. Each kernel family is checked against its torch evaluation (float64) when
+the library is loaded. Where there is no compiler, no libmvec with these functions
+(glibc < 2.35, macOS, Windows) or a check fails, boltzgen says so once in its log and keeps
+the torch evaluation: results are the same either way, to float rounding.
 ``BOLTZGEN_NATIVE=0`` switches the kernels off.
 """
 

@@ -42,7 +42,7 @@ def test_shipped_recipe_loads_and_chains_its_stages():
     assert [c.output_dir for c in main] == [
         "OUT/main/reverse_kl_quick", "OUT/main/reweighted_finetune"
     ]  # fmt: skip
-    assert main[0].train.max_iter == 12705 and main[1].train.max_iter == 5000
+    assert main[0].train.max_iter == 12705 and main[1].train.max_iter == 10000
     assert main[0].init_from is None
     assert main[1].init_from == "OUT/main/reverse_kl_quick/checkpoint.pt"
     assert basin[0].restraint is not None and basin[0].init_from is None

@@ -53,6 +53,7 @@ from boltzgen.coordinates import geometry
 from boltzgen.coordinates.zmatrix import ZMatrix
 from boltzgen.errors import ZMatrixError
 from boltzgen.flows.base import Circular, Domain, Transform, Unbounded
+from boltzgen.flows.splines import _has_storage as splines_has_storage
 
 __all__ = ["DEFAULT_SCALES", "InternalCoordinates", "MixedCoordinates"]
 
@@ -488,13 +489,7 @@ def _native_applies(z: Tensor) -> bool:
 def _has_storage(t: Tensor | None) -> bool:
     """False for tensors without memory of their own (the wrappers of vmap and of
     ``jacobian(vectorize=True)``), which only the torch evaluation can take."""
-    if t is None:
-        return True
-    try:
-        t.data_ptr()
-    except RuntimeError:
-        return False
-    return True
+    return t is None or splines_has_storage(t)
 
 
 def _native_args(lib: ctypes.CDLL, ic: InternalCoordinates, z: Tensor, kernel: str) -> tuple:

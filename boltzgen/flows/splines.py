@@ -602,8 +602,19 @@ def _native_applies(sp: DomainSpline, v: Tensor, params: Tensor) -> bool:
         and sp.n_bins <= native.MAX_BINS
         and sp.min_bin_width * sp.n_bins < 1.0
         and sp.min_bin_height * sp.n_bins < 1.0
+        and _has_storage(v)
         and native.enabled("spline")
     )
+
+
+def _has_storage(t: Tensor) -> bool:
+    """False for tensors without memory of their own (the wrappers of vmap and of vectorised
+    jacobians), which only the torch evaluation can take."""
+    try:
+        t.data_ptr()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _native_consts(sp: DomainSpline, dtype: torch.dtype) -> tuple:
@@ -651,9 +662,12 @@ class _NativeSpline(torch.autograd.Function):
     def forward(  # noqa: D102
         ctx: Any, v: Tensor, params: Tensor, sp: DomainSpline, inverse: bool
     ) -> tuple[Tensor, Tensor]:
-        v, params = v.contiguous(), params.contiguous()
-        out, ld = _native_forward(native.library(), sp, v, params, inverse)
+        out, ld = _native_forward(
+            native.library(), sp, v.contiguous(), params.contiguous(), inverse
+        )
         ctx.sp, ctx.inverse = sp, inverse
+        # the inputs themselves (not contiguous copies, which carry no graph): a double
+        # backward differentiates through them
         ctx.save_for_backward(v, params)
         return out, ld
 
@@ -661,22 +675,41 @@ class _NativeSpline(torch.autograd.Function):
     def backward(ctx: Any, g_out: Tensor, g_ld: Tensor) -> tuple:  # noqa: D102
         v, params = ctx.saved_tensors
         sp, inverse, needs = ctx.sp, ctx.inverse, ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph: differentiate the reference composition
+        if torch.is_grad_enabled() or not (_has_storage(g_out) and _has_storage(g_ld)):
+            # create_graph or vmapped gradients: differentiate the reference composition
             return _reference_backward(sp, inverse, v, params, g_out, g_ld, needs)
-        g_out, g_ld = g_out.contiguous(), g_ld.contiguous()
-        g_v = torch.empty_like(v) if needs[0] else None
-        g_p = None
-        if needs[1]:
-            g_p = torch.zeros_like(params) if params.shape[0] == 1 else torch.empty_like(params)
-        fn = getattr(native.library(), f"rqs_bwd_{_NATIVE_DTYPES[v.dtype]}")
-        rc = fn(
-            *_native_head(sp, v, params, inverse),
-            g_out.data_ptr(), g_ld.data_ptr(),
-            None if g_v is None else g_v.data_ptr(), None if g_p is None else g_p.data_ptr(),
-        )  # fmt: skip
-        if rc:
-            raise RuntimeError("spline kernel refused its arguments")
+        g_v, g_p = _native_backward(
+            native.library(), sp, v.contiguous(), params.contiguous(), inverse, g_out, g_ld, needs
+        )
         return g_v, g_p, None, None
+
+
+def _native_backward(
+    lib: ctypes.CDLL,
+    sp: DomainSpline,
+    v: Tensor,
+    params: Tensor,
+    inverse: bool,
+    g_out: Tensor,
+    g_ld: Tensor,
+    needs: Sequence[bool] = (True, True),
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients (of ``v``, of ``params``, each unless not ``needs``) of the compiled spline
+    for upstream gradients of its output and per-element log-det; contiguous ``v``/``params``."""
+    g_out, g_ld = g_out.contiguous(), g_ld.contiguous()
+    g_v = torch.empty_like(v) if needs[0] else None
+    g_p = None
+    if needs[1]:
+        g_p = torch.zeros_like(params) if params.shape[0] == 1 else torch.empty_like(params)
+    fn = getattr(lib, f"rqs_bwd_{_NATIVE_DTYPES[v.dtype]}")
+    rc = fn(
+        *_native_head(sp, v, params, inverse),
+        g_out.data_ptr(), g_ld.data_ptr(),
+        None if g_v is None else g_v.data_ptr(), None if g_p is None else g_p.data_ptr(),
+    )  # fmt: skip
+    if rc:
+        raise RuntimeError("spline kernel refused its arguments")
+    return g_v, g_p
 
 
 def _native_self_check(lib: ctypes.CDLL) -> float:
