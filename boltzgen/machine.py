@@ -4,6 +4,7 @@ is used."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import platform
 from typing import Any
@@ -46,3 +47,26 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
         if dev.type == "cuda" and torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(dev)
     return info
+
+
+#: glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def keep_freed_memory(mmap_below: int = 64 << 20, trim_above: int = 256 << 20) -> bool:
+    """Let glibc's malloc serve blocks below ``mmap_below`` bytes from its heap and keep up to
+    ``trim_above`` bytes of freed memory, instead of mapping each large block afresh and
+    unmapping it when freed. A training step allocates and frees the same few-MB tensors
+    every iteration; mapped anew, every page of them faults in again (~300 page faults per
+    quick ALDP step, ~6 % of its time measured on the 2-core AMD EPYC). Called by the CLI's
+    train/sample/pipeline commands (not on import: it changes the process's allocator).
+    Returns whether it applied (glibc on Linux only)."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_below) and mallopt(_M_TRIM_THRESHOLD, trim_above))

@@ -149,6 +149,12 @@ def _train_chain(configs: list[Any], threads: int) -> dict[str, Any]:
     from boltzgen.train import TrainingInterrupted, load_checkpoint
 
     torch.set_num_threads(threads)
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:  # a worker of train_recipe
+        from boltzgen.machine import keep_freed_memory
+
+        keep_freed_memory()
     done = []
     for config in configs:
         ckpt = Path(config.output_dir) / "checkpoint.pt"

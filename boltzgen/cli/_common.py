@@ -49,14 +49,17 @@ def add_nproc_argument(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def set_threads(n: int | None) -> int:
-    """Apply ``--threads`` (None: `DEFAULT_THREADS`); returns the count, which the commands
-    print with their first line of progress."""
+    """Apply ``--threads`` (None: `DEFAULT_THREADS`) and `boltzgen.machine.keep_freed_memory`;
+    returns the thread count, which the commands print with their first line of progress."""
     if n is not None and n < 1:
         raise ConfigError(f"--threads must be at least 1, got {n}")
     import torch
 
+    from boltzgen.machine import keep_freed_memory
+
     chosen = DEFAULT_THREADS if n is None else n
     torch.set_num_threads(chosen)
+    keep_freed_memory()  # the commands that call this train or sample: see its docstring
     return chosen
 
 
