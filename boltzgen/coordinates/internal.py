@@ -496,8 +496,9 @@ def _native_args(lib: ctypes.CDLL, ic: InternalCoordinates, z: Tensor, kernel: s
     """The kernel and its leading arguments (the Z-matrix, seed and normalisation)."""
     dtype = z.dtype
     consts = ic._native_cache.get(dtype)
-    version = (ic.shift._version, ic.scale._version)
-    if consts is None or consts[0] != version:  # buffers changed in place (load_state_dict)
+    # buffers changed in place (load_state_dict) or replaced
+    version = (ic.shift.data_ptr(), ic.shift._version, ic.scale.data_ptr(), ic.scale._version)
+    if consts is None or consts[0] != version:
         rows = ic._rows.detach().to("cpu", torch.int64).contiguous()
         scale = ic.scale.detach().to("cpu", dtype).contiguous()
         shift = ic.shift.detach().to("cpu", dtype).contiguous()
