@@ -32,8 +32,20 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["available", "cache_dir", "disabled", "enabled", "library", "relative_error", "status"]
+__all__ = [
+    "available",
+    "cache_dir",
+    "disabled",
+    "dtype_supported",
+    "enabled",
+    "has_storage",
+    "kernel",
+    "library",
+    "relative_error",
+    "status",
+]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +151,31 @@ def _declare(lib: ctypes.CDLL) -> None:
         zfwd.argtypes, zfwd.restype = [*zhead, real, p, p, p], i32
         zbwd = getattr(lib, f"zmat_bwd_{suffix}")
         zbwd.argtypes, zbwd.restype = [*zhead, p, p, p, p], i32
+
+
+_SUFFIXES = {"torch.float32": "f32", "torch.float64": "f64"}  # the kernels' two variants
+
+
+def dtype_supported(dtype: object) -> bool:
+    """Whether the kernels have a variant for this torch dtype (float32, float64)."""
+    return str(dtype) in _SUFFIXES
+
+
+def kernel(lib: ctypes.CDLL, name: str, dtype: object) -> Any:
+    """Kernel ``name``'s variant for a torch dtype (`dtype_supported`), e.g. ``rqs_fwd_f32``."""
+    return getattr(lib, f"{name}_{_SUFFIXES[str(dtype)]}")
+
+
+def has_storage(t: object) -> bool:
+    """False for tensors without memory of their own (the wrappers of vmap and of vectorised
+    jacobians), which only the torch evaluations can take; True for None (no gradient)."""
+    if t is None:
+        return True
+    try:
+        t.data_ptr()  # type: ignore[attr-defined]
+    except RuntimeError:
+        return False
+    return True
 
 
 def relative_error(pairs: list) -> float:

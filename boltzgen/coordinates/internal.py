@@ -53,7 +53,6 @@ from boltzgen.coordinates import geometry
 from boltzgen.coordinates.zmatrix import ZMatrix
 from boltzgen.errors import ZMatrixError
 from boltzgen.flows.base import Circular, Domain, Transform, Unbounded
-from boltzgen.flows.splines import _has_storage as splines_has_storage
 
 __all__ = ["DEFAULT_SCALES", "InternalCoordinates", "MixedCoordinates"]
 
@@ -472,24 +471,15 @@ class MixedCoordinates(_ZMatrixTransform):
         return (f[0], f[1], f[2])
 
 
-_NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-
-
 def _native_applies(z: Tensor) -> bool:
     return (
         z.device.type == "cpu"
-        and z.dtype in _NATIVE_DTYPES
+        and native.dtype_supported(z.dtype)
         and z.dim() == 2
         and z.shape[0] > 0
-        and _has_storage(z)
+        and native.has_storage(z)
         and native.enabled("zmatrix")
     )
-
-
-def _has_storage(t: Tensor | None) -> bool:
-    """False for tensors without memory of their own (the wrappers of vmap and of
-    ``jacobian(vectorize=True)``), which only the torch evaluation can take."""
-    return t is None or splines_has_storage(t)
 
 
 def _native_args(lib: ctypes.CDLL, ic: InternalCoordinates, z: Tensor, kernel: str) -> tuple:
@@ -508,7 +498,7 @@ def _native_args(lib: ctypes.CDLL, ic: InternalCoordinates, z: Tensor, kernel: s
     z0, z1, z2 = ic.seed
     head = (z.shape[0], ic.n_atoms, rows.shape[0], rows.data_ptr(), z0, z1, z2,
             int(ic._seed_c2_is_z1), scale.data_ptr(), shift.data_ptr())  # fmt: skip
-    fn = getattr(lib, f"zmat_{kernel}_{_NATIVE_DTYPES[dtype]}")
+    fn = native.kernel(lib, f"zmat_{kernel}", dtype)
     return fn, head, log_scale_sum
 
 
@@ -549,7 +539,7 @@ class _NativeZMatrix(torch.autograd.Function):
         g_x, g_ld = (None if g is None or g._is_zerotensor() else g for g in (g_x, g_ld))
         if g_x is None and g_ld is None:
             return None, None
-        if torch.is_grad_enabled() or not (_has_storage(g_x) and _has_storage(g_ld)):
+        if torch.is_grad_enabled() or not (native.has_storage(g_x) and native.has_storage(g_ld)):
             # create_graph or vmapped gradients: differentiate the torch evaluation
             with torch.enable_grad():
                 zz = z if z.requires_grad else z.detach().requires_grad_(True)

@@ -676,7 +676,7 @@ class _FusedEnergy(nn.Module):
             self.native_supported
             and x.shape[0] > 0
             and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64)
+            and native.dtype_supported(x.dtype)
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and x.requires_grad)  # plain autograd path
             and native.enabled("energy")
@@ -727,7 +727,7 @@ def _native_pair_call(
                    int(bool(gb.engulfed_term))]  # fmt: skip
     ptrs = [None if t is None else t.data_ptr() for t in (*nb_args, *gb_args)]
     outs = [None if t is None else t.data_ptr() for t in (e_nb, e_gb, grad)]
-    fn = lib.pairs_eval_f32 if x.dtype == torch.float32 else lib.pairs_eval_f64
+    fn = native.kernel(lib, "pairs_eval", x.dtype)
     rc = fn(b, n, x.data_ptr(), *ptrs, *scalars, *outs)
     if rc:
         raise RuntimeError(f"pair kernel failed ({rc})")
@@ -747,7 +747,7 @@ def _native_bonded_call(
     x = x.contiguous()
     b, n = x.shape[0], x.shape[1]
     grad = x.new_zeros(b, n, 3) if need_grad else None
-    fn = lib.bonded_eval_f32 if x.dtype == torch.float32 else lib.bonded_eval_f64
+    fn = native.kernel(lib, "bonded_eval", x.dtype)
     energies = {}
     for term, k in zip(fused.bonded, fused.bonded_slot):
         quad = p2 = None

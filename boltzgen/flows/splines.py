@@ -587,13 +587,11 @@ def _reference_backward(
 # gradient) in one pass per dimension, the backward recomputing the knots from the saved
 # inputs. Higher derivatives differentiate the reference composition, as for `_FusedSpline`.
 
-_NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-
 
 def _native_applies(sp: DomainSpline, v: Tensor, params: Tensor) -> bool:
     return (
         v.device.type == "cpu"
-        and v.dtype in _NATIVE_DTYPES
+        and native.dtype_supported(v.dtype)
         and params.dtype == v.dtype
         and v.dim() == 2
         and params.dim() == 3
@@ -602,19 +600,9 @@ def _native_applies(sp: DomainSpline, v: Tensor, params: Tensor) -> bool:
         and sp.n_bins <= native.MAX_BINS
         and sp.min_bin_width * sp.n_bins < 1.0
         and sp.min_bin_height * sp.n_bins < 1.0
-        and _has_storage(v)
+        and native.has_storage(v)
         and native.enabled("spline")
     )
-
-
-def _has_storage(t: Tensor) -> bool:
-    """False for tensors without memory of their own (the wrappers of vmap and of vectorised
-    jacobians), which only the torch evaluation can take."""
-    try:
-        t.data_ptr()
-    except RuntimeError:
-        return False
-    return True
 
 
 def _native_consts(sp: DomainSpline, dtype: torch.dtype) -> tuple:
@@ -648,7 +636,7 @@ def _native_forward(
     lib: ctypes.CDLL, sp: DomainSpline, v: Tensor, params: Tensor, inverse: bool
 ) -> tuple:
     out, ld = torch.empty_like(v), torch.empty_like(v)
-    fn = getattr(lib, f"rqs_fwd_{_NATIVE_DTYPES[v.dtype]}")
+    fn = native.kernel(lib, "rqs_fwd", v.dtype)
     any_bounded = int(sp.any_bounded)
     if fn(*_native_head(sp, v, params, inverse), any_bounded, out.data_ptr(), ld.data_ptr()):
         raise RuntimeError("spline kernel refused its arguments")
@@ -675,7 +663,7 @@ class _NativeSpline(torch.autograd.Function):
     def backward(ctx: Any, g_out: Tensor, g_ld: Tensor) -> tuple:  # noqa: D102
         v, params = ctx.saved_tensors
         sp, inverse, needs = ctx.sp, ctx.inverse, ctx.needs_input_grad
-        if torch.is_grad_enabled() or not (_has_storage(g_out) and _has_storage(g_ld)):
+        if torch.is_grad_enabled() or not (native.has_storage(g_out) and native.has_storage(g_ld)):
             # create_graph or vmapped gradients: differentiate the reference composition
             return _reference_backward(sp, inverse, v, params, g_out, g_ld, needs)
         g_v, g_p = _native_backward(
@@ -701,7 +689,7 @@ def _native_backward(
     g_p = None
     if needs[1]:
         g_p = torch.zeros_like(params) if params.shape[0] == 1 else torch.empty_like(params)
-    fn = getattr(lib, f"rqs_bwd_{_NATIVE_DTYPES[v.dtype]}")
+    fn = native.kernel(lib, "rqs_bwd", v.dtype)
     rc = fn(
         *_native_head(sp, v, params, inverse),
         g_out.data_ptr(), g_ld.data_ptr(),

@@ -130,13 +130,10 @@ static void FN(bins)(FN(lanes_t) *s, const FN(dim_t) *c) {
                 q1[l] = sel ? s->q[2 * K + j1][l] : q1[l];
             }
         }
-        LOOP { s->d0[l] = q0[l]; s->d1[l] = q1[l]; }
-    }
-    if (!c->shared) {
         const int unb = c->kind == 0;
         const REAL shift = c->shift, min_d = c->min_d; /* locals: no aliasing with s */
         LOOP { /* torch softplus (threshold 20) + min_d; 1 at the ends of unbounded dims */
-            REAL a0 = s->d0[l] + shift, a1 = s->d1[l] + shift;
+            REAL a0 = q0[l] + shift, a1 = q1[l] + shift;
             REAL e0 = EXPS(a0), e1 = EXPS(a1);
             REAL p0 = LOG1P(e0), p1 = LOG1P(e1); /* unconditional calls: SIMD variants */
             p0 = a0 > (REAL)20 ? a0 : p0;

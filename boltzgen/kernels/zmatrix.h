@@ -67,7 +67,8 @@ static void FN(zmat_place)(const FN(zmat_t) *m, const REAL *z, int64_t B, int64_
 }
 
 static REAL *FN(zmat_work)(const FN(zmat_t) *m, int grad) {
-    return (REAL *)malloc(sizeof(REAL) * (size_t)((m->D * (grad ? 2 : 1) + 3 * m->N * (grad ? 2 : 1)) * LANES));
+    /* RAW and X; with grad also their gradients */
+    return (REAL *)malloc(sizeof(REAL) * (size_t)((m->D + 3 * m->N) * (grad ? 2 : 1) * LANES));
 }
 
 /* x (B, N, 3) and log|det| (B,) of the forward map; log_scale_sum = sum(log scale) */
