@@ -264,6 +264,10 @@ class Trainer:
     ) -> None:
         self.options = options
         self._hook_cache: tuple[list, list] | None = None  # see _hooks
+        # the model's parameters, listed once, and whether train() has been applied to every
+        # submodule: each is a walk of the module tree (~0.1 and ~0.2 ms of a ~24-ms step)
+        self._params_cache: list[torch.nn.Parameter] | None = None
+        self._train_mode_set = False
         check_device(options.device)
         self.device = torch.device(options.device)
         dtype = options.torch_dtype
@@ -512,7 +516,9 @@ class Trainer:
     def step(self) -> dict:
         """One optimisation step; returns the log row. Non-finite losses or gradients skip it."""
         t0 = time.perf_counter()
-        self.model.train()
+        if not (self._train_mode_set and self.model.training):  # eval() is set on the root
+            self.model.train()
+            self._train_mode_set = True
         self.optimizer.zero_grad(set_to_none=True)
         internal0 = int(getattr(self.model, "internal_target_evals", 0))
         res = self._objective()
@@ -529,7 +535,9 @@ class Trainer:
         if ok:
             if res.loss.requires_grad:
                 res.loss.backward()
-            params = [p for p in self.model.parameters() if p.requires_grad]
+            if self._params_cache is None:
+                self._params_cache = list(self.model.parameters())
+            params = [p for p in self._params_cache if p.requires_grad]
             self.shards.all_reduce_grads(params)
             params = [p for p in params if p.grad is not None]
             clip = self.options.grad_clip
