@@ -151,6 +151,11 @@ def main() -> None:
     p.add_argument(
         "--mix-ais", type=int, default=0, metavar="K", help="and the mixture refined by AIS-K"
     )
+    p.add_argument(
+        "--reference",
+        default=str(shipped_path("aldp", "reference", "reference.npz")),
+        help="MD reference samples file (default: the shipped one)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out: dict = machine()
@@ -173,11 +178,12 @@ def main() -> None:
         "wall_s": ckpt.get("wall_s"),
         "target_evals": ckpt.get("counters", {}).get("target_evals"),
     }
-    reference = load_samples(shipped_path("aldp", "reference", "reference.npz"))
+    reference = load_samples(args.reference)
     ref_block = max(1, reference.n // 20)
     ref_states = _states(reference.phi_psi, reference.log_w, reference.kT, ref_block, 0)
     ref_self_kl = reference_self_kl(reference)
     out["reference"] = {
+        "file": args.reference,
         "n": reference.n,
         "states": ref_states,
         "ramachandran_kl_self_block_bootstrap": ref_self_kl,

@@ -71,6 +71,46 @@ def _estimate(
     }
 
 
+def _frames(
+    run: np.lib.npyio.NpzFile, extras: list[str], burn_in_ps: float
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list[dict]]:
+    """All frames of `run` (trajectory 0) and of the replicas in the `extras` packs (trajectories
+    1, 2, ..., each without its first `burn_in_ps`): per-frame arrays, the positions kept and
+    their frame indices, and a description of every trajectory."""
+    keys = ("phi", "psi", "energies", "time_ps") + (
+        ("log_weights",) if "log_weights" in run.files else ()
+    )
+    n0 = run["phi"].shape[0]
+    cols = {k: [np.asarray(run[k], dtype=np.float64)] for k in keys}
+    cols["trajectory"] = [np.zeros(n0, dtype=np.int64)]
+    index0 = run["frame_index"] if "frame_index" in run.files else np.arange(n0)
+    pos, pos_index = [np.asarray(run["positions"])], [np.asarray(index0)]
+    seed = json.loads(str(run["settings"])).get("seed")
+    trajectories = [{"seed": seed, "frames": int(n0), "burn_in_ps": 0.0}]
+    offset = n0
+    for path in extras:
+        with np.load(path) as pack:
+            seeds = [s.get("seed") for s in json.loads(str(pack["settings"]))]
+            replica, t = pack["replica"], pack["time_ps"]
+            kept = np.flatnonzero(t > burn_in_ps)
+            new_index = np.full(t.shape[0], -1)
+            for r in np.unique(replica):
+                mine = kept[replica[kept] == r]
+                new_index[mine] = offset + np.arange(mine.shape[0])
+                for k in keys:
+                    cols[k].append(np.asarray(pack[k][mine], dtype=np.float64))
+                cols["trajectory"].append(np.full(mine.shape[0], len(trajectories)))
+                trajectories.append(
+                    {"seed": seeds[r], "frames": int(mine.shape[0]), "burn_in_ps": burn_in_ps}
+                )
+                offset += mine.shape[0]
+            mapped = new_index[pack["frame_index"]]
+            pos.append(pack["positions"][mapped >= 0])
+            pos_index.append(mapped[mapped >= 0])
+    data = {k: np.concatenate(v) for k, v in cols.items()}
+    return data, np.concatenate(pos), np.concatenate(pos_index), trajectories
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="npz written by boltzgen md")
@@ -78,6 +118,18 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=3, help="keep positions of every k-th frame")
     ap.add_argument("--wall-time", default="", help="wall-clock time of the run, for the README")
     ap.add_argument("--note", default="", help="a paragraph added to the README")
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="an md_replicas.py pack of independent replicas of the same run (repeatable)",
+    )
+    ap.add_argument(
+        "--burn-in-ps", type=float, default=100.0, help="dropped from the start of each replica"
+    )
+    ap.add_argument(
+        "--max-positions", type=int, default=10000, help="keep at most this many positions"
+    )
     args = ap.parse_args()
 
     run = np.load(args.run)
@@ -85,28 +137,29 @@ def main() -> None:
     system = load(str(run["system"]))
     temperature = float(run["temperature"])
     kT = MOLAR_GAS_CONSTANT * temperature
-    phi, psi = run["phi"].astype(np.float64), run["psi"].astype(np.float64)
-    n = phi.shape[0]
     dt = float(run["time_ps"][1] - run["time_ps"][0])
-    keep = np.arange(0, n, args.stride)
-    lw = run["log_weights"].astype(np.float64) if "log_weights" in run.files else None
-    extra = {} if lw is None else {"log_weights": lw}
+    data, pos, pos_index, trajectories = _frames(run, args.extra, args.burn_in_ps)
+    phi, psi, lw = data["phi"], data["psi"], data.get("log_weights")
+    n = phi.shape[0]
+    keep = np.arange(0, pos.shape[0], max(args.stride, -(-pos.shape[0] // args.max_positions)))
+    extra = {} if lw is None else {"log_weights": lw.astype(np.float32)}
 
     np.savez_compressed(
         HERE / "reference.npz",
         phi=phi.astype(np.float32),
         psi=psi.astype(np.float32),
-        energies=run["energies"].astype(np.float32),
-        time_ps=run["time_ps"],
-        positions=run["positions"][keep].astype(np.float32),
-        frame_index=keep,
+        energies=data["energies"].astype(np.float32),
+        time_ps=data["time_ps"].astype(np.float32),
+        trajectory=data["trajectory"].astype(np.int16),
+        positions=pos[keep].astype(np.float32),
+        frame_index=pos_index[keep],
         temperature=np.array(temperature),
         system=np.array(str(run["system"])),
         settings=run["settings"],
         acceptance=run["acceptance"],
         **extra,
     )
-    system.to_mdtraj(run["positions"][:1]).save_pdb(str(HERE / "reference.pdb"))
+    system.to_mdtraj(pos[:1]).save_pdb(str(HERE / "reference.pdb"))
 
     whole = _estimate(phi, psi, lw, kT, max(1, n // 20))
     h = n // 2
@@ -132,6 +185,7 @@ def main() -> None:
         "n_frames": n,
         "frame_interval_ps": dt,
         "length_ns": n * dt / 1000.0,
+        "trajectories": trajectories,
         "temperature_K": temperature,
         "settings": settings,
         "exchange_acceptance": run["acceptance"].tolist(),
@@ -146,6 +200,22 @@ def main() -> None:
     (HERE / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (HERE / "README.md").write_text(_readme(summary, args, keep.shape[0], kT))
     print((HERE / "README.md").read_text())
+
+
+def _trajectory_line(trajectories: list[dict], dt: float) -> str:
+    """README line on the independent runs the frames come from."""
+    if len(trajectories) <= 1:
+        return "* A single trajectory."
+    first, rest = trajectories[0], trajectories[1:]
+    ns = sum(t["frames"] for t in rest) * dt / 1000.0
+    return (
+        f"* {len(trajectories)} independent trajectories: the first run (seed {first['seed']}, "
+        f"{first['frames'] * dt / 1000.0:.3f} ns) and {len(rest)} replicas of it with seeds "
+        f"{rest[0]['seed']}-{rest[-1]['seed']} started from the minimised structure, each without "
+        f"its first {rest[0]['burn_in_ps']:g} ps ({ns:.3f} ns together; "
+        f"{min(t['frames'] for t in rest) * dt / 1000.0:.2f}-"
+        f"{max(t['frames'] for t in rest) * dt / 1000.0:.2f} ns each)."
+    )
 
 
 def _readme(s: dict, args: argparse.Namespace, n_pos: int, kT: float) -> str:
@@ -193,12 +263,13 @@ def _readme(s: dict, args: argparse.Namespace, n_pos: int, kT: float) -> str:
         f"({s['n_frames']} frames at 300 K, one every {s['frame_interval_ps']:g} ps)"
         + (f"; wall time {args.wall_time}" if args.wall_time else "")
         + ".",
+        _trajectory_line(s.get("trajectories", []), s["frame_interval_ps"]),
         (
             "* Exchange acceptance per neighbour pair: "
             + ", ".join(f"{a:.2f}" for a in s["exchange_acceptance"])
             + "."
             if s["exchange_acceptance"]
-            else "* A single replica (no exchanges)."
+            else "* No replica exchange."
         ),
         (
             f"* Importance weights: Kish ESS {100 * s['ess_fraction']:.1f} % of the frames, "
@@ -212,15 +283,18 @@ def _readme(s: dict, args: argparse.Namespace, n_pos: int, kT: float) -> str:
         "",
         "```",
         args.command,
-        f"python systems/aldp/reference/build_reference.py <out>.npz --stride {args.stride} "
-        "--command '...'",
+        "python systems/aldp/reference/build_reference.py <out>.npz"
+        + "".join(f" --extra {Path(e).name}" for e in args.extra)
+        + (f" --burn-in-ps {args.burn_in_ps:g}" if args.extra else "")
+        + f" --stride {args.stride} --max-positions {args.max_positions} --command '...'",
         "```",
         "",
         "## Files",
         "",
         f"* `reference.npz`: `phi`, `psi` (radians) and `energies` (kJ/mol) of all {s['n_frames']}"
-        f" frames, `time_ps`; `positions` (nm, float32) of {n_pos} frames (every "
-        f"{args.stride}th, indices in `frame_index`); `temperature`, `system`, `settings`. It "
+        f" frames, `time_ps` and `trajectory` (which run each frame belongs to); `positions` (nm, "
+        f"float32) of {n_pos} frames spread over all runs (indices in `frame_index`); "
+        "`temperature`, `system`, `settings` (of the first run). It "
         "is a boltzgen samples file (with `log_weights` when the frames are biased), usable as "
         "`boltzgen evaluate samples.npz --reference systems/aldp/reference`.",
         "* `reference.pdb`: topology. `summary.json`: all numbers below.",
