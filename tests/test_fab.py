@@ -95,6 +95,39 @@ def test_ais_log_z_unbiased_2d_mixture_and_ess_rises():
     assert ess[3] > 2 * ess[0]
 
 
+def test_ais_level_weights_estimate_each_intermediate_normaliser():
+    """``E[exp(level_log_w[k])] = Z_k`` for every ``π_k = q^(1-β_k) p^β_k`` (Gaussians: exact
+    normalisers), and the last level is the final ``log_w``."""
+    torch.manual_seed(4)
+    mq, sq = torch.tensor([0.5, -1.0]), torch.tensor([1.5, 0.7])
+    mp, sp = torch.tensor([-0.3, 0.4]), torch.tensor([0.6, 1.1])
+    log_q = gauss_log_q(mq.double(), sq.double())
+
+    def log_p(x):  # unnormalised
+        return (-0.5 * ((x - mp.double()) / sp.double()) ** 2).sum(-1)
+
+    def log_z(beta):  # log of the integral of q^(1-beta) p^beta, per dimension summed
+        a = (1 - beta) / (2 * sq**2) + beta / (2 * sp**2)
+        b = (1 - beta) * mq / sq**2 + beta * mp / sp**2
+        c = (1 - beta) * mq**2 / (2 * sq**2) + beta * mp**2 / (2 * sp**2)
+        norm = -(1 - beta) * (torch.log(sq) + 0.5 * math.log(2 * math.pi))
+        return float((norm + 0.5 * torch.log(math.pi / a) + b**2 / (4 * a) - c).sum())
+
+    s = AnnealedImportanceSampler(2, 4, step_size=0.3, alpha=1.0)
+    betas = [float(b) for b in s.betas[1:]]
+    for _ in range(2):
+        s((mq + sq * torch.randn(2000, 2)).double(), log_q, log_p)
+    ratios = []
+    for _ in range(12):
+        res = s((mq + sq * torch.randn(2000, 2)).double(), log_q, log_p)
+        assert res.level_log_w.shape == (5, 2000)
+        assert torch.equal(res.level_log_w[-1], res.log_w)
+        ratios.append([float(torch.exp(lw - log_z(b)).mean()) for lw, b in
+                       zip(res.level_log_w, betas, strict=True)])  # fmt: skip
+    for level in np.array(ratios).T:
+        assert_unbiased(level)
+
+
 def test_ais_alpha2_targets_p_squared_over_q():
     """``E[w] = ∫ p² / q`` for AIS toward ``p²/q`` (quadrature oracle)."""
     torch.manual_seed(3)

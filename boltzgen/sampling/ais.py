@@ -46,6 +46,10 @@ class AISResult(NamedTuple):
         log_w_flow: ``log p(x_0) - log q(x_0)`` of the starting flow samples ``(B,)``.
         acceptance: Mean acceptance of the moves at each intermediate distribution ``(K,)``.
         n_target_evals: Rows on which ``log p`` was evaluated (start + every proposal).
+        level_log_w: ``(K + 1, B)`` the log-weights accumulated up to each intermediate
+            distribution ``π_k`` (k = 1..K; importance weights of the chains for ``π_k``, whose
+            mean estimates ``Z_k / Z_q``) and, last, ``log_w``: their ESS shows where along the
+            schedule the weights degenerate.
     """
 
     x: Tensor
@@ -55,6 +59,7 @@ class AISResult(NamedTuple):
     log_w_flow: Tensor
     acceptance: Tensor
     n_target_evals: int
+    level_log_w: Tensor | None = None
 
 
 def ais_betas(
@@ -167,11 +172,12 @@ def ais(
         evals += x.shape[0]
     log_w_flow = lp - lq
     log_w = torch.zeros_like(lq)
-    acc_means = []
+    acc_means, levels = [], []
     beta_vals = [float(v) for v in betas]
     for k in range(1, n_inner + 1):
         beta = beta_vals[k]
         log_w = log_w + (beta - beta_vals[k - 1]) * alpha * (lp - lq)
+        levels.append(log_w)
         scale = alpha * beta
 
         def log_pi(y: Tensor, scale: float = scale) -> Tensor:
@@ -207,7 +213,8 @@ def ais(
         acc_means.append(acc_k)
     log_w = log_w + (1.0 - beta_vals[n_inner]) * alpha * (lp - lq)
     acceptance = torch.stack(acc_means) if acc_means else x.new_zeros(0)
-    return AISResult(x, log_w.detach(), lq, lp, log_w_flow, acceptance.detach(), evals)
+    level_log_w = torch.stack([*levels, log_w]).detach()
+    return AISResult(x, log_w.detach(), lq, lp, log_w_flow, acceptance.detach(), evals, level_log_w)
 
 
 class AnnealedImportanceSampler(nn.Module):

@@ -398,6 +398,7 @@ class FAB(nn.Module):
             torch.cat([p.log_w_flow for p in parts]),
             _mean_acceptance(parts, sizes, sh),
             sum(p.n_target_evals for p in parts),
+            torch.cat([p.level_log_w for p in parts], 1),
         )
         fin_x = torch.isfinite(res.x).all(-1)
         self.sampler.adapt(res.acceptance, sh.gather(res.x[fin_x & torch.isfinite(res.log_w)]))
@@ -409,8 +410,14 @@ class FAB(nn.Module):
             self.flow_log_w[s] = p.log_w_flow[torch.isfinite(p.log_w_flow)].detach()
         n_all = sh.count(n)
         steps = self.sampler.step_sizes
+        # ESS of the chains' weights at each intermediate distribution (the last is ais_ess)
+        levels = {
+            f"ais_ess_level{k}": batch_ess_fraction(sh.gather(lw[keep]), n_all)
+            for k, lw in enumerate(res.level_log_w[:-1], start=1)
+        }
         self.last = {
             "ais_ess": batch_ess_fraction(sh.gather(res.log_w[keep]), n_all),
+            **levels,
             "flow_ess": batch_ess_fraction(sh.gather(self.last_flow_log_w), n_all),
             "acceptance": float(res.acceptance.mean()) if res.acceptance.numel() else math.nan,
             "step_size": float(steps.log().mean().exp()) if steps.numel() else math.nan,
