@@ -92,6 +92,25 @@ def test_reverse_kl_training_converges_on_gaussian_mixture():
     assert 0.3 < (x[:, 0] > 0).double().mean().item() < 0.7
 
 
+def test_step_restores_train_mode_and_respects_frozen_parameters():
+    """The Trainer lists the parameters once and applies train() only when needed: a model
+    switched to eval() between steps is trained in train mode again, and a parameter frozen
+    after the first step is left alone."""
+    tr = Trainer(_make(), GaussianMixture2D(), _opts(max_iter=5))
+    tr.step()
+    tr.model.eval()
+    tr.step()
+    assert all(m.training for m in tr.model.modules())
+    frozen = next(tr.model.parameters())
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    others = [p.detach().clone() for p in tr.model.parameters() if p.requires_grad]
+    tr.step()
+    assert torch.equal(frozen.detach(), before)
+    after = [p.detach() for p in tr.model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(after, others, strict=True))
+
+
 def test_schedule_warmup_and_cosine():
     assert lr_factor(0, 100, 10, 0.0) == pytest.approx(0.1)
     assert lr_factor(9, 100, 10, 0.0) == pytest.approx(1.0)
