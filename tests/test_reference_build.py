@@ -83,3 +83,38 @@ def test_replicas_pack_and_join_keep_frames_and_positions_together(tmp_path):
     assert pos.shape[0] == pos_index.shape[0] > index0.shape[0]
     np.testing.assert_array_equal(pos[:, 0, 0], data["phi"][pos_index])
     assert np.all(np.diff(pos_index) > 0)
+
+
+def test_a_replica_without_frames_file_is_packed_from_its_checkpoint(tmp_path):
+    """A replica killed hard leaves only its MD checkpoint: _finish packs the checkpoint's frames
+    (phi/psi computed from its positions, checked against mdtraj) beside a finished replica."""
+    import mdtraj
+
+    from boltzgen import systems
+
+    md_replicas = _script("md_replicas")
+    ref = np.load(HERE / "reference.npz")
+    pos = ref["positions"][:40].astype(np.float64)
+    n = pos.shape[0]
+    _frames_file(tmp_path / "replica_11.npz", 25, 11, 0.0)
+    np.savez(
+        tmp_path / "replica_12.ckpt.npz",
+        positions=pos,
+        energies=np.arange(n, dtype=np.float64),
+        time_ps=0.1 * (1 + np.arange(n)),
+        log_weights=np.linspace(0.0, 1.0, n),
+        settings=json.dumps({"seed": 12}),
+        step=np.array(n * 100),
+    )
+    summary = md_replicas._finish(tmp_path, [11, 12, 13], 5, tmp_path / "pack.npz")
+    assert summary["from_checkpoints"] == [12] and summary["frames"] == [25, n]
+    with np.load(tmp_path / "pack.npz") as pack:
+        mine = pack["replica"] == 1
+        np.testing.assert_array_equal(pack["energies"][mine], np.arange(n))
+        traj = systems.load("aldp").to_mdtraj(pos)
+        _, phi = mdtraj.compute_phi(traj)
+        _, psi = mdtraj.compute_psi(traj)
+        np.testing.assert_allclose(pack["phi"][mine], phi[:, 0], atol=1e-5)
+        np.testing.assert_allclose(pack["psi"][mine], psi[:, 0], atol=1e-5)
+        assert json.loads(str(pack["settings"]))[1]["seed"] == 12
+    assert (tmp_path / "replica_12.npz").exists()  # a second _finish packs it as a plain replica

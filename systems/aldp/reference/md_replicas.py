@@ -8,7 +8,9 @@ finishes its chunk and keeps the frames so far. The replicas are packed into one
 positions of every ``stride``-th frame with ``frame_index``; ``settings`` as JSON), which
 ``build_reference.py --extra`` adds to the reference as independent trajectories.
 
-Needs only numpy, torch and OpenMM (no mdtraj), so it also runs on a bare machine::
+A replica killed hard still has the frames of its last checkpoint (every 20 ps): they are packed
+in its place, and ``--pack-only`` packs a work folder without running anything. Needs only
+numpy, torch and OpenMM (no mdtraj), so it also runs on a bare machine::
 
     python systems/aldp/reference/md_replicas.py --replicas 13 --seed 3001 --deadline-s 480 \\
         --out replicas.npz
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +36,8 @@ BIAS = {"atoms": (4, 6, 8, 14), "height": 17.0, "center_deg": 15.0, "kappa": 2.5
 TIMESTEP_PS = 0.001
 FRICTION = 1.0
 SAVE_INTERVAL = 100
+#: What ``_recover`` reads from an MD checkpoint.
+CKPT_KEYS = ("positions", "energies", "time_ps", "log_weights", "settings")
 
 
 def _one(seed: int, out: Path, n_steps: int) -> int:
@@ -62,20 +67,50 @@ def _one(seed: int, out: Path, n_steps: int) -> int:
         )
     except md.MDInterrupted as stop:
         result = stop.result
-    cvs = md.backbone_dihedrals(system, result.positions)
+    _write_replica(system, result, out)
+    return 0
+
+
+def _write_replica(system: Any, frames: Any, out: Path) -> None:
+    """Write one replica's frames (``positions``, ``energies``, ``time_ps``, ``log_weights``,
+    ``settings``: an MD result or its checkpoint) with their phi/psi to ``out`` (npz)."""
+    from boltzgen.sampling import md
+
+    cvs = md.backbone_dihedrals(system, frames.positions)
+    settings = frames.settings if isinstance(frames.settings, str) else json.dumps(frames.settings)
     tmp = out.with_suffix(".tmp.npz")
     np.savez(
         tmp,
-        positions=result.positions,
-        energies=result.energies,
-        time_ps=result.time_ps,
-        log_weights=result.log_weights,
+        positions=frames.positions,
+        energies=frames.energies,
+        time_ps=frames.time_ps,
+        log_weights=frames.log_weights,
         phi=cvs["phi"],
         psi=cvs["psi"],
-        settings=json.dumps(result.settings),
+        settings=settings,
     )
     os.replace(tmp, out)
-    return 0
+
+
+def _recover(work: Path, seeds: list[int]) -> list[int]:
+    """Replicas that ended without writing their frames (killed hard, machine lost): write the
+    frames of their last checkpoint (``replica_SEED.ckpt.npz``) instead. Returns those seeds."""
+    from types import SimpleNamespace
+
+    from boltzgen import systems
+
+    done, system = [], None
+    for seed in seeds:
+        out, ckpt = work / f"replica_{seed}.npz", work / f"replica_{seed}.ckpt.npz"
+        if out.exists() or not ckpt.exists():
+            continue
+        system = system or systems.load("aldp")
+        with np.load(ckpt) as c:
+            frames = SimpleNamespace(**{k: c[k] for k in CKPT_KEYS})
+        frames.settings = str(frames.settings)
+        _write_replica(system, frames, out)
+        done.append(seed)
+    return done
 
 
 def _pack(parts: list[Path], stride: int, out: Path) -> dict:
@@ -109,6 +144,14 @@ def _pack(parts: list[Path], stride: int, out: Path) -> dict:
     return {"replicas": len(parts), "frames": lengths, "ns": sum(lengths) * 1e-4}
 
 
+def _finish(work: Path, seeds: list[int], stride: int, out: Path) -> dict:
+    """Pack the replicas of ``seeds`` in ``work`` into ``out``, recovering from checkpoints the
+    ones that left no frames file; returns the pack's summary."""
+    recovered = _recover(work, seeds)
+    parts = [work / f"replica_{s}.npz" for s in seeds if (work / f"replica_{s}.npz").exists()]
+    return {**_pack(parts, stride, out), "seeds": seeds, "from_checkpoints": recovered}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--replicas", type=int, default=1)
@@ -118,6 +161,12 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=10, help="positions of every k-th frame")
     ap.add_argument("--work", default="md_replicas_work")
     ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--pack-only",
+        action="store_true",
+        help="run nothing: pack the replicas in --work (from their checkpoints where a replica "
+        "left no frames file)",
+    )
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.work)
@@ -126,10 +175,13 @@ def main() -> None:
     if args.one is not None:
         sys.exit(_one(args.one, work / f"replica_{args.one}.npz", n_steps))
     t0 = time.time()
+    seeds = [args.seed + r for r in range(args.replicas)]
+    if args.pack_only:
+        print(json.dumps(_finish(work, seeds, args.stride, Path(args.out))))
+        return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENMM_CPU_THREADS": "1"}
     procs = []
-    for r in range(args.replicas):
-        seed = args.seed + r
+    for seed in seeds:
         cmd = [
             sys.executable,
             __file__,
@@ -155,10 +207,8 @@ def main() -> None:
             p.send_signal(signal.SIGTERM)
     for _, p in procs:
         p.wait()
-    parts = [work / f"replica_{s}.npz" for s, _ in procs if (work / f"replica_{s}.npz").exists()]
-    summary = _pack(parts, args.stride, Path(args.out))
-    summary.update(wall_s=time.time() - t0, seeds=[s for s, _ in procs])
-    print(json.dumps(summary))
+    summary = _finish(work, seeds, args.stride, Path(args.out))
+    print(json.dumps({**summary, "wall_s": time.time() - t0}))
 
 
 if __name__ == "__main__":
