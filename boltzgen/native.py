@@ -50,7 +50,21 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SOURCES = ("kernels.c", "lanes.h", "rqs.h", "pairs.h", "bonded.h", "zmatrix.h")
-_FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+# -fno-builtin-{sin,cos}[f]: as builtins, gcc fuses a sin and a cos of one argument into a
+# scalar sincos (cexpi) before vectorising, which left the Z-matrix loops scalar; kernels.c
+# declares them const with SIMD clones instead (libmvec)
+_FLAGS = (
+    "-O3",
+    "-fopenmp-simd",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fno-builtin-sin",
+    "-fno-builtin-sinf",
+    "-fno-builtin-cos",
+    "-fno-builtin-cosf",
+    "-shared",
+    "-fPIC",
+)
 _LIBS = ("-lmvec", "-lm")
 _ABI = 4
 MAX_BINS = 32  # MAXK of kernels.c

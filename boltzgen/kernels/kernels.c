@@ -15,19 +15,21 @@
 #define MAXK 32   /* most spline bins; splines.py uses the torch path beyond */
 #define LANES 16  /* batch rows or configurations per SIMD step */
 
+/* sin and cos are const here and not builtins (native.py's flags), so that a sin and a cos of
+ * one argument stay two SIMD calls instead of one scalar sincos */
 extern float expf(float) __attribute__((simd("notinbranch")));
 extern float logf(float) __attribute__((simd("notinbranch")));
 extern float log1pf(float) __attribute__((simd("notinbranch")));
 extern float tanhf(float) __attribute__((simd("notinbranch")));
-extern float sinf(float) __attribute__((simd("notinbranch")));
-extern float cosf(float) __attribute__((simd("notinbranch")));
+extern float sinf(float) __attribute__((simd("notinbranch"), const));
+extern float cosf(float) __attribute__((simd("notinbranch"), const));
 extern float atan2f(float, float) __attribute__((simd("notinbranch")));
 extern double exp(double) __attribute__((simd("notinbranch")));
 extern double log(double) __attribute__((simd("notinbranch")));
 extern double log1p(double) __attribute__((simd("notinbranch")));
 extern double tanh(double) __attribute__((simd("notinbranch")));
-extern double sin(double) __attribute__((simd("notinbranch")));
-extern double cos(double) __attribute__((simd("notinbranch")));
+extern double sin(double) __attribute__((simd("notinbranch"), const));
+extern double cos(double) __attribute__((simd("notinbranch"), const));
 extern double atan2(double, double) __attribute__((simd("notinbranch")));
 
 int boltzgen_kernels_abi(void) { return 4; }
