@@ -171,6 +171,7 @@ class _ZMatrixTransform(Transform):
         self.register_buffer("scale", scale)
         self.register_buffer("_torsion_mask", torsion[:, None], persistent=False)
         self.register_buffer("_log_scale_sum", scale.log().sum(), persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_log_scale_sum)
         self.domains: list[Domain] = [Circular() if c else Unbounded() for c in circ.tolist()]
         kind = np.array(kinds)
         for name, sel in (
@@ -469,6 +470,13 @@ class MixedCoordinates(_ZMatrixTransform):
         """The three atoms that fix the frame (origin, +x axis, xy plane)."""
         f = self.cartesian_atoms
         return (f[0], f[1], f[2])
+
+
+def _refresh_log_scale_sum(module: _ZMatrixTransform, incompatible_keys: Any) -> None:
+    """After ``load_state_dict``: the log-det constant follows the loaded ``scale`` (it is
+    derived from it, not saved)."""
+    with torch.no_grad():
+        module._log_scale_sum.copy_(module.scale.log().sum())
 
 
 def _native_applies(z: Tensor) -> bool:
