@@ -66,7 +66,7 @@ _FLAGS = (
     "-fPIC",
 )
 _LIBS = ("-lmvec", "-lm")
-_ABI = 4
+_ABI = 5
 MAX_BINS = 32  # MAXK of kernels.c
 
 _lock = threading.RLock()
@@ -149,7 +149,7 @@ def _build(cc: str) -> Path:
 def _declare(lib: ctypes.CDLL) -> None:
     i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
-        head = [i64, i64, i64, i64, i32, p, p, p, p, p, real, real, real, real, real, real]
+        head = [i64, i64, i64, i64, i32, i32, p, p, p, p, p, real, real, real, real, real, real]
         fwd = getattr(lib, f"rqs_fwd_{suffix}")
         fwd.argtypes, fwd.restype = [*head, i32, p, p], i32
         bwd = getattr(lib, f"rqs_bwd_{suffix}")

@@ -12,6 +12,7 @@ the torch evaluation (`_FusedSpline`) that is used where the kernels are not bui
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import shutil
@@ -23,6 +24,7 @@ from boltzgen import native
 from boltzgen.flows import Bounded, Circular, DomainSpline, Unbounded
 from boltzgen.flows import splines as splines_mod
 from boltzgen.flows.base import wrap_circular
+from boltzgen.flows.splines import is_lane_major
 
 DOMAINS = [Unbounded(), Bounded(-1.0, 2.0), Circular(), Unbounded(), Circular()]
 
@@ -61,15 +63,28 @@ def _inputs(dtype, n=400, seed=0, beyond=False):
     return x, params
 
 
+def _laid_out(params: torch.Tensor, layout: str) -> torch.Tensor:
+    """``params`` (B, D, 3K + 1) as one parameter set ("shared", the identity splines of
+    couplings), row-major ("rows") or lane-major ("lanes": (D, 3K + 1, B) in memory, as a
+    coupling's conditioner writes them for the kernels); a leaf tensor."""
+    if layout == "shared":
+        return params[:1].clone()
+    if layout == "rows":
+        return params.contiguous()
+    b, d, n = params.shape
+    out = torch.empty_strided(params.shape, (1, n * b, b), dtype=params.dtype)
+    assert is_lane_major(out.copy_(params))
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("inverse", [False, True])
-@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("layout", ["rows", "lanes", "shared"])
 @pytest.mark.parametrize("beyond", [False, True])
-def test_fused_spline_matches_reference(impl, dtype, inverse, shared, beyond):
+def test_fused_spline_matches_reference(impl, dtype, inverse, layout, beyond):
     spline = DomainSpline(DOMAINS, n_bins=8)
-    x, params = _inputs(dtype, beyond=beyond)
-    if shared:  # one parameter set for the whole batch (identity splines of couplings)
-        params = params[:1]
+    x, params = _inputs(dtype, n=407, beyond=beyond)  # 407: a last tile of 7 lanes
+    params = _laid_out(params, layout)
     x.requires_grad_(True)
     params.requires_grad_(True)
     if inverse:
@@ -127,16 +142,16 @@ def test_fused_spline_matches_reference(impl, dtype, inverse, shared, beyond):
 
 
 @pytest.mark.parametrize("inverse", [False, True])
-@pytest.mark.parametrize("shared", [False, True])
-def test_fused_spline_gradcheck_and_gradgradcheck(impl, inverse, shared):
+@pytest.mark.parametrize("layout", ["rows", "lanes", "shared"])
+def test_fused_spline_gradcheck_and_gradgradcheck(impl, inverse, layout):
     spline = DomainSpline(DOMAINS, n_bins=4)
     g = torch.Generator().manual_seed(1)
     x = torch.tensor(
         [[0.3, 0.5, 1.0, -6.0, -2.5], [-1.7, -0.4, -3.0, 2.0, 0.1], [4.0, 1.9, 3.0, -0.2, -0.7]]
     )
     x = x.double().requires_grad_(True)
-    params = torch.randn(1 if shared else 3, len(DOMAINS), 13, generator=g) * 0.7
-    params = params.double().requires_grad_(True)
+    params = torch.randn(3, len(DOMAINS), 13, generator=g, dtype=torch.float64) * 0.7
+    params = _laid_out(params, layout).requires_grad_(True)
     fn = spline.inverse_and_log_det if inverse else spline.forward_and_log_det
     assert torch.autograd.gradcheck(fn, (x, params))
     assert torch.autograd.gradgradcheck(fn, (x, params))
@@ -192,6 +207,53 @@ def test_fused_spline_circle_ends(impl):
     params = torch.randn(1, 3, 19, dtype=torch.float64)
     y, _ = spline.forward_and_log_det(torch.full((1, 3), -math.pi, dtype=torch.float64), params)
     assert torch.allclose(y, torch.full_like(y, -math.pi))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spline_coupling_kernels_read_the_conditioner_lane_major(dtype):
+    """Where the kernels run, a coupling's conditioner writes the spline parameters lane-major
+    (its last layer as W h^T); values, log-dets and every parameter gradient equal those of
+    the torch evaluation with row-major parameters, forward and inverse."""
+    from boltzgen.flows import SplineCoupling
+    from boltzgen.flows.nets import ResidualNet
+
+    if not native.enabled("spline"):
+        pytest.skip(f"compiled kernels not built here: {native.status()}")
+    domains = [Unbounded(), Circular(), Bounded(0.0, 1.0), Circular(), Unbounded(), Circular()]
+    torch.manual_seed(3)
+    layer = SplineCoupling(domains, torch.tensor([1, 0, 1, 1, 0, 0]).bool(), 6, hidden=16,
+                           identity_spline=True, identity_init=False).to(dtype)  # fmt: skip
+    for p in layer.parameters():
+        p.data.normal_(0.0, 0.3)
+    z = torch.randn(37, 6, dtype=dtype)  # 37: a last tile of 5 lanes
+    z[:, 2] = torch.rand(37, dtype=dtype)
+    seen = []
+    real_forward = ResidualNet.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("transposed", False))
+        return real_forward(self, *args, **kwargs)
+
+    results = []
+    for kernels in (True, False):
+        with native.disabled() if not kernels else contextlib.nullcontext():
+            layer.zero_grad()
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(ResidualNet, "forward", spy)
+                x, ld = layer.forward_and_log_det(z)
+                zz, ld_inv = layer.inverse_and_log_det(x.detach())
+            (x.sum() + ld.sum() + ld_inv.sum() + zz.sum()).backward()
+            grads = [p.grad.clone() for p in layer.parameters()]
+            results.append((x.detach(), ld.detach(), zz.detach(), ld_inv.detach(), grads))
+    assert seen == [True, True, False, False]  # lane-major with the kernels only
+    tol = dict(rtol=2e-4, atol=2e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    (a, b) = results
+    for got, want in zip(a[:4], b[:4]):
+        torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(a[2], z, **tol)  # the inverse undoes the forward
+    for got, want in zip(a[4], b[4]):
+        scale = want.abs().amax().clamp_min(1.0)
+        torch.testing.assert_close(got / scale, want / scale, **tol)
 
 
 def test_spline_coupling_state_dict_keys_unchanged():

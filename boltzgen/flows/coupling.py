@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from boltzgen.flows.base import Circular, Domain, Transform, Unbounded
 from boltzgen.flows.nets import ResidualNet, circular_features
-from boltzgen.flows.splines import DomainSpline
+from boltzgen.flows.splines import DomainSpline, lane_major_params
 
 __all__ = ["AffineCoupling", "SplineCoupling", "alternating_mask", "random_mask"]
 
@@ -114,6 +114,9 @@ class SplineCoupling(Transform):
             if self.id_lin_pos.numel():
                 parts.insert(0, x_id.index_select(1, self.id_lin_pos))
             h = torch.cat(parts, 1)
+        if self.spline_t.prefers_lane_major(x_id):
+            # written (n_t * (3K + 1), batch) by the last layer: the kernels' layout
+            return lane_major_params(self.net(h, context, transposed=True), self.n_t)
         return self.net(h, context).view(x_id.shape[0], self.n_t, -1)
 
     def _split(self, v: Tensor) -> tuple[Tensor, Tensor]:

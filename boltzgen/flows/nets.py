@@ -76,8 +76,10 @@ class ResidualNet(nn.Module):
             nn.init.zeros_(self.final.weight)
             nn.init.zeros_(self.final.bias)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """``(batch, in_features)`` (+ context ``(batch, C)``) -> ``(batch, out_features)``."""
+    def forward(self, x: Tensor, context: Tensor | None = None, transposed: bool = False) -> Tensor:
+        """``(batch, in_features)`` (+ context ``(batch, C)``) -> ``(batch, out_features)``,
+        or with ``transposed`` the same numbers as ``(out_features, batch)`` contiguous (the
+        last layer computed as ``W h^T + b``: one matrix product either way)."""
         if self.context_features:
             if context is None:
                 raise ValueError("this network needs a context")
@@ -85,7 +87,10 @@ class ResidualNet(nn.Module):
         h = self.initial(x)
         for block in self.blocks:
             h = h + block(h)
-        return self.final(F.relu(h))
+        h = F.relu(h)
+        if transposed:
+            return torch.addmm(self.final.bias.unsqueeze(1), self.final.weight, h.t())
+        return self.final(h)
 
 
 class MaskedLinear(nn.Linear):

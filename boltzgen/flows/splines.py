@@ -33,6 +33,8 @@ from boltzgen.flows.base import Bounded, Circular, Domain, Unbounded, wrap_circu
 
 __all__ = [
     "DomainSpline",
+    "is_lane_major",
+    "lane_major_params",
     "rqs_forward",
     "rqs_inverse",
     "rqs_knots",
@@ -296,6 +298,17 @@ class DomainSpline(nn.Module):
         y, yc, outside = self._prepare(y)
         x, ld = rqs_inverse(yc, xk, yk, dk)
         return self._finish(y, x, ld, outside)
+
+    def prefers_lane_major(self, v: Tensor) -> bool:
+        """Whether per-sample parameters for inputs like ``v`` ``(batch, D)`` are best made
+        lane-major (`lane_major_params`): true where the compiled kernels evaluate the spline,
+        which then read them without a transpose (any layout gives the same result)."""
+        return (
+            v.dim() == 2
+            and v.shape[0] > 1
+            and not torch.compiler.is_compiling()
+            and _native_applies_to(self, v)
+        )
 
     def forward_and_log_det(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """Forward map of ``x`` ``(batch, D)`` with ``params`` ``(batch or 1, D, 3K + 1)``.
@@ -588,20 +601,27 @@ def _reference_backward(
 # inputs. Higher derivatives differentiate the reference composition, as for `_FusedSpline`.
 
 
-def _native_applies(sp: DomainSpline, v: Tensor, params: Tensor) -> bool:
+def _native_applies_to(sp: DomainSpline, v: Tensor) -> bool:
+    """Whether the kernels evaluate ``sp`` at inputs like ``v`` (given fitting parameters)."""
     return (
         v.device.type == "cpu"
         and native.dtype_supported(v.dtype)
-        and params.dtype == v.dtype
         and v.dim() == 2
-        and params.dim() == 3
-        and params.shape[0] in (1, v.shape[0])
         and v.shape[0] > 0
         and sp.n_bins <= native.MAX_BINS
         and sp.min_bin_width * sp.n_bins < 1.0
         and sp.min_bin_height * sp.n_bins < 1.0
         and native.has_storage(v)
         and native.enabled("spline")
+    )
+
+
+def _native_applies(sp: DomainSpline, v: Tensor, params: Tensor) -> bool:
+    return (
+        params.dtype == v.dtype
+        and params.dim() == 3
+        and params.shape[0] in (1, v.shape[0])
+        and _native_applies_to(sp, v)
     )
 
 
@@ -622,13 +642,34 @@ def _native_consts(sp: DomainSpline, dtype: torch.dtype) -> tuple:
     return c
 
 
+def is_lane_major(params: Tensor) -> bool:
+    """Whether per-sample spline parameters ``(B, D, 3K + 1)`` are laid out ``(D, 3K + 1, B)``
+    in memory (B > 1): the layout the compiled kernels read without a transpose, and what
+    `lane_major_params` makes."""
+    b, d, n = params.shape
+    return b > 1 and params.stride() == (1, n * b, b)
+
+
+def lane_major_params(out_t: Tensor, dim: int) -> Tensor:
+    """Per-sample spline parameters ``(B, D, 3K + 1)`` from a conditioner output written
+    transposed, ``(D * (3K + 1), B)`` (a view where that is contiguous, as a matrix product
+    writes it)."""
+    return out_t.contiguous().view(dim, -1, out_t.shape[1]).permute(2, 0, 1)
+
+
+def _native_params(params: Tensor) -> Tensor:
+    """``params`` in a layout the kernels read: as it is if contiguous or lane-major."""
+    return params if is_lane_major(params) else params.contiguous()
+
+
 def _native_head(sp: DomainSpline, v: Tensor, params: Tensor, inverse: bool) -> list:
-    """The leading arguments shared by the forward and backward kernels."""
+    """The leading arguments shared by the forward and backward kernels (``v`` contiguous,
+    ``params`` from `_native_params`)."""
     kind, low, high, scalars = _native_consts(sp, v.dtype)
     return [
         v.shape[0], v.shape[1], sp.n_bins, params.shape[0], int(inverse),
-        v.data_ptr(), params.data_ptr(), low.data_ptr(), high.data_ptr(), kind.data_ptr(),
-        *scalars,
+        int(is_lane_major(params)), v.data_ptr(), params.data_ptr(), low.data_ptr(),
+        high.data_ptr(), kind.data_ptr(), *scalars,
     ]  # fmt: skip
 
 
@@ -651,7 +692,7 @@ class _NativeSpline(torch.autograd.Function):
         ctx: Any, v: Tensor, params: Tensor, sp: DomainSpline, inverse: bool
     ) -> tuple[Tensor, Tensor]:
         out, ld = _native_forward(
-            native.library(), sp, v.contiguous(), params.contiguous(), inverse
+            native.library(), sp, v.contiguous(), _native_params(params), inverse
         )
         ctx.sp, ctx.inverse = sp, inverse
         # the inputs themselves (not contiguous copies, which carry no graph): a double
@@ -667,8 +708,9 @@ class _NativeSpline(torch.autograd.Function):
             # create_graph or vmapped gradients: differentiate the reference composition
             return _reference_backward(sp, inverse, v, params, g_out, g_ld, needs)
         g_v, g_p = _native_backward(
-            native.library(), sp, v.contiguous(), params.contiguous(), inverse, g_out, g_ld, needs
-        )
+            native.library(), sp, v.contiguous(), _native_params(params), inverse, g_out, g_ld,
+            needs,
+        )  # fmt: skip
         return g_v, g_p, None, None
 
 
@@ -683,12 +725,19 @@ def _native_backward(
     needs: Sequence[bool] = (True, True),
 ) -> tuple[Tensor | None, Tensor | None]:
     """Gradients (of ``v``, of ``params``, each unless not ``needs``) of the compiled spline
-    for upstream gradients of its output and per-element log-det; contiguous ``v``/``params``."""
+    for upstream gradients of its output and per-element log-det; contiguous ``v``, ``params``
+    contiguous or lane-major (the gradient then lane-major too)."""
     g_out, g_ld = g_out.contiguous(), g_ld.contiguous()
     g_v = torch.empty_like(v) if needs[0] else None
     g_p = None
     if needs[1]:
-        g_p = torch.zeros_like(params) if params.shape[0] == 1 else torch.empty_like(params)
+        if params.shape[0] == 1:
+            g_p = torch.zeros_like(params)
+        elif is_lane_major(params):
+            b, d, n = params.shape
+            g_p = lane_major_params(params.new_empty(d * n, b), d)
+        else:
+            g_p = torch.empty_like(params, memory_format=torch.contiguous_format)
     fn = native.kernel(lib, "rqs_bwd", v.dtype)
     rc = fn(
         *_native_head(sp, v, params, inverse),
@@ -710,8 +759,11 @@ def _native_self_check(lib: ctypes.CDLL) -> float:
     v = torch.randn(37, 5, generator=g, dtype=torch.float64) * 3.0
     v[:, 1] = torch.rand(37, generator=g, dtype=torch.float64) * 2.9 - 0.95
     compared = []
-    for shared in (False, True):
-        params = torch.randn(1 if shared else 37, 5, 16, generator=g, dtype=torch.float64)
+    for layout in ("rows", "lanes", "shared"):
+        params = torch.randn(1 if layout == "shared" else 37, 5, 16, generator=g,
+                             dtype=torch.float64)  # fmt: skip
+        if layout == "lanes":  # the same numbers laid out (D, 3K + 1, B)
+            params = lane_major_params(params.permute(1, 2, 0).reshape(5 * 16, 37), 5)
         for inverse in (False, True):
             ref = sp.reference_inverse_and_log_det if inverse else sp.reference_forward_and_log_det
             vv, pp = v.clone().requires_grad_(True), params.clone().requires_grad_(True)
@@ -721,7 +773,7 @@ def _native_self_check(lib: ctypes.CDLL) -> float:
             grads = torch.autograd.grad((out, ld), (vv, pp), (g_out, g_ld))
             n_out, n_ld = _native_forward(lib, sp, v, params, inverse)
             n_gv = torch.empty_like(v)
-            n_gp = torch.zeros_like(params)
+            n_gp = torch.zeros_like(params)  # the same layout as params
             lib.rqs_bwd_f64(
                 *_native_head(sp, v, params, inverse),
                 g_out.data_ptr(), g_ld.data_ptr(), n_gv.data_ptr(), n_gp.data_ptr(),

@@ -32,7 +32,7 @@ extern double sin(double) __attribute__((simd("notinbranch"), const));
 extern double cos(double) __attribute__((simd("notinbranch"), const));
 extern double atan2(double, double) __attribute__((simd("notinbranch")));
 
-int boltzgen_kernels_abi(void) { return 4; }
+int boltzgen_kernels_abi(void) { return 5; }
 
 /* exp of a float for the spline kernels, inlined (no call, no register spills around it):
  * Cody-Waite reduction by ln 2 and the degree-6 polynomial of Cephes' expf (relative error

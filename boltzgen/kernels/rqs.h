@@ -22,10 +22,11 @@ typedef struct {
 } FN(lanes_t);
 
 typedef struct {
-    int64_t K, np;
+    int K, np; /* int, as the bin indices: compared lane-wise in 32 bits */
     REAL lo, hi, min_w, min_h, min_d, shift, pi, two_pi;
     int kind, inverse, any_bounded;
     int shared; /* one parameter set for the batch: every knot derivative evaluated once */
+    int lane_major; /* per-sample parameters laid out (D, 3K + 1, B): rows of lanes */
 } FN(dim_t);
 
 static inline void FN(wrap_lanes)(REAL *x, REAL pi, REAL two_pi) {
@@ -38,12 +39,23 @@ static inline void FN(wrap_lanes)(REAL *x, REAL pi, REAL two_pi) {
 
 static void FN(knots)(FN(lanes_t) *s, const FN(dim_t) *c, const REAL *params, int64_t B,
                       int64_t D, int64_t P, int64_t b0, int64_t d) {
-    const int64_t K = c->K, np = c->np;
+    const int K = c->K, np = c->np;
     const REAL lo = c->lo, hi = c->hi, span = hi - lo;
-    for (int l = 0; l < LANES; l++) {
+    if (c->lane_major && b0 + LANES <= B) { /* LANES consecutive numbers per parameter */
+        const REAL *p = params + (d * np) * B + b0;
+        for (int j = 0; j < np; j++) LOOP { s->q[j][l] = p[j * B + l]; }
+        if (b0 + 2 * LANES <= B) /* the next tile's cache lines of the 3K + 1 rows */
+            for (int j = 0; j < np; j++) __builtin_prefetch(p + j * B + LANES, 0, 3);
+    } else if (c->lane_major) {
+        for (int j = 0; j < np; j++)
+            for (int l = 0; l < LANES; l++) {
+                int64_t b = b0 + l < B ? b0 + l : B - 1;
+                s->q[j][l] = params[(d * np + j) * B + b];
+            }
+    } else for (int l = 0; l < LANES; l++) {
         int64_t b = b0 + l < B ? b0 + l : B - 1;
         const REAL *p = params + ((P == 1 ? 0 : b) * D + d) * np;
-        for (int64_t j = 0; j < np; j++) s->q[j][l] = p[j];
+        for (int j = 0; j < np; j++) s->q[j][l] = p[j];
         /* per-sample parameter rows are read LANES rows at a time, D tiles in a row: fetch
          * the rows' parameters two tiles ahead (they are rarely in cache by the backward) */
         if (P != 1 && d + PF_AHEAD < D) {
@@ -56,9 +68,9 @@ static void FN(knots)(FN(lanes_t) *s, const FN(dim_t) *c, const REAL *params, in
     for (int k = 0; k < 2; k++) {
         REAL m[LANES], acc[LANES];
         LOOP { m[l] = s->q[k * K][l]; acc[l] = 0; }
-        for (int64_t i = 1; i < K; i++) LOOP { REAL a = s->q[k * K + i][l]; m[l] = a > m[l] ? a : m[l]; }
+        for (int i = 1; i < K; i++) LOOP { REAL a = s->q[k * K + i][l]; m[l] = a > m[l] ? a : m[l]; }
         LOOP { s->cs[k][0][l] = 0; }
-        for (int64_t i = 0; i < K; i++) LOOP {
+        for (int i = 0; i < K; i++) LOOP {
             REAL e = EXPS(s->q[k * K + i][l] - m[l]);
             s->e[k][i][l] = e;
             acc[l] += e;
@@ -66,14 +78,14 @@ static void FN(knots)(FN(lanes_t) *s, const FN(dim_t) *c, const REAL *params, in
         }
         const REAL fac = span * ((REAL)1 - mins[k] * (REAL)K);
         LOOP { s->scale[k][l] = fac / acc[l]; }
-        for (int64_t j = 0; j <= K; j++) {
+        for (int j = 0; j <= K; j++) {
             const REAL base = lo + span * (mins[k] * (REAL)j);
             LOOP { s->kn[k][j][l] = base + s->scale[k][l] * s->cs[k][j][l]; }
         }
     }
     if (!c->shared) return; /* per-sample parameters: bins() evaluates the bin's two only */
     const REAL shift = c->shift, min_d = c->min_d;
-    for (int64_t j = 0; j <= K; j++) LOOP {
+    for (int j = 0; j <= K; j++) LOOP {
         REAL din = s->q[2 * K + j][l] + shift;
         REAL ex = EXPS(din);
         REAL sp = LOG1P(ex);
@@ -86,49 +98,34 @@ static void FN(knots)(FN(lanes_t) *s, const FN(dim_t) *c, const REAL *params, in
 }
 
 static void FN(bins)(FN(lanes_t) *s, const FN(dim_t) *c) {
-    const int64_t K = c->K;
+    const int K = c->K;
     const int srch = c->inverse ? 1 : 0;
     LOOP { s->idx[l] = 0; }
-    for (int64_t j = 1; j < K; j++) LOOP { s->idx[l] += s->vc[l] >= s->kn[srch][j][l]; }
+    for (int j = 1; j < K; j++) LOOP { s->idx[l] += s->vc[l] >= s->kn[srch][j][l]; }
     /* shared: d0, d1, ex0, ex1 from the evaluated knot derivatives; per sample: the bin's two
      * pre-activations (the last wraps to the first on circular dims), evaluated below */
-    const int64_t jw = c->kind == 2 ? 0 : K; /* where knot K's derivative is */
+    const int jw = c->kind == 2 ? 0 : K; /* where knot K's derivative is */
+    /* the bin's knots and derivatives: gathers at lane-major offsets (bin index x LANES + lane)
+     * rather than selects over the K bins */
+    const REAL *kx = &s->kn[0][0][0], *ky = &s->kn[1][0][0];
     LOOP {
-        s->x0[l] = s->kn[0][0][l]; s->x1[l] = s->kn[0][1][l];
-        s->y0[l] = s->kn[1][0][l]; s->y1[l] = s->kn[1][1][l];
-    }
-    for (int64_t j = 1; j < K; j++) LOOP {
-        int sel = s->idx[l] == j;
-        s->x0[l] = sel ? s->kn[0][j][l] : s->x0[l];
-        s->x1[l] = sel ? s->kn[0][j + 1][l] : s->x1[l];
-        s->y0[l] = sel ? s->kn[1][j][l] : s->y0[l];
-        s->y1[l] = sel ? s->kn[1][j + 1][l] : s->y1[l];
+        const int i = s->idx[l], o = i * LANES + l;
+        s->x0[l] = kx[o]; s->x1[l] = kx[o + LANES];
+        s->y0[l] = ky[o]; s->y1[l] = ky[o + LANES];
     }
     if (c->shared) {
+        const REAL *dk = &s->dk[0][0], *ex = &s->ex[0][0];
         LOOP {
-            s->d0[l] = s->dk[0][l]; s->d1[l] = s->dk[K == 1 ? jw : 1][l];
-            s->ex0[l] = s->ex[0][l]; s->ex1[l] = s->ex[K == 1 ? jw : 1][l];
-        }
-        for (int64_t j = 1; j < K; j++) {
-            const int64_t j1 = j + 1 == K ? jw : j + 1;
-            LOOP {
-                int sel = s->idx[l] == j;
-                s->d0[l] = sel ? s->dk[j][l] : s->d0[l];
-                s->d1[l] = sel ? s->dk[j1][l] : s->d1[l];
-                s->ex0[l] = sel ? s->ex[j][l] : s->ex0[l];
-                s->ex1[l] = sel ? s->ex[j1][l] : s->ex1[l];
-            }
+            const int i = s->idx[l], i1 = i + 1 == K ? jw : i + 1;
+            s->d0[l] = dk[i * LANES + l]; s->d1[l] = dk[i1 * LANES + l];
+            s->ex0[l] = ex[i * LANES + l]; s->ex1[l] = ex[i1 * LANES + l];
         }
     } else {
         REAL q0[LANES], q1[LANES];
-        LOOP { q0[l] = s->q[2 * K][l]; q1[l] = s->q[2 * K + (K == 1 ? jw : 1)][l]; }
-        for (int64_t j = 1; j < K; j++) {
-            const int64_t j1 = j + 1 == K ? jw : j + 1;
-            LOOP {
-                int sel = s->idx[l] == j;
-                q0[l] = sel ? s->q[2 * K + j][l] : q0[l];
-                q1[l] = sel ? s->q[2 * K + j1][l] : q1[l];
-            }
+        const REAL *qd = &s->q[2 * K][0];
+        LOOP {
+            const int i = s->idx[l], i1 = i + 1 == K ? jw : i + 1;
+            q0[l] = qd[i * LANES + l]; q1[l] = qd[i1 * LANES + l];
         }
         const int unb = c->kind == 0;
         const REAL shift = c->shift, min_d = c->min_d; /* locals: no aliasing with s */
@@ -186,26 +183,33 @@ static void FN(load)(FN(lanes_t) *s, const FN(dim_t) *c, const REAL *v, const RE
 }
 
 /* Tile `it` of D x ceil(B / LANES): dimension d and first row b0. Shared parameters: all rows
- * of one dimension in turn (its knots evaluated once); per-sample: all dimensions of LANES
- * rows in turn (their parameter rows stay in cache). */
+ * of one dimension in turn (its knots evaluated once); lane-major per-sample parameters: the
+ * same (each tile reads the next cache line of the dimension's 3K + 1 rows); row-major
+ * per-sample parameters: all dimensions of LANES rows in turn (their rows stay in cache). */
 #ifndef TILE
 #define TILE(it)                                                         \
-    const int64_t d = P == 1 ? (it) / nb : (it) % D;                     \
-    const int64_t b0 = (P == 1 ? (it) % nb : (it) / D) * LANES
+    const int dmaj = P == 1 || lm;                                       \
+    const int64_t d = dmaj ? (it) / nb : (it) % D;                       \
+    const int64_t b0 = (dmaj ? (it) % nb : (it) / D) * LANES
 #endif
 
-/* Forward (inverse = 0) or inverse spline of (B, D) inputs with params (P, D, 3K + 1). */
-int FN(rqs_fwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const REAL *v,
-                const REAL *params, const REAL *low, const REAL *high, const int8_t *kind,
+/* Forward (inverse = 0) or inverse spline of (B, D) inputs with params (P, D, 3K + 1), P = 1
+ * or B; with lane_major and P = B the parameters are laid out (D, 3K + 1, B) instead (what a
+ * conditioner's last layer writes as W h^T: LANES rows read as one vector per parameter,
+ * no transpose). */
+int FN(rqs_fwd)(int64_t B, int64_t D, int64_t K64, int64_t P, int inverse, int lane_major,
+                const REAL *v, const REAL *params, const REAL *low, const REAL *high, const int8_t *kind,
                 REAL min_w, REAL min_h, REAL min_d, REAL shift, REAL pi, REAL two_pi,
                 int any_bounded, REAL *out, REAL *ld) {
-    if (K > MAXK || K < 1) return -1;
+    if (K64 > MAXK || K64 < 1) return -1;
+    const int K = (int)K64;
+    const int lm = lane_major && P != 1;
     FN(lanes_t) s;
     const int64_t nb = (B + LANES - 1) / LANES;
     for (int64_t it = 0; it < D * nb; it++) {
         TILE(it);
         FN(dim_t) c = {K, 3 * K + 1, low[d], high[d], min_w, min_h, min_d, shift, pi, two_pi,
-                       kind[d], inverse, any_bounded, P == 1};
+                       kind[d], inverse, any_bounded, P == 1, lm};
         {
             FN(load)(&s, &c, v, params, B, D, P, b0, d, P == 1 && b0 > 0);
             REAL o[LANES], lg[LANES];
@@ -243,21 +247,23 @@ int FN(rqs_fwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const R
 }
 
 /* Gradients of rqs_fwd's (out, ld) for upstream gradients (g_out, g_ld): g_v (B, D) unless
- * NULL, g_params (P, D, 3K + 1) unless NULL (accumulated over the batch when P = 1, so the
- * caller zeroes it). */
-int FN(rqs_bwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const REAL *v,
-                const REAL *params, const REAL *low, const REAL *high, const int8_t *kind,
+ * NULL, g_params (P, D, 3K + 1), or (D, 3K + 1, B) with lane_major, unless NULL (accumulated
+ * over the batch when P = 1, so the caller zeroes it). */
+int FN(rqs_bwd)(int64_t B, int64_t D, int64_t K64, int64_t P, int inverse, int lane_major,
+                const REAL *v, const REAL *params, const REAL *low, const REAL *high, const int8_t *kind,
                 REAL min_w, REAL min_h, REAL min_d, REAL shift, REAL pi, REAL two_pi,
                 const REAL *g_out, const REAL *g_ld, REAL *g_v, REAL *g_params) {
-    if (K > MAXK || K < 1) return -1;
+    if (K64 > MAXK || K64 < 1) return -1;
+    const int K = (int)K64;
+    const int lm = lane_major && P != 1;
     FN(lanes_t) s;
-    const int64_t np = 3 * K + 1;
+    const int np = 3 * K + 1;
     REAL gq[3 * MAXK + 1][LANES];
     const int64_t nb = (B + LANES - 1) / LANES;
     for (int64_t it = 0; it < D * nb; it++) {
         TILE(it);
         FN(dim_t) c = {K, np, low[d], high[d], min_w, min_h, min_d, shift, pi, two_pi,
-                       kind[d], inverse, 0, P == 1};
+                       kind[d], inverse, 0, P == 1, lm};
         {
             FN(load)(&s, &c, v, params, B, D, P, b0, d, P == 1 && b0 > 0);
             const int64_t n = B - b0 < LANES ? B - b0 : LANES;
@@ -320,15 +326,14 @@ int FN(rqs_bwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const R
             for (int k = 0; k < 2; k++) {
                 const REAL *ga = k ? gya : gxa, *gb = k ? gyb : gxb;
                 REAL ca[LANES], cb[LANES], glast[LANES];
-                LOOP { ca[l] = s.cs[k][0][l]; cb[l] = s.cs[k][1][l]; }
-                for (int64_t j = 1; j < K; j++) LOOP {
-                    int sel = s.idx[l] == j;
-                    ca[l] = sel ? s.cs[k][j][l] : ca[l];
-                    cb[l] = sel ? s.cs[k][j + 1][l] : cb[l];
+                const REAL *csk = &s.cs[k][0][0];
+                LOOP {
+                    const int o = s.idx[l] * LANES + l;
+                    ca[l] = csk[o]; cb[l] = csk[o + LANES];
                 }
                 /* knots = base + scale cs with scale = fac / cs_K and cs_j = sum_{i<j} e_i */
                 LOOP { glast[l] = (ga[l] * ca[l] + gb[l] * cb[l]) * s.scale[k][l] / s.cs[k][K][l]; }
-                for (int64_t i = 0; i < K; i++) LOOP {
+                for (int i = 0; i < K; i++) LOOP {
                     REAL ge = s.scale[k][l] * ((i < s.idx[l] ? ga[l] : 0) + (i <= s.idx[l] ? gb[l] : 0)) - glast[l];
                     gq[k * K + i][l] = ge * s.e[k][i][l];
                 }
@@ -341,10 +346,10 @@ int FN(rqs_bwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const R
                 gda[l] = unb && i == 0 ? 0 : gda[l] / (1 + 1 / s.ex0[l]);
                 gdb[l] = unb && i == K - 1 ? 0 : gdb[l] / (1 + 1 / s.ex1[l]);
             }
-            const int64_t jw = c.kind == 2 ? 0 : K;
-            for (int64_t j = 0; j <= K; j++) {
+            const int jw = c.kind == 2 ? 0 : K;
+            for (int j = 0; j <= K; j++) {
                 /* the bin whose d1 is knot j (-1: none) */
-                const int64_t jb = jw == 0 ? (j == 0 ? K - 1 : (j == K ? -1 : j - 1)) : j - 1;
+                const int jb = jw == 0 ? (j == 0 ? K - 1 : (j == K ? -1 : j - 1)) : j - 1;
                 LOOP {
                     REAL g = s.idx[l] == j ? gda[l] : 0;
                     g += s.idx[l] == jb ? gdb[l] : 0;
@@ -353,15 +358,22 @@ int FN(rqs_bwd)(int64_t B, int64_t D, int64_t K, int64_t P, int inverse, const R
             }
             if (P == 1) {
                 REAL *gp = g_params + d * np;
-                for (int64_t j = 0; j < np; j++) {
+                for (int j = 0; j < np; j++) {
                     REAL acc = 0;
                     for (int l = 0; l < n; l++) acc += gq[j][l];
                     gp[j] += acc;
                 }
+            } else if (c.lane_major) {
+                REAL *gp = g_params + (d * np) * B + b0;
+                if (n == LANES)
+                    for (int j = 0; j < np; j++) LOOP { gp[j * B + l] = gq[j][l]; }
+                else
+                    for (int j = 0; j < np; j++)
+                        for (int l = 0; l < n; l++) gp[j * B + l] = gq[j][l];
             } else {
                 for (int l = 0; l < n; l++) {
                     REAL *gp = g_params + ((b0 + l) * D + d) * np;
-                    for (int64_t j = 0; j < np; j++) gp[j] = gq[j][l];
+                    for (int j = 0; j < np; j++) gp[j] = gq[j][l];
                 }
             }
         }
