@@ -19,8 +19,10 @@ int FN(bonded_eval)(int64_t B, int64_t N, const REAL *x, int kind, int64_t n,
     const REAL tiny = sizeof(REAL) == 4 ? (REAL)1.17549435e-38f : (REAL)2.2250738585072014e-308;
     for (int64_t b0 = 0; b0 < B; b0 += LANES) {
         FN(load_x)(X, x, B, N, b0);
-        if (grad)
-            for (int64_t q = 0; q < 3 * N * LANES; q++) G[q] = 0;
+        /* bonds and angles accumulate their gradient into G whether or not it is asked for:
+         * a store under a condition inside a lane loop becomes a masked store (microcoded on
+         * AMD CPUs), dearer than the gradient itself */
+        for (int64_t q = 0; q < 3 * N * LANES; q++) G[q] = 0;
         REAL e[LANES];
         LOOP { e[l] = 0; }
         if (kind == 0) {
@@ -36,11 +38,9 @@ int FN(bonded_eval)(int64_t B, int64_t N, const REAL *x, int kind, int64_t n,
                     REAL r = SQRT(d0 * d0 + d1 * d1 + d2 * d2);
                     REAL k_dr = kb * (r - r0);
                     e[l] += (REAL)0.5 * k_dr * (r - r0);
-                    if (grad) {
-                        REAL s = k_dr / r;
-                        gj0[l] += s * d0; gj1[l] += s * d1; gj2[l] += s * d2;
-                        gi0[l] -= s * d0; gi1[l] -= s * d1; gi2[l] -= s * d2;
-                    }
+                    REAL s = k_dr / r;
+                    gj0[l] += s * d0; gj1[l] += s * d1; gj2[l] += s * d2;
+                    gi0[l] -= s * d0; gi1[l] -= s * d1; gi2[l] -= s * d2;
                 }
             }
         } else if (kind == 1) {
@@ -61,18 +61,16 @@ int FN(bonded_eval)(int64_t B, int64_t N, const REAL *x, int kind, int64_t n,
                     REAL cn = SQRT(c0 * c0 + c1 * c1 + c2 * c2);
                     REAL dth = ATAN2(cn, ab) - th0;
                     e[l] += (REAL)0.5 * ka * dth * dth;
-                    if (grad) {
-                        REAL s = -(ka * dth) / (cn > tiny ? cn : tiny);
-                        REAL fa = ab / (a0 * a0 + a1 * a1 + a2 * a2);
-                        REAL fb = ab / (b0_ * b0_ + b1 * b1 + b2 * b2);
-                        REAL ga0 = s * (b0_ - fa * a0), ga1 = s * (b1 - fa * a1);
-                        REAL ga2 = s * (b2 - fa * a2);
-                        REAL gb0 = s * (a0 - fb * b0_), gb1 = s * (a1 - fb * b1);
-                        REAL gb2 = s * (a2 - fb * b2);
-                        gi0[l] += ga0; gi1[l] += ga1; gi2[l] += ga2;
-                        gk0[l] += gb0; gk1[l] += gb1; gk2[l] += gb2;
-                        gj0[l] -= ga0 + gb0; gj1[l] -= ga1 + gb1; gj2[l] -= ga2 + gb2;
-                    }
+                    REAL s = -(ka * dth) / (cn > tiny ? cn : tiny);
+                    REAL fa = ab / (a0 * a0 + a1 * a1 + a2 * a2);
+                    REAL fb = ab / (b0_ * b0_ + b1 * b1 + b2 * b2);
+                    REAL ga0 = s * (b0_ - fa * a0), ga1 = s * (b1 - fa * a1);
+                    REAL ga2 = s * (b2 - fa * a2);
+                    REAL gb0 = s * (a0 - fb * b0_), gb1 = s * (a1 - fb * b1);
+                    REAL gb2 = s * (a2 - fb * b2);
+                    gi0[l] += ga0; gi1[l] += ga1; gi2[l] += ga2;
+                    gk0[l] += gb0; gk1[l] += gb1; gk2[l] += gb2;
+                    gj0[l] -= ga0 + gb0; gj1[l] -= ga1 + gb1; gj2[l] -= ga2 + gb2;
                 }
             }
         } else {
