@@ -4,7 +4,10 @@
 blocks, 8 bins, residual conditioners with one block of 256 hidden units, random circular
 shifts, Gaussian x uniform base. Times ``log_prob(x).mean().backward()`` and
 ``sample_and_log_prob(n)`` at batch 1024 for both libraries in the same run, interleaved,
-and prints JSON with medians, the normflows/boltzgen ratios and peak memory.
+and prints JSON with medians, the normflows/boltzgen ratios and peak memory. The conditioners
+alone (`conditioners_step`: the matrix products both libraries share) are timed beside them, so
+the JSON also says how much of boltzgen's time they are and the largest ratio any flow code
+could reach with them (normflows / conditioners).
 
 Run (quick default):  nice -n 10 python benchmarks/flows.py [--reps 7] [--device cpu]
 Peak memory: CUDA peak allocation on GPU; on CPU the growth of the peak resident set size
@@ -107,6 +110,28 @@ def _ops(lib: str, model, x: torch.Tensor, n: int):
     return {"log_prob_backward": log_prob_backward, "sample_and_log_prob": sample}
 
 
+def conditioners_step(model_bg, n: int, device: str):
+    """A closure that runs only the conditioners of ``model_bg``'s spline couplings, forward and
+    backward at batch ``n`` on random inputs of their widths: the matrix products (and ReLUs)
+    that boltzgen and normflows share at the same architecture. Its time bounds the ratio:
+    normflows / this = the speed-up of a boltzgen whose everything else cost nothing."""
+    from boltzgen.flows import SplineCoupling
+
+    nets = [m.net for m in model_bg.modules() if isinstance(m, SplineCoupling)]
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, net.initial.in_features, generator=g).to(device) for net in nets]
+    gs = [torch.randn(n, net.final.out_features, generator=g).to(device) for net in nets]
+    for x in xs:
+        x.requires_grad_(True)  # inside a flow every conditioner's input carries a gradient
+
+    def run() -> None:
+        for net, x, gout in zip(nets, xs, gs):
+            net.zero_grad(set_to_none=True)
+            net(x).backward(gout)
+
+    return run
+
+
 def _data(model_bg, n: int, device: str) -> torch.Tensor:
     torch.manual_seed(0)
     with torch.no_grad():
@@ -192,10 +217,15 @@ def main() -> None:
         _perturb(m, seed + 1)
     x = _data(models["boltzgen"], args.batch, args.device)
     ops = {lib: _ops(lib, m, x, args.batch) for lib, m in models.items()}
+    ops["conditioners_only"] = {
+        "log_prob_backward": conditioners_step(models["boltzgen"], args.batch, args.device)
+    }
     times: dict = {lib: {op: [] for op in ops[lib]} for lib in ops}
     for r in range(args.warmup + args.reps):
         for op in ("log_prob_backward", "sample_and_log_prob"):
-            for lib in ("boltzgen", "normflows"):  # interleaved, same conditions
+            for lib in ops:  # interleaved, same conditions
+                if op not in ops[lib]:
+                    continue
                 _sync(args.device)
                 t0 = time.perf_counter()
                 ops[lib][op]()
@@ -206,7 +236,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     aten: dict = {}
-    for lib in ops:
+    for lib in models:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             ops[lib]["log_prob_backward"]()
         aten[lib] = sum(1 for e in prof.events() if e.name.startswith("aten::"))
@@ -235,10 +265,17 @@ def main() -> None:
     result["speedup_normflows_over_boltzgen"] = {
         op: med["normflows"][op] / med["boltzgen"][op] for op in med["boltzgen"]
     }
+    # the most any library can gain over normflows with these conditioners: its products alone
+    op = "log_prob_backward"
+    share = med["conditioners_only"][op] / med["boltzgen"][op]
+    result["conditioners_share_of_boltzgen"] = {op: share}
+    result["speedup_bound_at_zero_overhead"] = {
+        op: med["normflows"][op] / med["conditioners_only"][op]
+    }
     if not args.no_memory:
         result["peak_memory_mib"] = {
             lib: {op: peak_memory_mib(lib, op, args.batch, args.device) for op in med[lib]}
-            for lib in med
+            for lib in models
         }
     print(json.dumps(result, indent=2, default=lambda o: np.asarray(o).tolist()))
 

@@ -17,7 +17,10 @@ measured side by side too. normflows steps with torch's default Adam, as its use
 Architectures: ``quick`` (reverse_kl_quick.yaml: 6 blocks x 64 hidden, batch 256) and ``fab``
 (FAB's ALDP flow: 12 blocks x 256 hidden, batch 1024). Prints JSON: CPU model, torch's vector
 capability, threads; per architecture the median step time of each library (interleaved
-repeats, same conditions), the normflows/boltzgen ratio, ATen calls per step (torch profiler
+repeats, same conditions), the normflows/boltzgen ratio (of the medians, and the median of the
+per-repeat ratios), the conditioners alone (`flows.conditioners_step`: the matrix products both
+libraries share; normflows / their time bounds the ratio any flow code can reach), ATen calls
+per step (torch profiler
 events named ``aten::*``, nested calls and backward included) and the peak resident-memory
 growth of one step (fresh child process per library, Linux VmHWM).
 
@@ -39,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import machine  # noqa: E402 (benchmarks/ is on sys.path)
-from flows import _perturb, _status_kib, build_normflows  # noqa: E402
+from flows import _perturb, _status_kib, build_normflows, conditioners_step  # noqa: E402
 
 ARCHS = {"quick": (6, 64, 256), "fab": (12, 256, 1024)}  # blocks, hidden, batch
 # boltzgen as it runs (compiled spline kernels where built), boltzgen with its torch spline
@@ -93,6 +96,7 @@ def _setup(lib: str, arch: str):
         (log_q + 1e-3 * (y * y).sum(1)).mean().backward()
 
     step.flow_step = flow_step
+    step.flow = flow
     if lib == "boltzgen_without_kernels":
         step = _without_kernels(step)
         step.flow_step = _without_kernels(flow_step)
@@ -164,15 +168,18 @@ def main() -> None:
     }
     for arch in args.arch:
         steps = {lib: _setup(lib, arch) for lib in LIBS}
-        times: dict = {lib: [] for lib in steps}
+        n_blocks, hidden, batch = ARCHS[arch]
+        # the conditioners' matrix products alone (shared by both libraries): a bound
+        floor = conditioners_step(steps["boltzgen"].flow, batch, "cpu")
+        timed = {**steps, "conditioners_only": floor}
+        times: dict = {lib: [] for lib in timed}
         for r in range(args.warmup + args.reps):
-            for lib, step in steps.items():  # interleaved: the same conditions for both
+            for lib, step in timed.items():  # interleaved: the same conditions for both
                 t0 = time.perf_counter()
                 step()
                 if r >= args.warmup:
                     times[lib].append(time.perf_counter() - t0)
         med = {lib: statistics.median(v) for lib, v in times.items()}
-        n_blocks, hidden, batch = ARCHS[arch]
         row = {
             "blocks": n_blocks,
             "hidden": hidden,
@@ -181,6 +188,11 @@ def main() -> None:
             "all_s": {lib: [round(t, 4) for t in v] for lib, v in times.items()},
             "speedup_normflows_over_boltzgen": med["normflows"] / med["boltzgen"],
             "speedup_kernels": med["boltzgen_without_kernels"] / med["boltzgen"],
+            "median_ratio_per_rep": statistics.median(
+                n / b for n, b in zip(times["normflows"], times["boltzgen"])
+            ),
+            "conditioners_share_of_boltzgen": med["conditioners_only"] / med["boltzgen"],
+            "speedup_bound_at_zero_overhead": med["normflows"] / med["conditioners_only"],
             "aten_calls_per_step": {lib: _aten_calls(step) for lib, step in steps.items()},
             "flow_aten_calls_per_step": {
                 lib: _aten_calls(step.flow_step) for lib, step in steps.items()
