@@ -55,6 +55,15 @@ def test_shipped_recipe_loads_and_chains_its_stages():
     main, basin = stage_configs(quick, "OUT")
     assert [c.train.max_iter for c in main] == [9000, 2000]
     assert main[1].init_from == "OUT/main/1_reverse_kl/checkpoint.pt"
+    # the lean recipe: the full one's basin and helix stages (shared files), a shorter main flow
+    lean = load_recipe(systems.shipped_path("aldp", "recipes/lean/recipe.yaml"))
+    assert lean.names == recipe.names and lean.fractions == recipe.fractions
+    main, *rare_lean = stage_configs(lean, "OUT")
+    assert [c.train.max_iter for c in main] == [11000, 5000]
+    assert main[1].train.lr == pytest.approx(4e-4) and main[1].train.batch_size == 512
+    assert main[1].init_from == "OUT/main/1_reverse_kl/checkpoint.pt"
+    _, *rare = stage_configs(recipe, "OUT")
+    assert rare_lean == rare  # basin and helix: the same stage configs
 
 
 @pytest.mark.parametrize(
