@@ -204,7 +204,8 @@ static void FN(load)(FN(lanes_t) *s, const FN(dim_t) *c, const REAL *v, const RE
  * conditioner's last layer writes as W h^T: LANES rows read as one vector per parameter,
  * no transpose). */
 int FN(rqs_fwd)(int64_t B, int64_t D, int64_t K64, int64_t P, int inverse, int lane_major,
-                const REAL *v, const REAL *params, const REAL *low, const REAL *high, const int8_t *kind,
+                const REAL *v, const REAL *params, const REAL *low, const REAL *high,
+                const int8_t *kind,
                 REAL min_w, REAL min_h, REAL min_d, REAL shift, REAL pi, REAL two_pi,
                 int any_bounded, REAL *out, REAL *ld) {
     if (K64 > MAXK || K64 < 1) return -1;
@@ -256,7 +257,8 @@ int FN(rqs_fwd)(int64_t B, int64_t D, int64_t K64, int64_t P, int inverse, int l
  * NULL, g_params (P, D, 3K + 1), or (D, 3K + 1, B) with lane_major, unless NULL (accumulated
  * over the batch when P = 1, so the caller zeroes it). */
 int FN(rqs_bwd)(int64_t B, int64_t D, int64_t K64, int64_t P, int inverse, int lane_major,
-                const REAL *v, const REAL *params, const REAL *low, const REAL *high, const int8_t *kind,
+                const REAL *v, const REAL *params, const REAL *low, const REAL *high,
+                const int8_t *kind,
                 REAL min_w, REAL min_h, REAL min_d, REAL shift, REAL pi, REAL two_pi,
                 const REAL *g_out, const REAL *g_ld, REAL *g_v, REAL *g_params) {
     if (K64 > MAXK || K64 < 1) return -1;
