@@ -2,6 +2,7 @@
 ``boltzgen pipeline --recipe`` (components in parallel processes), exported and sampled."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -34,11 +35,9 @@ def _recipe(tmp_path, components=None, **extra):
 
 
 def test_shipped_recipe_loads_and_chains_its_stages():
-    recipe = load_recipe(systems.shipped_path("aldp", "recipe.yaml"))
-    assert recipe.names == ("main", "basin", "helix") and sum(recipe.fractions) == pytest.approx(
-        1.0
-    )
-    main, basin, helix = stage_configs(recipe, "OUT")
+    full = load_recipe(systems.shipped_path("aldp", "recipes/full/recipe.yaml"))
+    assert full.names == ("main", "basin", "helix") and sum(full.fractions) == pytest.approx(1.0)
+    main, basin, helix = stage_configs(full, "OUT")
     assert [c.output_dir for c in main] == [
         "OUT/main/reverse_kl_quick", "OUT/main/reweighted_finetune"
     ]  # fmt: skip
@@ -50,20 +49,25 @@ def test_shipped_recipe_loads_and_chains_its_stages():
     # the helix flow: phi and psi restrained in both stages, the second from the first
     assert [[r.atoms for r in c.restraint] for c in helix] == [[[4, 6, 8, 14], [6, 8, 14, 16]]] * 2
     assert helix[1].init_from == "OUT/helix/basin_alpha_l_helix_quick/checkpoint.pt"
-    # the shortened recipe beside it
+    # what `pipeline aldp --train` trains: the same run configs, fewer steps (stage overrides)
+    recipe = load_recipe(systems.shipped_path("aldp", "recipe.yaml"))
+    assert recipe.names == full.names and recipe.fractions == full.fractions
+    short = stage_configs(recipe, "OUT")
+    assert [[c.train.max_iter for c in chain] for chain in short] == [
+        [10000, 4500], [2750, 2750], [2750, 2750]
+    ]  # fmt: skip
+    assert short[0][1].train.lr == pytest.approx(4e-4) and short[0][1].train.batch_size == 512
+    for chain, long in zip(short, (main, basin, helix), strict=True):
+        assert [c.output_dir for c in chain] == [c.output_dir for c in long]
+        assert [c.init_from for c in chain] == [c.init_from for c in long]
+        for c, f in zip(chain, long, strict=True):  # nothing else differs
+            assert (c.flow, c.coordinates, c.restraint) == (f.flow, f.coordinates, f.restraint)
+            assert replace(c.train, max_iter=1, lr=1.0) == replace(f.train, max_iter=1, lr=1.0)
+    # the shortened two-flow recipe beside them
     quick = load_recipe(systems.shipped_path("aldp", "recipes/quick/recipe.yaml"))
     main, basin = stage_configs(quick, "OUT")
     assert [c.train.max_iter for c in main] == [9000, 2000]
     assert main[1].init_from == "OUT/main/1_reverse_kl/checkpoint.pt"
-    # the lean recipe: the full one's basin and helix stages (shared files), a shorter main flow
-    lean = load_recipe(systems.shipped_path("aldp", "recipes/lean/recipe.yaml"))
-    assert lean.names == recipe.names and lean.fractions == recipe.fractions
-    main, *rare_lean = stage_configs(lean, "OUT")
-    assert [c.train.max_iter for c in main] == [11000, 5000]
-    assert main[1].train.lr == pytest.approx(4e-4) and main[1].train.batch_size == 512
-    assert main[1].init_from == "OUT/main/1_reverse_kl/checkpoint.pt"
-    _, *rare = stage_configs(recipe, "OUT")
-    assert rare_lean == rare  # basin and helix: the same stage configs
 
 
 @pytest.mark.parametrize(
@@ -89,6 +93,40 @@ def test_bad_recipes_are_config_errors(tmp_path, components, extra, match):
         load_recipe(_recipe(tmp_path, components, **extra))
 
 
+def test_a_stage_can_override_its_config_file(tmp_path):
+    components = [
+        {"name": "main", "fraction": 0.9, "stages": [
+            "a.yaml", {"config": "b.yaml", "train": {"max_iter": 7, "lr": 3e-4}}]},
+        {"name": "basin", "fraction": 0.1, "stages": [
+            {"config": "basin.yaml", "restraint": {"range": [10, 100]}, "flow": {"n_bins": 6}}]},
+    ]  # fmt: skip
+    recipe = load_recipe(_recipe(tmp_path, components))
+    (a, b), (basin,) = stage_configs(recipe, "OUT")
+    assert a.train.max_iter == 2 and recipe.stage_overrides(0, 0) == {}
+    # the overridden keys change, the file's other keys of that section stay
+    assert (b.train.max_iter, b.train.lr) == (7, pytest.approx(3e-4))
+    assert (b.train.objective, b.train.seed, b.train.batch_size) == ("reweighted_kl", 1, 16)
+    assert b.init_from == "OUT/main/a/checkpoint.pt" and b.output_dir == "OUT/main/b"
+    assert basin.restraint.range == [10, 100] and basin.restraint.atoms == [4, 6, 8, 14]
+    assert (basin.flow.n_bins, basin.flow.hidden) == (6, 16)
+
+
+@pytest.mark.parametrize(
+    "stage,match",
+    [
+        ({"train": {"max_iter": 3}}, "a config file or a mapping"),
+        ({"config": "b.yaml", "output_dir": "x"}, "cannot override"),
+        ({"config": "b.yaml", "train": {"max_iters": 3}}, "max_iters"),
+        ({"config": "b.yaml", "train": {"max_iter": -1}}, "overrides"),
+        ("a.yaml", "distinct names"),
+    ],
+)
+def test_bad_stage_overrides_are_config_errors(tmp_path, stage, match):
+    components = [{"name": "m", "fraction": 1.0, "stages": ["a.yaml", stage]}]
+    with pytest.raises(ConfigError, match=match):
+        load_recipe(_recipe(tmp_path, components))
+
+
 def test_pipeline_trains_a_recipe_in_parallel_exports_samples_and_reuses(tmp_path, capsys):
     recipe = _recipe(tmp_path)
     out = tmp_path / "out"
@@ -109,3 +147,10 @@ def test_pipeline_trains_a_recipe_in_parallel_exports_samples_and_reuses(tmp_pat
     # the same command again reuses every stage
     assert cli.main(argv) == 0
     assert capsys.readouterr().out.count("(reused)") == 3
+    # a stage whose settings changed since is not reused (nor resumed), whatever its iteration
+    fine = yaml.safe_load((tmp_path / "b.yaml").read_text())
+    fine["train"]["lr"] = 3e-4
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(fine))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "main/b/checkpoint.pt was trained with other settings" in err and "train.lr" in err

@@ -10,7 +10,7 @@ its ``samples.weights.txt``) to ``runs/<system>_pretrained``. ``--model`` sample
 model folder or checkpoint instead.
 
 With ``--train`` it trains from scratch instead. A system with a recipe
-(``systems/<system>/recipe.yaml``; aldp: the shipped model's stages and components)
+(``systems/<system>/recipe.yaml``; aldp: three flows as in the shipped model, sized for 20 min)
 trains it (`boltzgen.recipes`: components side by side in processes of their own), exports the
 result as a model folder ``OUTPUT/model`` and samples it as above; ``--recipe FILE`` trains
 another recipe. Otherwise, and with ``--config`` or ``--max-iter`` (the only way for systems
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--train",
         action="store_true",
         help="train from scratch instead of using the shipped model: the system's recipe "
-        "(systems/<system>/recipe.yaml, the shipped model's stages and components) if it has "
+        "(systems/<system>/recipe.yaml; aldp: three flows as in the shipped model) if it has "
         "one, else systems/<system>/reverse_kl_quick.yaml; systems without a model always train",
     )
     p.add_argument(
