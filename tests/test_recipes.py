@@ -63,6 +63,17 @@ def test_shipped_recipe_loads_and_chains_its_stages():
         for c, f in zip(chain, long, strict=True):  # nothing else differs
             assert (c.flow, c.coordinates, c.restraint) == (f.flow, f.coordinates, f.restraint)
             assert replace(c.train, max_iter=1, lr=1.0) == replace(f.train, max_iter=1, lr=1.0)
+    # the experiment with two cis-amide flows: the default's stages, then the basin flow's
+    # stages restrained on one omega each
+    cis = load_recipe(systems.shipped_path("aldp", "recipes/cis/recipe.yaml"))
+    assert cis.names == (*recipe.names, "cis_ace_ala", "cis_ala_nme")
+    assert sum(cis.fractions) == pytest.approx(1.0)
+    *three, cis1, cis2 = stage_configs(cis, "OUT")
+    assert [[c.train for c in chain] for chain in three] == [[c.train for c in ch] for ch in short]
+    for chain, atoms in ((cis1, [1, 4, 6, 8]), (cis2, [8, 14, 16, 18])):
+        assert [(c.restraint.atoms, c.restraint.range) for c in chain] == [(atoms, [-90, 90])] * 2
+        assert [c.train.max_iter for c in chain] == [2000, 2000]
+        assert [c.train.objective for c in chain] == ["reverse_kl", "reweighted_kl"]
     # the shortened two-flow recipe beside them
     quick = load_recipe(systems.shipped_path("aldp", "recipes/quick/recipe.yaml"))
     main, basin = stage_configs(quick, "OUT")
