@@ -73,11 +73,11 @@ class Recipe:
     stages: tuple[tuple[Path, ...], ...]
     output_dir: str
     system: str
-    overrides: tuple[tuple[dict[str, Any], ...], ...] = ()
+    overrides: tuple[tuple[dict[str, Any], ...], ...]
 
     def stage_overrides(self, component: int, stage: int) -> dict[str, Any]:
         """The section overrides of one stage (empty if none)."""
-        return self.overrides[component][stage] if self.overrides else {}
+        return self.overrides[component][stage]
 
 
 #: Stage-mapping keys a recipe may override: a run config's sections and flags, except the
@@ -224,11 +224,12 @@ def _stage_difference(config: Any, checkpoint: Path) -> str | None:
     """How the stage ``checkpoint`` was trained differs from ``config`` (the first differing
     setting, e.g. ``"train.max_iter: 12705 there, 10000 here"``), or None if it does not."""
     from boltzgen.config import config_to_dict
+    from boltzgen.pipeline import MODEL_SECTIONS
     from boltzgen.train import load_checkpoint
 
     old = load_checkpoint(checkpoint).get("metadata", {}).get("config", {})
     new = config_to_dict(config)
-    for key in ("system", "coordinates", "flow", "snf", "fab", "restraint", "data", "train"):
+    for key in (*MODEL_SECTIONS, "fab", "restraint", "data", "train"):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
