@@ -49,10 +49,13 @@ def test_shipped_recipe_loads_and_chains_its_stages():
     # the helix flow: phi and psi restrained in both stages, the second from the first
     assert [[r.atoms for r in c.restraint] for c in helix] == [[[4, 6, 8, 14], [6, 8, 14, 16]]] * 2
     assert helix[1].init_from == "OUT/helix/basin_alpha_l_helix_quick/checkpoint.pt"
-    # what `pipeline aldp --train` trains: the same run configs, fewer steps (stage overrides)
+    # what `pipeline aldp --train` trains: the same run configs, fewer steps (stage overrides),
+    # then two cis-amide flows: the basin flow's stages restrained on one omega each
     recipe = load_recipe(systems.shipped_path("aldp", "recipe.yaml"))
-    assert recipe.names == full.names and recipe.fractions == full.fractions
-    short = stage_configs(recipe, "OUT")
+    assert recipe.names == (*full.names, "cis_ace_ala", "cis_ala_nme")
+    assert sum(recipe.fractions) == pytest.approx(1.0)
+    assert recipe.fractions[1:3] == full.fractions[1:3]
+    *short, cis1, cis2 = stage_configs(recipe, "OUT")
     assert [[c.train.max_iter for c in chain] for chain in short] == [
         [10000, 4500], [2750, 2750], [2750, 2750]
     ]  # fmt: skip
@@ -63,17 +66,16 @@ def test_shipped_recipe_loads_and_chains_its_stages():
         for c, f in zip(chain, long, strict=True):  # nothing else differs
             assert (c.flow, c.coordinates, c.restraint) == (f.flow, f.coordinates, f.restraint)
             assert replace(c.train, max_iter=1, lr=1.0) == replace(f.train, max_iter=1, lr=1.0)
-    # the experiment with two cis-amide flows: the default's stages, then the basin flow's
-    # stages restrained on one omega each
-    cis = load_recipe(systems.shipped_path("aldp", "recipes/cis/recipe.yaml"))
-    assert cis.names == (*recipe.names, "cis_ace_ala", "cis_ala_nme")
-    assert sum(cis.fractions) == pytest.approx(1.0)
-    *three, cis1, cis2 = stage_configs(cis, "OUT")
-    assert [[c.train for c in chain] for chain in three] == [[c.train for c in ch] for ch in short]
-    for chain, atoms in ((cis1, [1, 4, 6, 8]), (cis2, [8, 14, 16, 18])):
+    for name, chain, atoms in (
+        ("cis_ace_ala", cis1, [1, 4, 6, 8]), ("cis_ala_nme", cis2, [8, 14, 16, 18])
+    ):  # fmt: skip
         assert [(c.restraint.atoms, c.restraint.range) for c in chain] == [(atoms, [-90, 90])] * 2
-        assert [c.train.max_iter for c in chain] == [2000, 2000]
+        assert [c.train.max_iter for c in chain] == [1000, 1000]
         assert [c.train.objective for c in chain] == ["reverse_kl", "reweighted_kl"]
+        assert chain[1].init_from == f"OUT/{name}/basin_alpha_l_quick/checkpoint.pt"
+        for c, f in zip(chain, basin, strict=True):  # the basin flow's stages otherwise
+            assert c.flow == f.flow
+            assert replace(c.train, max_iter=1) == replace(f.train, max_iter=1)
     # the shortened two-flow recipe beside them
     quick = load_recipe(systems.shipped_path("aldp", "recipes/quick/recipe.yaml"))
     main, basin = stage_configs(quick, "OUT")
