@@ -10,9 +10,9 @@ its ``samples.weights.txt``) to ``runs/<system>_pretrained``. ``--model`` sample
 model folder or checkpoint instead.
 
 With ``--train`` it trains from scratch instead. A system with a recipe
-(``systems/<system>/recipe.yaml``; aldp: the shipped model's three flows and two for cis amides,
-sized for 20 min) trains it (`boltzgen.recipes`: components side by side in processes of their
-own), exports the result as a model folder ``OUTPUT/model`` and samples it as above;
+(``systems/<system>/recipe.yaml``; aldp: three flows as in the shipped model and two for cis
+amides, sized for 20 min) trains it (`boltzgen.recipes`: components side by side in processes
+of their own), exports the result as a model folder ``OUTPUT/model`` and samples it as above;
 ``--recipe FILE`` trains another recipe. Otherwise, and with ``--config`` or ``--max-iter`` (the
 only way for systems that ship no model, such as xylene and trpzip2), it trains one run config
 (default ``systems/<system>/reverse_kl_quick.yaml``), then draws 10,000 samples refined by annealed
@@ -66,9 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--train",
         action="store_true",
         help="train from scratch instead of using the shipped model: the system's recipe "
-        "(systems/<system>/recipe.yaml; aldp: the shipped model's three flows plus two for cis "
-        "amides) if it has "
-        "one, else systems/<system>/reverse_kl_quick.yaml; systems without a model always train",
+        "(systems/<system>/recipe.yaml; aldp: three flows as in the shipped model plus two for "
+        "cis amides) if it has one, else systems/<system>/reverse_kl_quick.yaml; systems "
+        "without a model always train",
     )
     p.add_argument(
         "--recipe",
