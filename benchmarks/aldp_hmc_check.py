@@ -27,20 +27,9 @@ import torch
 from _machine import machine  # benchmarks/ is on sys.path
 
 from boltzgen import systems
+from boltzgen.analysis import phi_psi
 from boltzgen.analysis.cvs import load_states
 from boltzgen.energy.torch_energy import TorchEnergy
-
-PHI, PSI = [4, 6, 8, 14], [6, 8, 14, 16]
-
-
-def torsion(x: torch.Tensor, atoms: list[int]) -> torch.Tensor:
-    """Dihedral angles ``(B,)`` in radians of positions ``(B, n_atoms, 3)`` nm."""
-    p = x[:, atoms]
-    b0, b1, b2 = p[:, 0] - p[:, 1], p[:, 2] - p[:, 1], p[:, 3] - p[:, 2]
-    b1 = b1 / b1.norm(dim=1, keepdim=True)
-    v = b0 - (b0 * b1).sum(1, keepdim=True) * b1
-    w = b2 - (b2 * b1).sum(1, keepdim=True) * b1
-    return torch.atan2((torch.cross(b1, v, dim=1) * w).sum(1), (v * w).sum(1))
 
 
 def main() -> None:
@@ -70,7 +59,8 @@ def main() -> None:
     x = torch.tensor(data["positions"][idx], dtype=torch.float64)
 
     def assign(x: torch.Tensor) -> np.ndarray:
-        cvs = {"phi": torsion(x, PHI).numpy(), "psi": torsion(x, PSI).numpy()}  # radians
+        pp = phi_psi(x.numpy(), system)  # radians
+        cvs = {"phi": pp[:, 0], "psi": pp[:, 1]}
         out = np.full(len(x), -1, dtype=np.int8)
         for k, s in enumerate(states):
             out[(out < 0) & s.contains(cvs)] = k
